@@ -1,0 +1,48 @@
+"""The few numerical ops that have faster implementations than plain PyTorch.
+
+Models call these through an `Ops` value instead of hard-coding torch calls, so a runtime can
+swap in the Triton kernels (wan_rt.kernels) from outside without touching model code. The
+eager versions here are the reference: pure torch, real arithmetic only, exportable to ONNX.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) as Wan does.
+
+    x: [B, L, H, D]; cos, sin: float32 [L, D/2]. Computed in float32, returned in x's dtype.
+    """
+    x_f = x.float().unflatten(-1, (-1, 2))  # [B, L, H, D/2, 2]
+    x_even, x_odd = x_f[..., 0], x_f[..., 1]
+    c = cos[None, :, None, :]
+    s = sin[None, :, None, :]
+    out = torch.stack((x_even * c - x_odd * s, x_even * s + x_odd * c), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Unmasked multi-head attention. q: [B, Lq, H, D], k/v: [B, Lk, H, D] -> [B, Lq, H, D]."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+def rope_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Self-attention with 3D RoPE applied to q and k. Shapes as `apply_rope` / `attention`."""
+    return attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
+
+
+@dataclass(frozen=True)
+class Ops:
+    rope_attention: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
+    attention: Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+EAGER_OPS = Ops(rope_attention=rope_attention, attention=attention)
