@@ -46,3 +46,10 @@ class Ops:
 
 
 EAGER_OPS = Ops(rope_attention=rope_attention, attention=attention)
+
+
+def set_ops(model: "torch.nn.Module", ops: Ops) -> None:
+    """Point every submodule that calls `self.ops` at `ops` (e.g. wan_rt.kernels' Triton ops)."""
+    for module in model.modules():
+        if hasattr(module, "ops"):
+            module.ops = ops
