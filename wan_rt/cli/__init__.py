@@ -1,1 +1,57 @@
+"""`wan-rt` command line: subcommands are modules with add_parser(subparsers) and run(args).
 
+Subcommand modules are imported inside main() so `wan-rt --help` never loads torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from typing import Optional, Sequence
+
+SUBCOMMANDS = ("run",)
+
+
+class UsageError(Exception):
+    """A bad argument or input: printed as one line, exit code 2, no traceback (WAN_RT_DEBUG=1 shows it)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line (no usage dump) and exit code 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = _Parser(prog="wan-rt", description="Run Wan 2.2 video models from compiled engines.")
+    subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    modules = {name: importlib.import_module(f"wan_rt.cli.{name}") for name in SUBCOMMANDS}
+    for module in modules.values():
+        module.add_parser(subparsers)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, or a bad argument already printed as one line
+        return int(exit_.code or 0)
+    try:
+        return int(modules[args.command].run(args) or 0)
+    except KeyboardInterrupt:
+        print("wan-rt: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - every failure the user can cause becomes one line
+        if not _is_user_error(exc) or os.environ.get("WAN_RT_DEBUG"):
+            raise
+        print(f"wan-rt {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _is_user_error(exc: Exception) -> bool:
+    from wan_rt.models.checkpoint import CheckpointError
+
+    return isinstance(exc, (UsageError, ValueError, FileNotFoundError, CheckpointError))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

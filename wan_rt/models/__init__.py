@@ -1,1 +1,123 @@
+"""The eager oracle: pure PyTorch modules plus loaders for both checkpoint layouts.
 
+`load_dit`, `load_vae` and `load_text_encoder` build each module on the meta device and assign
+the checkpoint's (memory-mapped) tensors, so a 14B expert never exists twice in RAM.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from wan_rt.models.checkpoint import (CheckpointError, CheckpointFiles, load_into, locate_checkpoint,
+                                      map_keys, meta_parameters, official_dit_to_diffusers,
+                                      official_t5_to_hf, official_vae_to_diffusers, read_state_dict)
+
+Source = Union[str, Path, CheckpointFiles]
+__all__ = ["load_dit", "load_vae", "load_text_encoder"]
+
+
+def _files(source: Source) -> Optional[CheckpointFiles]:
+    if isinstance(source, CheckpointFiles):
+        return source
+    path = Path(source)
+    if (path / "model_index.json").is_file() or (path / "high_noise_model").is_dir() \
+            or (path / "Wan2.2_VAE.pth").is_file() or (path / "Wan2.1_VAE.pth").is_file():
+        return locate_checkpoint(path)
+    return None
+
+
+def _json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+
+
+def load_dit(source: Source, component: Optional[str] = None, *, dtype: Optional[torch.dtype] = None,
+             device: Optional[Union[str, torch.device]] = None):
+    """A DiT folder (diffusers `transformer/`, official `high_noise_model/`), or a checkpoint root
+    plus `component` ("dit_high_noise", "dit_low_noise" or "dit"; default: the first stage)."""
+    from wan_rt.models import hf_config
+    from wan_rt.models.dit import WanDiT, cast_dit
+
+    files = _files(source)
+    if files is not None:
+        name = component or next(iter(files.dits))
+        if name not in files.dits:
+            raise CheckpointError(f"{files.root}: no {name} in this checkpoint (has {', '.join(files.dits)})")
+        folder = files.dits[name]
+    else:
+        folder = Path(source)
+    cfg = _json(folder / "config.json")
+    official = "dim" in cfg and "num_attention_heads" not in cfg
+    if official:
+        config = hf_config.dit_from_official(cfg, per_token_timestep=cfg.get("model_type") == "ti2v")
+    else:
+        per_token = int(cfg["in_channels"]) == int(cfg["out_channels"]) == 48  # TI2V-5B
+        config = hf_config.dit_from_diffusers(cfg, text_len=512, per_token_timestep=per_token)
+    with meta_parameters():
+        model = WanDiT(config)
+    sd = read_state_dict(folder)
+    if official:
+        sd = map_keys(sd, official_dit_to_diffusers, source=folder)
+    # Cast on the host before moving: a 57 GB fp32 expert must not land on the GPU uncast. The
+    # cast keeps diffusers' fp32 modules (time embedder, modulation tables, cross-attn norm).
+    model = load_into(model, sd, source=folder)
+    if dtype is not None:
+        cast_dit(model, dtype)
+    return model.to(device) if device is not None else model
+
+
+def load_vae(source: Source, *, dtype: Optional[torch.dtype] = torch.float32,
+             device: Optional[Union[str, torch.device]] = None):
+    """A diffusers `vae/` folder, an official Wan2.1_VAE.pth / Wan2.2_VAE.pth, or a checkpoint root."""
+    from wan_rt.config import WAN21_VAE, WAN22_VAE
+    from wan_rt.models import hf_config
+    from wan_rt.models.shapes import infer_vae_config
+    from wan_rt.models.vae import WanVAE
+
+    files = _files(source)
+    path = files.vae if files is not None else Path(source)
+    if path.is_dir():
+        config = hf_config.vae_from_diffusers(_json(path / "config.json"))
+        sd = read_state_dict(path)
+    else:
+        base = WAN22_VAE if "2.2" in path.name else WAN21_VAE
+        raw = read_state_dict(path)
+        config = infer_vae_config(raw, base)
+        sd = map_keys(raw, lambda k: official_vae_to_diffusers(k, config.version, config.num_res_blocks), source=path)
+    with meta_parameters():
+        model = WanVAE(config)
+    return load_into(model, sd, source=path, dtype=dtype, device=device)
+
+
+def load_text_encoder(source: Source, *, dtype: Optional[torch.dtype] = None,
+                      device: Optional[Union[str, torch.device]] = None):
+    """A transformers `text_encoder/` folder, the official umT5 .pth, or a checkpoint root.
+    Returns wan_rt.models.text_encoder.TextEncoder (input_ids, attention_mask -> context)."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from wan_rt.models import hf_config
+    from wan_rt.models.shapes import infer_text_encoder_config
+    from wan_rt.models.text_encoder import TextEncoder
+
+    files = _files(source)
+    path = files.text_encoder if files is not None else Path(source)
+    if path.is_dir():
+        config = UMT5Config.from_pretrained(str(path))
+        config.dropout_rate = 0.0
+        sd = read_state_dict(path)
+    else:
+        raw = read_state_dict(path)
+        config = UMT5Config(**hf_config.text_encoder_to_hf(infer_text_encoder_config(raw)))
+        sd = map_keys(raw, official_t5_to_hf, source=path)
+    with meta_parameters():
+        encoder = UMT5EncoderModel(config)
+    encoder = load_into(encoder, sd, source=path, dtype=dtype, device=device)
+    return TextEncoder(encoder).eval()

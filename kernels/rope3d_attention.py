@@ -1,0 +1,450 @@
+"""Fused flash-attention forward with Wan's 3D RoPE applied to q and k as they are loaded.
+
+Mirrors the eager `wan_rt.models.ops.rope_attention` (= Wan2.2 `wan/modules/model.py:rope_apply`
+followed by `flash_attention`): q and k arrive RMS-normed but not rotated; each q tile is rotated
+once when the program loads it, each k tile every time it is streamed through the inner loop (the
+rotation is a few FMAs per element next to a BLOCK_M-deep dot). Pairs are interleaved,
+(x[2i], x[2i+1]), never rotate-half.
+
+Two score paths, picked by the `quant` argument (a constexpr in the kernel):
+
+* `None`: q·kᵀ in the input dtype (bf16/fp16 tensor cores; fp32 inputs use IEEE fp32 dots, not
+  tf32, so an fp32 call is an accuracy reference), fp32 online softmax, P·V in the input dtype.
+* `"int8"` (SageAttention-style): k is rotated, smoothed by subtracting its per-head mean over L
+  (softmax is invariant to a per-row constant, so this only shrinks the range to quantize) and
+  quantized per block of `KQ_BLOCK` rows in a prepass kernel; each q tile is rotated, pre-scaled by
+  softmax_scale·log2(e) and quantized to int8 with one scale per tile inside the main kernel;
+  the dot is int8×int8→int32, dequantized by q_scale·k_scale; P·V stays in the input dtype.
+  Measured error (tests/kernels/test_rope3d_attention.py, CPU interpreter, fp32 inputs,
+  RMS-normed q/k, real Wan tables): relative L2 error vs an fp64 reference ≈ 1e-2 (see the test for
+  the bound), ~4–5 orders of magnitude above the fp32 kernel's.
+
+fp8 (e4m3) q/k would be the Hopper-native variant; it is not implemented because the interpreter
+cannot check it here.
+
+With `rope=False` the same kernel is plain attention (`attention()`, the text cross-attention,
+where Lq ≠ Lk).
+
+Shape glossary: B batch, L tokens (Lq queries, Lk keys), H heads, D head_dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._util import check_device, interpreting, next_pow2, on_device
+
+_LOG2E = 1.4426950408889634
+QUANT_MODES = ("none", "int8")
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_cos_sin(
+    Cos,  # pointer to the float32 cos table [L, D/2]
+    Sin,  # pointer to the float32 sin table [L, D/2]
+    offs_l,  # [BLOCK_R] token positions of the tile's rows
+    L,  # number of rows in the tables
+    stride_cl,  # row stride of cos/sin (elements)
+    HALF_D: tl.constexpr,  # D / 2, the number of rotated pairs
+    BLOCK_D: tl.constexpr,  # head_dim rounded up to a power of two
+):
+    offs_j = tl.arange(0, BLOCK_D // 2)
+    mask = (offs_l[:, None] < L) & (offs_j[None, :] < HALF_D)
+    ptrs = offs_l[:, None] * stride_cl + offs_j[None, :]
+    cos = tl.load(Cos + ptrs, mask=mask, other=1.0)
+    sin = tl.load(Sin + ptrs, mask=mask, other=0.0)
+    return cos, sin
+
+
+@triton.jit
+def _rotate_pairs(
+    x,  # [BLOCK_R, BLOCK_D] float32 tile, pairs interleaved along the last axis
+    cos,  # [BLOCK_R, BLOCK_D // 2] float32
+    sin,  # [BLOCK_R, BLOCK_D // 2] float32
+    BLOCK_R: tl.constexpr,  # rows in the tile
+    BLOCK_D: tl.constexpr,  # columns in the tile (even)
+):
+    # (x[2i], x[2i+1]) -> (x[2i]·c - x[2i+1]·s, x[2i]·s + x[2i+1]·c)
+    x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_R, BLOCK_D // 2, 2)))
+    out_even = x_even * cos - x_odd * sin
+    out_odd = x_even * sin + x_odd * cos
+    return tl.reshape(tl.join(out_even, out_odd), (BLOCK_R, BLOCK_D))
+
+
+@triton.jit
+def _round_to_int8(x):
+    # round half away from zero, then clamp to the symmetric int8 range [-127, 127]
+    r = tl.where(x >= 0, x + 0.5, x - 0.5)
+    r = tl.minimum(tl.maximum(r, -127.0), 127.0)
+    return r.to(tl.int8)
+
+
+@triton.jit
+def _rope_smooth_quant_k_kernel(
+    K,  # pointer to k [B, L, H, D] (bf16/fp16/fp32), not rotated
+    Cos,  # pointer to the float32 cos table [L, D/2]
+    Sin,  # pointer to the float32 sin table [L, D/2]
+    Mean,  # pointer to the float32 per-head mean of rotated k [B, H, D] (read when not SUM_PASS)
+    KSum,  # pointer to float32 per-block column sums [B, H, NBLK, D] (written when SUM_PASS)
+    KOut,  # pointer to the int8 output [B, L, H, D] (written when not SUM_PASS)
+    KScale,  # pointer to the float32 per-block dequant scales [B, H, NBLK] (written when not SUM_PASS)
+    stride_kb, stride_kl, stride_kh,  # strides of k (elements); the last dim is contiguous
+    stride_ob, stride_ol, stride_oh,  # strides of KOut
+    stride_cl,  # row stride of cos/sin
+    stride_mb, stride_mh,  # strides of Mean over B, H
+    stride_ssb, stride_ssh, stride_ssn,  # strides of KSum over B, H, NBLK
+    stride_sb, stride_sh,  # strides of KScale over B, H
+    H,  # number of heads
+    L,  # number of tokens
+    HEAD_DIM: tl.constexpr,  # D
+    BLOCK_D: tl.constexpr,  # D rounded up to a power of two
+    KQ_BLOCK: tl.constexpr,  # rows per quantization block (one scale each)
+    ROPE: tl.constexpr,  # rotate k before smoothing
+    SUM_PASS: tl.constexpr,  # True: write column sums (for the mean); False: smooth + quantize
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    offs_n = pid_n * KQ_BLOCK + tl.arange(0, KQ_BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_n[:, None] < L) & (offs_d[None, :] < HEAD_DIM)
+
+    k_ptrs = K + off_b * stride_kb + off_h * stride_kh + offs_n[:, None] * stride_kl + offs_d[None, :]
+    k = tl.load(k_ptrs, mask=mask, other=0.0).to(tl.float32)
+    if ROPE:
+        cos, sin = _load_cos_sin(Cos, Sin, offs_n, L, stride_cl, HEAD_DIM // 2, BLOCK_D)
+        # round to the input dtype as the unquantized path does, then go on in fp32
+        k = _rotate_pairs(k, cos, sin, KQ_BLOCK, BLOCK_D).to(K.dtype.element_ty).to(tl.float32)
+
+    if SUM_PASS:
+        col_sum = tl.sum(k, 0)  # masked rows loaded as 0 and rotate to 0
+        s_ptrs = KSum + off_b * stride_ssb + off_h * stride_ssh + pid_n * stride_ssn + offs_d
+        tl.store(s_ptrs, col_sum, mask=offs_d < HEAD_DIM)
+    else:
+        mean = tl.load(Mean + off_b * stride_mb + off_h * stride_mh + offs_d, mask=offs_d < HEAD_DIM, other=0.0)
+        k = tl.where(mask, k - mean[None, :], 0.0)
+        scale = tl.maximum(tl.max(tl.max(tl.abs(k), 1), 0), 1e-30) / 127.0
+        k_i8 = _round_to_int8(k / scale)
+        o_ptrs = KOut + off_b * stride_ob + off_h * stride_oh + offs_n[:, None] * stride_ol + offs_d[None, :]
+        tl.store(o_ptrs, k_i8, mask=mask)
+        tl.store(KScale + off_b * stride_sb + off_h * stride_sh + pid_n, scale)
+
+
+@triton.jit
+def _rope3d_attn_fwd_kernel(
+    Q,  # pointer to q [B, Lq, H, D]
+    K,  # pointer to k [B, Lk, H, D]; int8 (rotated, smoothed) when QUANT_INT8
+    V,  # pointer to v [B, Lk, H, D]
+    Cos,  # pointer to the float32 cos table [L, D/2] (read only when ROPE_Q / ROPE_K)
+    Sin,  # pointer to the float32 sin table [L, D/2]
+    KScale,  # pointer to the float32 k dequant scales [B, H, cdiv(Lk, KQ_BLOCK)] (QUANT_INT8 only)
+    Out,  # pointer to the output [B, Lq, H, D], dtype of q (or v when q is int8)
+    stride_qb, stride_ql, stride_qh,  # strides of q (elements); the last dim is contiguous
+    stride_kb, stride_kl, stride_kh,  # strides of k
+    stride_vb, stride_vl, stride_vh,  # strides of v
+    stride_ob, stride_ol, stride_oh,  # strides of out
+    stride_cl,  # row stride of cos/sin
+    stride_sb, stride_sh,  # strides of KScale over B, H
+    H,  # number of heads
+    Lq,  # number of queries
+    Lk,  # number of keys
+    sm_scale,  # softmax scale (D^-1/2 by default)
+    HEAD_DIM: tl.constexpr,  # D
+    BLOCK_D: tl.constexpr,  # D rounded up to a power of two (padding columns are masked)
+    BLOCK_M: tl.constexpr,  # queries per program
+    BLOCK_N: tl.constexpr,  # keys per inner-loop step
+    KQ_BLOCK: tl.constexpr,  # rows per k quantization block (QUANT_INT8 only)
+    ROPE_Q: tl.constexpr,  # rotate q tiles on load
+    ROPE_K: tl.constexpr,  # rotate k tiles on load
+    QUANT_INT8: tl.constexpr,  # int8 q·kᵀ with per-block scales (k pre-quantized by the prepass)
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no tf32), "tf32" otherwise (ignored)
+):
+    LOG2E: tl.constexpr = 1.4426950408889634
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    mask_m = offs_m < Lq
+
+    # 1. Load the q tile once; rotate it (and quantize it) in registers.
+    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    if ROPE_Q:
+        cos_q, sin_q = _load_cos_sin(Cos, Sin, offs_m, Lq, stride_cl, HEAD_DIM // 2, BLOCK_D)
+        q = _rotate_pairs(q.to(tl.float32), cos_q, sin_q, BLOCK_M, BLOCK_D).to(Q.dtype.element_ty)
+    if QUANT_INT8:
+        # fold softmax scale and log2(e) into q before quantizing (scores come out in log2 units)
+        q_f = q.to(tl.float32) * (sm_scale * LOG2E)
+        q_scale = tl.maximum(tl.max(tl.max(tl.abs(q_f), 1), 0), 1e-30) / 127.0
+        q = _round_to_int8(q_f / q_scale)
+        score_scale = q_scale
+    else:
+        score_scale = sm_scale * LOG2E
+
+    # 2. Stream k/v tiles with an online (base-2) softmax.
+    k_base = K + off_b * stride_kb + off_h * stride_kh
+    v_base = V + off_b * stride_vb + off_h * stride_vh
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(0, Lk, BLOCK_N):
+        offs_kn = start_n + offs_n
+        mask_n = offs_kn < Lk
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(k_base + offs_kn[:, None] * stride_kl + offs_d[None, :], mask=kv_mask, other=0.0)
+        if ROPE_K:
+            cos_k, sin_k = _load_cos_sin(Cos, Sin, offs_kn, Lk, stride_cl, HEAD_DIM // 2, BLOCK_D)
+            k = _rotate_pairs(k.to(tl.float32), cos_k, sin_k, BLOCK_N, BLOCK_D).to(K.dtype.element_ty)
+        if QUANT_INT8:
+            s = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32)
+            k_scale = tl.load(KScale + off_b * stride_sb + off_h * stride_sh + offs_kn // KQ_BLOCK,
+                              mask=mask_n, other=0.0)
+            s = s * (score_scale * k_scale[None, :])
+        else:
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * score_scale
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every tile holds at least one key
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_kn[:, None] * stride_vl + offs_d[None, :], mask=kv_mask, other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    # 3. Normalize and store.
+    out = acc / l_i[:, None]
+    o_ptrs = Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Launchers (what the custom ops run)
+# ---------------------------------------------------------------------------------------------
+
+
+def _attn_config(head_dim: int, quant: str) -> dict[str, int]:
+    """Block sizes. Not autotuned: the GPU numbers follow the Triton fused-attention tutorial's
+    Hopper choice for hd 64/128 and have not been measured on this project's GPU yet
+    (bench/bench_kernels.py is where to tune them). The interpreter uses small, unequal tiles so
+    the CPU tests cross several q and k tiles and their tails."""
+    if interpreting():
+        return dict(BLOCK_M=16, BLOCK_N=32, KQ_BLOCK=16, num_warps=4, num_stages=1)
+    big = head_dim > 64
+    return dict(BLOCK_M=128, BLOCK_N=64, KQ_BLOCK=64, num_warps=8 if big else 4, num_stages=3)
+
+
+def _quantize_k(k: Tensor, cos: Tensor, sin: Tensor, rope: bool, cfg: dict[str, int]) -> tuple[Tensor, Tensor]:
+    """Prepass of the int8 path: rotate, smooth (subtract per-head mean over L), quantize per block.
+
+    Returns k_int8 [B, L, H, D] and k_scale float32 [B, H, cdiv(L, KQ_BLOCK)].
+    """
+    B, L, H, D = k.shape
+    kq = cfg["KQ_BLOCK"]
+    nblk = triton.cdiv(L, kq)
+    k_sum = torch.empty(B, H, nblk, D, device=k.device, dtype=torch.float32)
+    k_i8 = torch.empty(B, L, H, D, device=k.device, dtype=torch.int8)
+    k_scale = torch.empty(B, H, nblk, device=k.device, dtype=torch.float32)
+    grid = (nblk, B * H)
+
+    def launch(mean: Tensor, sum_pass: bool) -> None:
+        _rope_smooth_quant_k_kernel[grid](
+            k, cos, sin, mean, k_sum, k_i8, k_scale,
+            k.stride(0), k.stride(1), k.stride(2),
+            k_i8.stride(0), k_i8.stride(1), k_i8.stride(2),
+            cos.stride(0),
+            mean.stride(0), mean.stride(1),
+            k_sum.stride(0), k_sum.stride(1), k_sum.stride(2),
+            k_scale.stride(0), k_scale.stride(1),
+            H, L,
+            HEAD_DIM=D, BLOCK_D=next_pow2(D), KQ_BLOCK=kq, ROPE=rope, SUM_PASS=sum_pass,
+        )
+
+    dummy_mean = torch.zeros(B, H, D, device=k.device, dtype=torch.float32)
+    launch(dummy_mean, sum_pass=True)
+    mean = k_sum.sum(dim=2) / L  # [B, H, D], tiny
+    launch(mean, sum_pass=False)
+    return k_i8, k_scale
+
+
+def _launch_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor | None, sin: Tensor | None,
+                      scale: float, quant: str) -> Tensor:
+    B, Lq, H, D = q.shape
+    Lk = k.shape[1]
+    rope = cos is not None
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    if rope:
+        assert cos is not None and sin is not None
+        cos, sin = cos.contiguous(), sin.contiguous()
+    else:  # the kernel never reads the tables; any float32 pointer does
+        cos = sin = torch.empty(1, device=q.device, dtype=torch.float32)
+    cfg = _attn_config(D, quant)
+    out = torch.empty_like(q)
+    quant_int8 = quant == "int8"
+    with on_device(q):
+        if quant_int8:
+            k, k_scale = _quantize_k(k, cos, sin, rope, cfg)
+        else:
+            k_scale = torch.empty(1, 1, device=q.device, dtype=torch.float32)
+        grid = (triton.cdiv(Lq, cfg["BLOCK_M"]), B * H)
+        _rope3d_attn_fwd_kernel[grid](
+            q, k, v, cos, sin, k_scale, out,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            cos.stride(0),
+            k_scale.stride(0), k_scale.stride(1),
+            H, Lq, Lk, scale,
+            HEAD_DIM=D, BLOCK_D=next_pow2(D),
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], KQ_BLOCK=cfg["KQ_BLOCK"],
+            ROPE_Q=rope, ROPE_K=rope and not quant_int8, QUANT_INT8=quant_int8,
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Custom ops (torch.compile / torch.export / AOTInductor see one opaque node)
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("wan_rt::rope3d_attention", mutates_args=())
+def _rope3d_attention_op(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor,
+                         scale: float, quant: str) -> Tensor:
+    return _launch_attention(q, k, v, cos, sin, scale, quant)
+
+
+@_rope3d_attention_op.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, scale: float, quant: str) -> Tensor:
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op("wan_rt::attention", mutates_args=())
+def _attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    return _launch_attention(q, k, v, None, None, scale, "none")
+
+
+@_attention_op.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    return torch.empty_like(q)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Public wrappers
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
+    assert q.dim() == 4 and k.dim() == 4 and v.dim() == 4, "q, k, v must be [B, L, H, D]"
+    assert q.dtype in (torch.float16, torch.bfloat16, torch.float32), f"unsupported dtype {q.dtype}"
+    assert k.dtype == q.dtype and v.dtype == q.dtype, "q, k, v must share one dtype"
+    B, _, H, D = q.shape
+    assert k.shape[0] == B and k.shape[2] == H and k.shape[3] == D, f"k {tuple(k.shape)} vs q {tuple(q.shape)}"
+    assert v.shape == k.shape, f"v {tuple(v.shape)} must match k {tuple(k.shape)}"
+    assert D % 2 == 0 and 16 <= D <= 256, f"head_dim must be even and in [16, 256], got {D}"
+    assert k.shape[1] >= 1, "at least one key"
+    check_device(q, k, v)
+
+
+def rope3d_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, *,
+                     scale: float | None = None, quant: str | None = None) -> Tensor:
+    """softmax(rope(q)·rope(k)ᵀ·scale)·v with Wan's interleaved 3D RoPE fused into the loads.
+
+    q, k, v: [B, L, H, D], one dtype (bf16 / fp16 / fp32); q and k RMS-normed, not rotated.
+    cos, sin: float32 [L, D/2], rotating pairs (x[2i], x[2i+1]).
+    scale: softmax scale, default D^-1/2.
+    quant: None (q·kᵀ in the input dtype) or "int8" (SageAttention-style int8 q·kᵀ, see the
+        module docstring for its error).
+    Returns [B, L, H, D] in q's dtype.
+    """
+    _check_qkv(q, k, v)
+    B, L, H, D = q.shape
+    assert k.shape[1] == L, f"self-attention: k has {k.shape[1]} tokens, q has {L}"
+    assert cos.shape == (L, D // 2) and sin.shape == (L, D // 2), \
+        f"cos/sin must be [L, D/2] = [{L}, {D // 2}], got {tuple(cos.shape)} / {tuple(sin.shape)}"
+    assert cos.dtype == torch.float32 and sin.dtype == torch.float32, "cos/sin must be float32"
+    mode = "none" if quant is None else quant
+    assert mode in QUANT_MODES, f"quant must be None or 'int8', got {quant!r}"
+    check_device(q, cos, sin)
+    return torch.ops.wan_rt.rope3d_attention(q, k, v, cos, sin, float(scale if scale is not None else D ** -0.5), mode)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None) -> Tensor:
+    """Unmasked multi-head attention (no RoPE), e.g. the text cross-attention.
+
+    q: [B, Lq, H, D]; k, v: [B, Lk, H, D]; one dtype (bf16 / fp16 / fp32). Returns [B, Lq, H, D].
+    """
+    _check_qkv(q, k, v)
+    D = q.shape[-1]
+    return torch.ops.wan_rt.attention(q, k, v, float(scale if scale is not None else D ** -0.5))
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Pure-torch references
+# ---------------------------------------------------------------------------------------------
+
+
+def apply_rope_ref(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Interleaved-pair rotation in x's dtype (pass float64 for an oracle). x: [B, L, H, D]."""
+    c = cos.to(x.dtype)[None, :, None, :]
+    s = sin.to(x.dtype)[None, :, None, :]
+    x_even, x_odd = x[..., 0::2], x[..., 1::2]
+    return torch.stack((x_even * c - x_odd * s, x_even * s + x_odd * c), dim=-1).flatten(-2)
+
+
+def _quantize_blocks_ref(x: Tensor, block: int) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 per block of `block` rows along dim 1 and per (b, h). x: [B, L, H, D]."""
+    B, L, H, D = x.shape
+    pad = (-L) % block
+    xp = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad)).reshape(B, -1, block, H, D)
+    amax = xp.abs().amax(dim=(2, 4), keepdim=True).clamp_min(1e-30)
+    scale = amax / 127.0
+    r = xp / scale
+    xi = torch.where(r >= 0, r + 0.5, r - 0.5).trunc().clamp(-127, 127)
+    return (xi.reshape(B, -1, H, D)[:, :L]), (scale.expand_as(xp).reshape(B, -1, H, D)[:, :L])
+
+
+def attention_ref(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None) -> Tensor:
+    """Explicit softmax attention in the inputs' dtype. q: [B, Lq, H, D], k/v: [B, Lk, H, D]."""
+    sm_scale = scale if scale is not None else q.shape[-1] ** -0.5
+    s = torch.einsum("blhd,bshd->bhls", q, k) * sm_scale
+    return torch.einsum("bhls,bshd->blhd", torch.softmax(s, dim=-1), v)
+
+
+def rope3d_attention_ref(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, *,
+                         scale: float | None = None, quant: str | None = None,
+                         q_block: int = 128, k_block: int = 64) -> Tensor:
+    """Reference for `rope3d_attention`, computed in q's dtype (pass float64 for an oracle).
+
+    quant="int8" emulates the kernel's quantization (q tiles of `q_block` rows, k blocks of
+    `k_block` rows, k smoothed by its per-head mean) with exact integer products.
+    """
+    qr, kr = apply_rope_ref(q, cos, sin), apply_rope_ref(k, cos, sin)
+    if quant is None:
+        return attention_ref(qr, kr, v, scale=scale)
+    assert quant == "int8", quant
+    sm_scale = scale if scale is not None else q.shape[-1] ** -0.5
+    qi, qs = _quantize_blocks_ref(qr * (sm_scale * _LOG2E), q_block)
+    ki, ks = _quantize_blocks_ref(kr - kr.mean(dim=1, keepdim=True), k_block)
+    # per-block scales are constant over D, so take column 0 after the exact integer dot
+    s = torch.einsum("blhd,bshd->bhls", qi, ki) * qs[..., 0].permute(0, 2, 1)[..., :, None] \
+        * ks[..., 0].permute(0, 2, 1)[..., None, :]
+    p = torch.softmax(s * math.log(2.0), dim=-1)
+    return torch.einsum("bhls,bshd->blhd", p, v)

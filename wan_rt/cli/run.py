@@ -1,0 +1,80 @@
+"""`wan-rt run`: generate an mp4 from a checkpoint (or the embedded tiny default)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from wan_rt.config import DEFAULT_SPEC
+
+DEFAULT_PROMPT = "a red fox running through fresh snow at sunrise, cinematic, detailed"
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("run", help="generate a video", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=DEFAULT_SPEC,
+                   help="checkpoint folder (diffusers or official Wan2.2 layout) or preset name")
+    p.add_argument("--backend", default="eager", choices=["eager"], help="how components run")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT)
+    p.add_argument("--negative-prompt", default=None, help="default: the checkpoint's own default")
+    p.add_argument("--image", default=None, help="first frame for image-to-video (i2v, ti2v)")
+    p.add_argument("--height", type=int, default=None, help="default: the model's")
+    p.add_argument("--width", type=int, default=None, help="default: the model's")
+    p.add_argument("--frames", type=int, default=None, help="4k+1; default: the model's")
+    p.add_argument("--steps", type=int, default=None, help="default: the model's")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale of the high-noise expert (or the only DiT)")
+    p.add_argument("--guidance-2", type=float, default=None, help="CFG scale of the low-noise expert")
+    p.add_argument("--shift", type=float, default=None, help="flow shift; default: the checkpoint's")
+    p.add_argument("--solver", default=None, choices=["unipc", "dpm++", "euler"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="DiT dtype (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--output", default="out.mp4", help="mp4 path")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from wan_rt.cli import UsageError
+    from wan_rt.loader import build_eager_components, resolve_checkpoint
+    from wan_rt.models.text_encoder import load_tokenizer
+    from wan_rt.pipeline import WanPipeline, check_request
+    from wan_rt.video import export_to_video, load_image
+
+    output = Path(args.output)
+    if output.suffix.lower() != ".mp4":
+        raise UsageError(f"--output must end in .mp4; got {args.output}")
+    if not output.parent.is_dir():
+        raise UsageError(f"--output folder does not exist: {output.parent}")
+    resolved = resolve_checkpoint(args.model)
+    spec = resolved.spec
+    pick = lambda value, default: default if value is None else value  # noqa: E731  (0 is a value)
+    height, width = pick(args.height, spec.height), pick(args.width, spec.width)
+    num_frames, steps = pick(args.frames, spec.num_frames), pick(args.steps, spec.sample_steps)
+    check_request(spec, height, width, num_frames, steps)
+    if spec.task == "i2v" and not args.image:
+        raise UsageError(f"{spec.name} is an image-to-video model: pass --image")
+    if args.image and spec.task == "t2v":
+        raise UsageError(f"{spec.name} is a text-to-video model; --image needs an i2v or ti2v model")
+    image = load_image(args.image) if args.image else None
+
+    device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    dtype = dtypes[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    start = time.perf_counter()
+    components = build_eager_components(resolved, device, dtype)
+    pipe = WanPipeline(spec, components, load_tokenizer(resolved.files.tokenizer), resolved.defaults, device)
+    load_s = time.perf_counter() - start
+    generator = torch.Generator(device="cpu").manual_seed(args.seed)
+    result = pipe(args.prompt, negative_prompt=args.negative_prompt, image=image, height=height, width=width,
+                  num_frames=num_frames, num_inference_steps=steps, guidance_scale=args.guidance,
+                  guidance_scale_2=args.guidance_2, generator=generator, shift=args.shift, solver=args.solver)
+    export_to_video(result.frames[0], output, fps=spec.fps)
+    print(f"wrote {output} ({num_frames} frames, {width}x{height}, {spec.fps} fps) from {spec.name}")
+    print(f"  load {load_s:.2f}s", file=sys.stderr)
+    for stage, seconds in result.timings.items():
+        steps_note = f" ({result.steps_per_stage[stage]} steps)" if stage in result.steps_per_stage else ""
+        print(f"  {stage}{steps_note}: {seconds:.2f}s", file=sys.stderr)
+    return 0

@@ -1,0 +1,238 @@
+"""WanPipeline: encode text -> denoise through the expert stages (CFG) -> decode.
+
+Mirrors the official `wan/text2video.py`, `image2video.py`, `textimage2video.py` and diffusers'
+`WanPipeline` / `WanImageToVideoPipeline` (same keywords, same meaning). The loop talks to
+components only through the named-tensor contract (runtime/component.py), so it is identical
+for every backend.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Literal, Mapping, Optional, Union
+
+import torch
+from torch import Tensor
+
+from wan_rt.config import ModelSpec, Stage, latent_shape
+from wan_rt.models.text_encoder import tokenize
+from wan_rt.runtime.component import Component
+from wan_rt.scheduler import make_scheduler
+from wan_rt.video import ImageInput, image_to_tensor, video_to_output
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """How a checkpoint is sampled when the caller does not say: each layout keeps its own."""
+
+    solver: Literal["unipc", "dpm++", "euler"]
+    grid: Literal["official", "diffusers"]  # official: sigmas 0.999 -> 0; diffusers: 1 -> 1/1000
+    shift: float
+    negative_prompt: str
+
+
+@dataclass
+class WanPipelineOutput:
+    frames: Any                    # np [B, F, H, W, 3] | pt [B, F, 3, H, W] | pil | latents
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    steps_per_stage: dict[str, int] = field(default_factory=dict)
+
+
+def check_request(spec: ModelSpec, height: int, width: int, num_frames: int, steps: int) -> None:
+    """One clear ValueError per bad argument (the CLI prints it as one line)."""
+    m = spec.spatial_multiple
+    if height <= 0 or width <= 0 or height % m or width % m:
+        raise ValueError(f"height and width must be positive multiples of {m} for {spec.name}; got {height}x{width}")
+    if num_frames < 1 or (num_frames - 1) % spec.vae.stride[0]:
+        raise ValueError(f"num_frames must be 4k+1 (1, 5, 9, ..., 81); got {num_frames}")
+    if steps < 1:
+        raise ValueError(f"num_inference_steps must be >= 1; got {steps}")
+
+
+class WanPipeline:
+    def __init__(self, spec: ModelSpec, components: Mapping[str, Component], tokenizer,
+                 defaults: SamplingDefaults, device: Union[str, torch.device] = "cpu"):
+        self.spec = spec
+        self.components = dict(components)
+        self.tokenizer = tokenizer
+        self.defaults = defaults
+        self.device = torch.device(device)
+        self.progress = True
+
+    @classmethod
+    def from_pretrained(cls, path: str, backend: str = "eager", device: Optional[str] = None,
+                        dtype: Optional[torch.dtype] = None, engines_dir: Optional[str] = None,
+                        backend_for: Optional[Mapping[str, str]] = None) -> "WanPipeline":
+        """path: a diffusers-layout folder, an official Wan2.2 folder, or a preset name."""
+        from wan_rt.loader import load_pipeline
+
+        return load_pipeline(cls, path, backend=backend, device=device, dtype=dtype,
+                             engines_dir=engines_dir, backend_for=backend_for)
+
+    def set_progress_bar_config(self, disable: bool = False) -> None:
+        self.progress = not disable
+
+    # ------------------------------------------------------------------ text
+    def encode_prompt(self, prompts: Union[str, list[str]], max_sequence_length: int = 512) -> Tensor:
+        """-> context [B, max_sequence_length, D], zero past each prompt's true length."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        input_ids, mask = tokenize(self.tokenizer, prompts, max_sequence_length)
+        return self.components["text_encoder"](input_ids=input_ids, attention_mask=mask)["context"]
+
+    # ------------------------------------------------------------------ main call
+    def __call__(self, prompt: Union[str, list[str]], negative_prompt: Optional[Union[str, list[str]]] = None,
+                 image: Optional[ImageInput] = None, height: Optional[int] = None, width: Optional[int] = None,
+                 num_frames: Optional[int] = None, num_inference_steps: Optional[int] = None,
+                 guidance_scale: Optional[float] = None, guidance_scale_2: Optional[float] = None,
+                 generator: Optional[torch.Generator] = None, latents: Optional[Tensor] = None,
+                 max_sequence_length: int = 512, output_type: str = "np",
+                 shift: Optional[float] = None, solver: Optional[str] = None) -> WanPipelineOutput:
+        spec = self.spec
+        height = spec.height if height is None else height
+        width = spec.width if width is None else width
+        num_frames = spec.num_frames if num_frames is None else num_frames
+        steps = spec.sample_steps if num_inference_steps is None else num_inference_steps
+        check_request(spec, height, width, num_frames, steps)
+        if spec.task == "i2v" and image is None:
+            raise ValueError(f"{spec.name} is an image-to-video model: pass an image")
+        if output_type not in ("np", "pt", "pil", "latent"):
+            raise ValueError(f"output_type must be one of np, pt, pil, latent; got {output_type!r}")
+        guide = self._guide_scales(guidance_scale, guidance_scale_2)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        batch = len(prompts)
+        if negative_prompt is None:
+            negative_prompt = self.defaults.negative_prompt
+        negatives = [negative_prompt] * batch if isinstance(negative_prompt, str) else list(negative_prompt)
+        timings: dict[str, float] = {}
+
+        # 1. Text: prompt and negative prompt, each zero-padded to max_sequence_length.
+        with _timed(timings, "text_encoder"):
+            context = self.encode_prompt(prompts, max_sequence_length)
+            needs_cfg = any(g > 1.0 for g in guide.values())
+            context_null = self.encode_prompt(negatives, max_sequence_length) if needs_cfg else None
+
+        # 2. Noise, and the image condition where the task has one.
+        shape = (batch, *latent_shape(spec, height, width, num_frames))
+        if latents is None:
+            gen_device = generator.device if generator is not None else torch.device("cpu")
+            latents = torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {list(shape)}; got {list(latents.shape)}")
+        latents = latents.to(self.device, torch.float32)
+        condition = None
+        if image is not None:
+            with _timed(timings, "vae_encoder"):
+                condition = self._image_condition(image, batch, height, width, num_frames)
+        first_frame_mask = self._first_frame_mask(latents, condition)
+
+        # 3. Denoise: the stages run in order (timesteps decrease), each expert exactly once.
+        sched = make_scheduler(solver or self.defaults.solver, steps,
+                               shift if shift is not None else self.defaults.shift, self.defaults.grid)
+        steps_per_stage: dict[str, int] = {}
+        for stage, indices in _group_by_stage(spec, sched.timesteps):
+            dit = self.components[stage.component]
+            g = guide[stage.component]
+            steps_per_stage[stage.component] = len(indices)
+            with _timed(timings, stage.component):
+                for i in self._progress(indices, stage.component):
+                    t = sched.timesteps[i]
+                    model_in, timestep = self._model_input(latents, condition, first_frame_mask, t)
+                    v = dit(latents=model_in, timestep=timestep, context=context)["noise_pred"]
+                    if g > 1.0:
+                        v_null = dit(latents=model_in, timestep=timestep, context=context_null)["noise_pred"]
+                        v = v_null + g * (v - v_null)
+                    latents = sched.step(v, i, latents)
+        if first_frame_mask is not None and condition is not None:  # TI2V: frame 0 is the image latent
+            latents = (1 - first_frame_mask) * condition + first_frame_mask * latents
+
+        # 4. Decode.
+        if output_type == "latent":
+            return WanPipelineOutput(latents, timings, steps_per_stage)
+        with _timed(timings, "vae_decoder"):
+            video = self.components["vae_decoder"](latents=latents)["video"]
+        return WanPipelineOutput(video_to_output(video, output_type), timings, steps_per_stage)
+
+    # ------------------------------------------------------------------ helpers
+    def _guide_scales(self, high: Optional[float], low: Optional[float]) -> dict[str, float]:
+        """guidance_scale drives the first (high-noise) stage, guidance_scale_2 the second, as in
+        diffusers; with neither given each stage uses the spec's own scale."""
+        stages = self.spec.stages
+        if high is None:
+            out = {s.component: s.guide_scale for s in stages}
+            if low is not None and len(stages) > 1:
+                out[stages[1].component] = low
+            return out
+        out = {stages[0].component: high}
+        if len(stages) > 1:
+            out[stages[1].component] = high if low is None else low
+        return out
+
+    def _image_condition(self, image: ImageInput, batch: int, height: int, width: int, num_frames: int) -> Tensor:
+        pixels = image_to_tensor(image, height, width).to(self.device)  # [1, 3, H, W]
+        encoder = self.components["vae_encoder"]
+        if self.spec.task == "ti2v":
+            # TI2V: the image latent becomes latent frame 0; the model keeps it clean.
+            z = encoder(video=pixels[:, :, None])["latents"]
+            return z.expand(batch, -1, -1, -1, -1)
+        # I2V-A14B: encode [image, zeros...] and prepend a 4-channel first-frame mask.
+        video = torch.cat([pixels[:, :, None], pixels.new_zeros(1, 3, num_frames - 1, height, width)], dim=2)
+        z = encoder(video=video)["latents"]
+        _, _, t, h, w = z.shape
+        st = self.spec.vae.stride[0]
+        mask = torch.zeros(1, 1, num_frames + st - 1, h, w, device=z.device)
+        mask[:, :, :st] = 1  # pixel frame 0 repeated `st` times so frames group into latent frames
+        mask = mask.view(1, t, st, h, w).transpose(1, 2)  # [1, 4, T, h, w]
+        return torch.cat([mask, z], dim=1).expand(batch, -1, -1, -1, -1)
+
+    def _first_frame_mask(self, latents: Tensor, condition: Optional[Tensor]) -> Optional[Tensor]:
+        if self.spec.task != "ti2v":
+            return None
+        mask = torch.ones(1, 1, *latents.shape[2:], device=latents.device)
+        if condition is not None:
+            mask[:, :, 0] = 0
+        return mask
+
+    def _model_input(self, latents: Tensor, condition: Optional[Tensor], first_frame_mask: Optional[Tensor],
+                     t: Tensor) -> tuple[Tensor, Tensor]:
+        batch = latents.shape[0]
+        t = t.to(self.device, torch.float32)
+        if first_frame_mask is None:
+            model_in = latents if condition is None else torch.cat([latents, condition], dim=1)
+            return model_in, t.expand(batch)
+        # TI2V: per-token timestep, 0 on the clean first frame (patch stride 2 in H and W).
+        model_in = latents if condition is None else (1 - first_frame_mask) * condition + first_frame_mask * latents
+        ph, pw = self.spec.dit.patch_size[1:]
+        per_token = (first_frame_mask[0, 0][:, ::ph, ::pw] * t).flatten()
+        return model_in, per_token[None].expand(batch, -1)
+
+    def _progress(self, indices: list[int], desc: str) -> Iterator[int]:
+        if not self.progress:
+            return iter(indices)
+        from tqdm.auto import tqdm
+
+        return iter(tqdm(indices, desc=desc, leave=False))
+
+
+def _group_by_stage(spec: ModelSpec, timesteps: Tensor) -> list[tuple[Stage, list[int]]]:
+    """Consecutive step indices per stage; timesteps decrease, so each stage appears once."""
+    groups: list[tuple[Stage, list[int]]] = []
+    for i, t in enumerate(timesteps.tolist()):
+        stage = spec.stage_for(t)
+        if groups and groups[-1][0] == stage:
+            groups[-1][1].append(i)
+        else:
+            groups.append((stage, [i]))
+    return groups
+
+
+@contextmanager
+def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start

@@ -1,0 +1,84 @@
+"""The one contract between the denoise loop and every backend: named tensors in, named out.
+
+Components and their tensors (the same names in eager kwargs, ONNX graphs and engines):
+  text_encoder:                 input_ids, attention_mask      -> context
+  dit_high_noise/dit_low_noise/dit: latents, timestep, context -> noise_pred
+  vae_encoder:                  video                          -> latents   (normalised)
+  vae_decoder:                  latents                        -> video     (in [-1, 1])
+The pipeline passes float32 tensors and gets float32 back; each component casts to its own
+compute dtype inside, so the loop never needs to know what runs underneath.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+DIT_COMPONENTS = ("dit_high_noise", "dit_low_noise", "dit")
+OUTPUT_NAMES = {
+    "text_encoder": "context",
+    "dit_high_noise": "noise_pred",
+    "dit_low_noise": "noise_pred",
+    "dit": "noise_pred",
+    "vae_encoder": "latents",
+    "vae_decoder": "video",
+}
+
+
+@runtime_checkable
+class Component(Protocol):
+    name: str
+
+    def __call__(self, **inputs: Tensor) -> dict[str, Tensor]: ...
+
+
+class DiTGraph(nn.Module):
+    """Names the DiT's inputs as the contract does (and as ONNX export will)."""
+
+    def __init__(self, dit: nn.Module):
+        super().__init__()
+        self.dit = dit
+
+    def forward(self, latents: Tensor, timestep: Tensor, context: Tensor) -> Tensor:
+        return self.dit(latents, timestep, context)
+
+
+class VAEEncodeGraph(nn.Module):
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, video: Tensor) -> Tensor:
+        return self.vae.encode(video)
+
+
+class VAEDecodeGraph(nn.Module):
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latents: Tensor) -> Tensor:
+        return self.vae.decode(latents)
+
+
+class EagerComponent:
+    """A PyTorch module behind the contract: the correctness oracle for every other backend."""
+
+    def __init__(self, name: str, module: nn.Module, device: torch.device, dtype: torch.dtype):
+        self.name = name
+        self.module = module.eval()
+        self.device = device
+        self.dtype = dtype
+        self.output_name = OUTPUT_NAMES[name]
+
+    def __call__(self, **inputs: Tensor) -> dict[str, Tensor]:
+        cast = {k: v.to(self.device, self.dtype if v.is_floating_point() else v.dtype)
+                for k, v in inputs.items()}
+        with torch.inference_mode():
+            out = self.module(**cast)
+        return {self.output_name: out.float()}
+
+    def __repr__(self) -> str:
+        return f"EagerComponent({self.name}, {self.dtype}, {self.device})"
