@@ -32,7 +32,7 @@ def _kwargs(d: dict) -> dict:
 
 
 def make_dit(spec=T2V, **extra) -> WanTransformer3DModel:
-    return WanTransformer3DModel(**_kwargs(hf_config.dit_to_diffusers(spec.dit)), **extra)
+    return WanTransformer3DModel(**_kwargs(hf_config.dit_to_diffusers(spec.dit)) | extra)
 
 
 def make_vae(spec) -> AutoencoderKLWan:
@@ -81,10 +81,10 @@ def round_trip(keys, to_official, to_ours) -> dict[str, str]:
 
 def test_dit_key_map_matches_spec_and_round_trips(dit):
     keys = list(dit.state_dict())
-    assert len(keys) == 69  # spec §7.3: 12 top-level + 27 per block x 2 + 3 head... (head 3 incl. modulation)
+    assert len(keys) == 69  # spec §7.3: 12 top-level + 27 per block x 2 layers + 3 head
     official = round_trip(keys, diffusers_dit_to_official, official_dit_to_diffusers)
     wb = ("weight", "bias")
-    block = ([f"modulation", "norm3.weight", "norm3.bias"]
+    block = (["modulation", "norm3.weight", "norm3.bias"]
              + [f"{a}.{p}.{s}" for a in ("self_attn", "cross_attn") for p in "qkvo" for s in wb]
              + [f"{a}.norm_{p}.weight" for a in ("self_attn", "cross_attn") for p in "qk"]
              + [f"ffn.{i}.{s}" for i in (0, 2) for s in wb])
@@ -118,7 +118,7 @@ def test_dit_key_map_wan21_image_branch():
 
 # Names that exist only on the diffusers side: none may survive the map to official.
 _DIFFUSERS_ONLY = re.compile(r"down_blocks|up_blocks|mid_block|resnets|attentions|norm[12]\.|conv_in|conv_out|"
-                             r"norm_out|quant_conv|conv_shortcut|conv[12]\.|upsampler|downsampler")
+                             r"norm_out|quant_conv|conv_shortcut|upsampler|downsampler")
 
 
 @pytest.mark.parametrize("spec, size, pairs", [
@@ -200,6 +200,10 @@ def test_read_pth_weights_only(tmp_path):
     torch.save({"a": torch.zeros(1), "step": 3}, tmp_path / "meta.pth")  # allowed type, still not a tensor
     with pytest.raises(CheckpointError, match=r"meta\.pth: key 'step' holds int"):
         read_state_dict(tmp_path / "meta.pth")
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes((tmp_path / "w.pth").read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=r"cut\.pth: cannot load"):
+        read_state_dict(cut)
 
 
 def test_read_errors_name_the_file(dit, tmp_path):
@@ -260,7 +264,7 @@ def test_load_into_key_and_shape_errors(dit):
     cases = [
         ({k: v for k, v in sd.items() if k != "blocks.1.attn2.to_k.bias"}, r"1 missing keys: blocks\.1\.attn2\.to_k\.bias"),
         (sd | {"blocks.0.attn1.to_x.weight": torch.zeros(1)}, r"1 unexpected keys: blocks\.0\.attn1\.to_x\.weight"),
-        (sd | {"proj_out.weight": torch.zeros(3, 64)}, r"1 mis-shaped keys: proj_out\.weight \(3, 64\) != \(16, 64\)"),
+        (sd | {"proj_out.weight": torch.zeros(3, 64)}, r"1 mis-shaped keys: proj_out\.weight \(3, 64\) != \(64, 64\)"),
     ]
     for bad, message in cases:
         with meta_parameters():
@@ -311,9 +315,10 @@ def test_load_official_vae(spec, tmp_path):
     with torch.device("meta"):
         model = make_vae(spec)
     load_into(model, sd, source=path)
-    z = torch.randn(1, spec.vae.z_dim, 2, 2, 2, generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        assert torch.equal(model.decode(z).sample, ref.decode(z).sample)
+    # Equal tensors under every name; whether those names are the official ones is
+    # test_vae_key_map's job (a decode here would take seconds and prove nothing more).
+    got, want = model.state_dict(), ref.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
 # -- layouts ---------------------------------------------------------------------------------

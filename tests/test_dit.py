@@ -182,9 +182,10 @@ def test_bf16_ratio_rule(name):
     cast_dit(ours, torch.bfloat16)
     assert {k: p.dtype for k, p in ours.named_parameters()} == {k: p.dtype for k, p in ref.named_parameters()}
 
-    ours_err = rel_err(ours(x, t, context), reference)
+    out = ours(x, t, context)
+    assert out.dtype == torch.bfloat16
+    ours_err = rel_err(out, reference)
     ref_err = rel_err(_diffusers_forward(ref, x, t, context), reference)
-    assert ours(x, t, context).dtype == torch.bfloat16
     assert 0 < ours_err <= 2 * ref_err + 1e-4, (ours_err, ref_err)
 
 

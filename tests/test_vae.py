@@ -6,6 +6,8 @@ every layer matters; diffusers' weights are loaded into WanVAE with strict=True.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,16 +28,16 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-@pytest.fixture(scope="module", params=list(SIZES))
-def pair(request):
+@functools.lru_cache(maxsize=None)
+def build_pair(name: str):
     """(cfg, size, diffusers reference, WanVAE) with the same random weights."""
-    cfg = SPECS[request.param].vae
+    cfg = SPECS[name].vae
     kwargs = {k: v for k, v in vae_to_diffusers(cfg).items() if not k.startswith("_")}
     ref = diffusers.AutoencoderKLWan(**kwargs).eval()
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if name.endswith("gamma"):  # RMS norm scales default to exactly 1
+        for pname, p in ref.named_parameters():
+            if pname.endswith("gamma"):  # RMS norm scales default to exactly 1
                 p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
             elif p.dim() == 1:  # biases
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
@@ -43,7 +45,12 @@ def pair(request):
                 p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
     vae = WanVAE(cfg).eval()
     vae.load_state_dict(ref.state_dict(), strict=True)
-    return cfg, SIZES[request.param], ref, vae
+    return cfg, SIZES[name], ref, vae
+
+
+@pytest.fixture(params=list(SIZES))
+def pair(request):
+    return build_pair(request.param)
 
 
 def stats(cfg):
@@ -128,39 +135,31 @@ def run_stream(step, chunks, cache, expected_shapes):
 
 
 def test_chunked_decode_equals_decode(pair):
-    cfg, size, ref, vae = pair
-    mean, std = stats(cfg)
-    z = latents(cfg, 2, 4, size)
+    cfg, size, _, vae = pair
+    z = latents(cfg, 1, 4, size)
     h, w = z.shape[-2:]
     shapes = vae.decoder_cache_shapes(h, w)
-    cache = vae.init_decoder_cache(2, h, w)
-    assert [tuple(c.shape) for c in cache] == [(2, *s) for s in shapes]
+    cache = vae.init_decoder_cache(1, h, w)
+    assert [tuple(c.shape) for c in cache] == [(1, *s) for s in shapes]
     assert all(c.abs().sum() == 0 for c in cache)
     with torch.no_grad():
         outs = run_stream(vae.decode_chunk, list(z.split(1, dim=2)), cache, shapes)
-        whole = vae.decode(z)
-        expect = ref.decode(z * std + mean).sample
+        whole = vae.decode(z)  # itself checked against diffusers above
     assert [o.shape[2] for o in outs] == [1, 4, 4, 4]
-    streamed = torch.cat(outs, dim=2)
-    assert rel_err(streamed, whole) < 1e-6
-    assert rel_err(streamed, expect) < TOL
+    assert rel_err(torch.cat(outs, dim=2), whole) < 1e-6
 
 
 def test_chunked_encode_equals_encode(pair):
-    cfg, size, ref, vae = pair
-    mean, std = stats(cfg)
-    x = video(2, 13, size)
+    cfg, size, _, vae = pair
+    x = video(1, 13, size)
     shapes = vae.encoder_cache_shapes(size, size)
-    cache = vae.init_encoder_cache(2, size, size)
+    cache = vae.init_encoder_cache(1, size, size)
     chunks = [x[:, :, :1], x[:, :, 1:5], x[:, :, 5:9], x[:, :, 9:13]]
     with torch.no_grad():
         outs = run_stream(vae.encode_chunk, chunks, cache, shapes)
-        whole = vae.encode(x)
-        expect = (ref.encode(x).latent_dist.mean - mean) / std
+        whole = vae.encode(x)  # itself checked against diffusers above
     assert [o.shape[2] for o in outs] == [1, 1, 1, 1]
-    streamed = torch.cat(outs, dim=2)
-    assert rel_err(streamed, whole) < 1e-6
-    assert rel_err(streamed, expect) < TOL
+    assert rel_err(torch.cat(outs, dim=2), whole) < 1e-6
 
 
 def test_cache_layout_of_the_real_vaes():
@@ -186,10 +185,8 @@ def test_cache_layout_of_the_real_vaes():
     assert [s for s in enc22 if s[1] == 1] == [(320, 1, 88, 160), (640, 1, 44, 80)]
 
 
-def test_22_round_trip_shapes(pair):
-    cfg, size, ref, vae = pair
-    if cfg.version != "2.2":
-        pytest.skip("2.2 only")
+def test_22_round_trip_shapes():
+    _, _, _, vae = build_pair("tiny-ti2v-5B")
     x = video(1, 9, 64)
     with torch.no_grad():
         z = vae.encode(x)
@@ -197,25 +194,30 @@ def test_22_round_trip_shapes(pair):
         assert vae.decode(z).shape == x.shape
 
 
-def test_steady_state_chunk_exports(pair):
-    """torch.export traces a steady-state decode chunk: no data-dependent control flow."""
-    cfg, size, ref, vae = pair
+@pytest.mark.parametrize("kind", ["encode", "decode"])
+def test_steady_state_chunk_exports(kind):
+    """torch.export traces a steady-state chunk: no data-dependent control flow, caches as I/O.
+    2.2 only: its blocks are a superset of 2.1's (plus patchify, AvgDown3D, DupUp3D)."""
+    cfg, size, _, vae = build_pair("tiny-ti2v-5B")
+    if kind == "encode":
+        x, cache, step = video(1, 4, size), vae.init_encoder_cache(1, size, size), vae.encode_chunk
+    else:
+        z = latents(cfg, 1, 1, size)
+        x, cache, step = z, vae.init_decoder_cache(1, *z.shape[-2:]), vae.decode_chunk
+    g = torch.Generator().manual_seed(3)
+    cache = tuple(torch.randn(c.shape, generator=g) for c in cache)
 
     class Step(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.vae = vae
+            self.vae = vae  # registers the weights with the exported program
 
-        def forward(self, z, *cache):
-            video, new_cache = self.vae.decode_chunk(z, cache, first_chunk=False)
-            return (video, *new_cache)
+        def forward(self, x, *cache):
+            out, new_cache = step(x, cache, first_chunk=False)
+            return (out, *new_cache)
 
-    z = latents(cfg, 1, 1, size)
-    h, w = z.shape[-2:]
-    g = torch.Generator().manual_seed(3)
-    cache = tuple(torch.randn(c.shape, generator=g) for c in vae.init_decoder_cache(1, h, w))
     with torch.no_grad():
-        program = torch.export.export(Step(), (z, *cache))
-        got, expect = program.module()(z, *cache), Step()(z, *cache)
+        program = torch.export.export(Step(), (x, *cache))
+        got, expect = program.module()(x, *cache), Step()(x, *cache)
     assert len(got) == len(expect) == 1 + len(cache)
     assert all(rel_err(a, b) < 1e-6 for a, b in zip(got, expect))

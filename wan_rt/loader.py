@@ -21,6 +21,7 @@ from wan_rt.config import (OFFICIAL_NEGATIVE_PROMPT, SPECS, WAN21_VAE, WAN22_VAE
 from wan_rt.models import hf_config
 from wan_rt.models.checkpoint import CheckpointError, CheckpointFiles, locate_checkpoint
 from wan_rt.pipeline import SamplingDefaults
+from wan_rt.scheduler import scheduler_from_diffusers_config
 
 BASE_SPECS = {"t2v": "t2v-A14B", "i2v": "i2v-A14B", "ti2v": "ti2v-5B"}
 
@@ -76,9 +77,13 @@ def _resolve_diffusers(files: CheckpointFiles) -> ResolvedCheckpoint:
     spec = _match_preset(dataclasses.replace(base, dit=dit, vae=vae, text_encoder=text, stages=stages))
     sched_path = (files.scheduler or files.root / "scheduler") / "scheduler_config.json"
     sched = _read_json(sched_path)
+    try:  # rejects what wan_rt cannot sample exactly (non-flow prediction, Karras sigmas, ...)
+        scheduler_from_diffusers_config(sched, steps=2)
+    except ValueError as exc:
+        raise CheckpointError(f"{sched_path}: {exc}") from None
     defaults = SamplingDefaults(solver=_solver_name(sched, sched_path), grid="diffusers",
                                 shift=float(sched.get("flow_shift", sched.get("shift", spec.sample_shift))),
-                                negative_prompt="")
+                                negative_prompt="", scheduler_config=sched)
     return ResolvedCheckpoint(spec, files, defaults)
 
 

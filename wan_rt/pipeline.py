@@ -19,7 +19,7 @@ from torch import Tensor
 from wan_rt.config import ModelSpec, Stage, latent_shape
 from wan_rt.models.text_encoder import tokenize
 from wan_rt.runtime.component import Component
-from wan_rt.scheduler import make_scheduler
+from wan_rt.scheduler import make_scheduler, scheduler_from_diffusers_config
 from wan_rt.video import ImageInput, image_to_tensor, video_to_output
 
 
@@ -31,6 +31,7 @@ class SamplingDefaults:
     grid: Literal["official", "diffusers"]  # official: sigmas 0.999 -> 0; diffusers: 1 -> 1/1000
     shift: float
     negative_prompt: str
+    scheduler_config: Optional[Mapping[str, Any]] = None  # a diffusers folder's scheduler_config.json
 
 
 @dataclass
@@ -128,8 +129,7 @@ class WanPipeline:
         first_frame_mask = self._first_frame_mask(latents, condition)
 
         # 3. Denoise: the stages run in order (timesteps decrease), each expert exactly once.
-        sched = make_scheduler(solver or self.defaults.solver, steps,
-                               shift if shift is not None else self.defaults.shift, self.defaults.grid)
+        sched = self._scheduler(steps, shift, solver)
         steps_per_stage: dict[str, int] = {}
         for stage, indices in _group_by_stage(spec, sched.timesteps):
             dit = self.components[stage.component]
@@ -155,6 +155,13 @@ class WanPipeline:
         return WanPipelineOutput(video_to_output(video, output_type), timings, steps_per_stage)
 
     # ------------------------------------------------------------------ helpers
+    def _scheduler(self, steps: int, shift: Optional[float], solver: Optional[str]):
+        """The checkpoint's own scheduler config when there is one and the solver is not overridden."""
+        if self.defaults.scheduler_config is not None and solver in (None, self.defaults.solver):
+            return scheduler_from_diffusers_config(self.defaults.scheduler_config, steps, shift_override=shift)
+        return make_scheduler(solver or self.defaults.solver, steps,
+                              shift if shift is not None else self.defaults.shift, self.defaults.grid)
+
     def _guide_scales(self, high: Optional[float], low: Optional[float]) -> dict[str, float]:
         """guidance_scale drives the first (high-noise) stage, guidance_scale_2 the second, as in
         diffusers; with neither given each stage uses the spec's own scale."""

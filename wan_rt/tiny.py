@@ -80,7 +80,12 @@ def write_tiny_checkpoint(spec: ModelSpec, folder: Path, seed: int = 0) -> None:
 
     torch.manual_seed(seed)
     encoder = build_umt5_encoder(hf_config.text_encoder_to_hf(spec.text_encoder))
-    encoder.save_pretrained(folder / "text_encoder")
+    _perturb(encoder)
+    (folder / "text_encoder").mkdir()
+    encoder.config.save_pretrained(folder / "text_encoder")
+    # The input embedding is tied to `shared.weight`; transformers saves only the latter too.
+    weights = {k: v for k, v in encoder.state_dict().items() if k != "encoder.embed_tokens.weight"}
+    save_file(_contiguous(weights), folder / "text_encoder" / "model.safetensors")
 
     # diffusers names the high-noise expert `transformer` and the low-noise one `transformer_2`.
     for index, stage in enumerate(spec.stages):

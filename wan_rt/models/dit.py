@@ -77,13 +77,14 @@ def rope_tables(config: DiTConfig, grid: Sequence[int | Tensor], device: torch.d
     interleaved pair (x[2j], x[2j+1]) as `ops.apply_rope` expects. Grid entries may be ints,
     SymInts or 0-d tensors (export). Positions are post-patch grid indices from 0.
     """
-    pos = [torch.arange(n, device=device, dtype=torch.float32) for n in grid]
+    # arange accepts 0-d tensors at runtime; torch's stubs only declare numbers.
+    pos = [torch.arange(n, device=device, dtype=torch.float32) for n in grid]  # type: ignore[arg-type]
     f, h, w = (p.shape[0] for p in pos)  # ints/SymInts even when the grid came as tensors
     cos_parts, sin_parts = [], []
     for axis, (p, dim) in enumerate(zip(pos, rope_axis_dims(config.head_dim))):
         hi, lo = _split_freqs(dim, theta)
         a_hi = p[:, None] * torch.tensor(hi, dtype=torch.float32, device=device)  # exact
-        a_lo = p[:, None] * torch.tensor(lo, dtype=torch.float32, device=device)  # tiny, so its rounding is too
+        a_lo = p[:, None] * torch.tensor(lo, dtype=torch.float32, device=device)  # small: rounding tiny
         # cos/sin(a_hi + a_lo) by the angle-addition formulas: no float64 needed.
         cos = a_hi.cos() * a_lo.cos() - a_hi.sin() * a_lo.sin()
         sin = a_hi.sin() * a_lo.cos() + a_hi.cos() * a_lo.sin()

@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._jit import dot_f32, dot_precision, mma
 from ._util import check_device, interpreting, next_pow2, on_device
 
 _LOG2E = 1.4426950408889634
@@ -169,6 +170,7 @@ def _rope3d_attn_fwd_kernel(
     ROPE_K: tl.constexpr,  # rotate k tiles on load
     QUANT_INT8: tl.constexpr,  # int8 q·kᵀ with per-block scales (k pre-quantized by the prepass)
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no tf32), "tf32" otherwise (ignored)
+    DOT_F32: tl.constexpr,  # widen bf16 tiles to fp32 for the dots (interpreter only, _jit.dot_f32)
 ):
     LOG2E: tl.constexpr = 1.4426950408889634
     pid_m = tl.program_id(0)
@@ -216,7 +218,7 @@ def _rope3d_attn_fwd_kernel(
                               mask=mask_n, other=0.0)
             s = s * (score_scale * k_scale[None, :])
         else:
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * score_scale
+            s = mma(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), DOT_F32, DOT_PRECISION) * score_scale
         s = tl.where(mask_n[None, :], s, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every tile holds at least one key
@@ -224,7 +226,7 @@ def _rope3d_attn_fwd_kernel(
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + offs_kn[:, None] * stride_vl + offs_d[None, :], mask=kv_mask, other=0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        acc = mma(p.to(v.dtype), v, acc * alpha[:, None], DOT_F32, DOT_PRECISION)
         m_i = m_new
 
     # 3. Normalize and store.
@@ -314,7 +316,7 @@ def _launch_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor | None, sin: 
             HEAD_DIM=D, BLOCK_D=next_pow2(D),
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], KQ_BLOCK=cfg["KQ_BLOCK"],
             ROPE_Q=rope, ROPE_K=rope and not quant_int8, QUANT_INT8=quant_int8,
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            DOT_PRECISION=dot_precision(q.dtype), DOT_F32=dot_f32(q.dtype),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     return out

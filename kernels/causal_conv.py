@@ -8,7 +8,8 @@ equal one call over the whole video. Stride 1 only (the VAE's strided `time_conv
 
 The GEMM view: M = output positions of one (b, t) frame, N = C_out, K = C_in·kt·kh·kw. Each
 program owns a [BLOCK_M positions × BLOCK_N out-channels] tile of one frame and walks the taps
-(unrolled) and C_in (in BLOCK_K chunks). A tap whose input frame lies before the chunk reads the
+(unrolled) and C_in (in BLOCK_K chunks); for small C_in (the RGB / latent input convs) it walks
+one flattened (tap, channel) K axis instead (constexpr FLAT_K). A tap whose input frame lies before the chunk reads the
 cache instead of x (a pointer select), so neither cat(cache, x) nor a padded copy is built.
 
 Shape glossary: B batch, C channels, T frames, H, W height, width.
@@ -22,6 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._jit import dot_f32, dot_precision, mma
 from ._util import check_device, interpreting, on_device
 
 # ---------------------------------------------------------------------------------------------
@@ -49,10 +51,12 @@ def _causal_conv3d_kernel(
     KW: tl.constexpr,  # kernel size in width (odd, same-padded)
     HAS_CACHE: tl.constexpr,  # False: frames before the chunk are zeros (first chunk)
     HAS_BIAS: tl.constexpr,  # add Bias
+    FLAT_K: tl.constexpr,  # flatten (taps × C_in) into one K axis (small C_in) instead of unrolling taps
     BLOCK_M: tl.constexpr,  # output positions (h·W + w) per program
     BLOCK_N: tl.constexpr,  # output channels per program
-    BLOCK_K: tl.constexpr,  # input channels per dot
+    BLOCK_K: tl.constexpr,  # input channels (FLAT_K: flattened tap·channel entries) per dot
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no tf32), "tf32" otherwise (ignored)
+    DOT_F32: tl.constexpr,  # widen bf16 tiles to fp32 for the dots (interpreter only, _jit.dot_f32)
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -68,40 +72,70 @@ def _causal_conv3d_kernel(
     ow = offs_m % W
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for dt in tl.static_range(KT):
-        # 1. Which frame this tap reads: x[t_in] if t_in >= 0, else cache[KT-1 + t_in].
-        t_in = t + dt - (KT - 1)
-        # a per-row vector rather than a scalar: the interpreter mis-types bool-block & bool-scalar
-        from_x = (t_in + tl.zeros([BLOCK_M], dtype=tl.int32)) >= 0
-        x_frame = X + b * stride_xb + tl.maximum(t_in, 0).to(tl.int64) * stride_xt
-        if HAS_CACHE:
-            c_frame = Cache + b * stride_cb + tl.maximum(KT - 1 + t_in, 0).to(tl.int64) * stride_ct
-        for dh in tl.static_range(KH):
-            ih = oh + (dh - KH // 2)
-            for dw in tl.static_range(KW):
-                iw = ow + (dw - KW // 2)
-                mask_sp = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                if not HAS_CACHE:
-                    mask_sp = mask_sp & from_x  # zero time padding: the tap adds nothing
-                x_ptrs = x_frame + (ih * stride_xh + iw)[:, None] + offs_k[None, :] * stride_xc
-                if HAS_CACHE:
-                    c_ptrs = c_frame + (ih * stride_ch + iw)[:, None] + offs_k[None, :] * stride_cc
-                w_ptrs = Wt + ((dt * KH + dh) * KW + dw) * C_in * C_out \
-                    + offs_k[:, None] * C_out + offs_n[None, :]
-                # 2. Accumulate over input channels.
-                for c0 in range(0, C_in, BLOCK_K):
-                    mask_k = (c0 + offs_k) < C_in
+    x_batch = X + b * stride_xb
+    c_batch = Cache + b * stride_cb
+    if FLAT_K:
+        # 1a. Small C_in (the RGB/latent input convs): one flattened K = (dt, dh, dw, c) axis, so
+        #     a BLOCK_K chunk spans several taps instead of padding C_in up to BLOCK_K per tap.
+        K_total = KT * KH * KW * C_in
+        for k0 in range(0, K_total, BLOCK_K):
+            offs_kk = k0 + offs_k
+            mask_k = offs_kk < K_total
+            c = offs_kk % C_in
+            tap = offs_kk // C_in
+            dw = tap % KW
+            dh = (tap // KW) % KH
+            t_in = t + tap // (KW * KH) - (KT - 1)  # [BLOCK_K]
+            ih = oh[:, None] + (dh - KH // 2)[None, :]
+            iw = ow[:, None] + (dw - KW // 2)[None, :]
+            mask = mask_m[:, None] & mask_k[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            x_ptrs = x_batch + (c * stride_xc + tl.maximum(t_in, 0) * stride_xt)[None, :] + ih * stride_xh + iw
+            if HAS_CACHE:
+                c_ptrs = c_batch + (c * stride_cc + tl.maximum(KT - 1 + t_in, 0) * stride_ct)[None, :] \
+                    + ih * stride_ch + iw
+                a_ptrs = tl.where((t_in >= 0)[None, :], x_ptrs, c_ptrs)
+            else:
+                mask = mask & (t_in >= 0)[None, :]  # zero time padding
+                a_ptrs = x_ptrs
+            a = tl.load(a_ptrs, mask=mask, other=0.0)
+            w = tl.load(Wt + offs_kk[:, None] * C_out + offs_n[None, :],
+                        mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            acc = mma(a, w, acc, DOT_F32, DOT_PRECISION)
+    else:
+        # 1b. Taps unrolled, C_in in BLOCK_K chunks: no index math in the inner loop.
+        for dt in tl.static_range(KT):
+            # which frame this tap reads: x[t_in] if t_in >= 0, else cache[KT-1 + t_in]
+            t_in = t + dt - (KT - 1)
+            # a per-row vector rather than a scalar: the interpreter mis-types bool-block & bool-scalar
+            from_x = (t_in + tl.zeros([BLOCK_M], dtype=tl.int32)) >= 0
+            x_frame = x_batch + tl.maximum(t_in, 0).to(tl.int64) * stride_xt
+            if HAS_CACHE:
+                c_frame = c_batch + tl.maximum(KT - 1 + t_in, 0).to(tl.int64) * stride_ct
+            for dh in tl.static_range(KH):
+                ih = oh + (dh - KH // 2)
+                for dw in tl.static_range(KW):
+                    iw = ow + (dw - KW // 2)
+                    mask_sp = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                    if not HAS_CACHE:
+                        mask_sp = mask_sp & from_x  # zero time padding: the tap adds nothing
+                    x_ptrs = x_frame + (ih * stride_xh + iw)[:, None] + offs_k[None, :] * stride_xc
                     if HAS_CACHE:
-                        a_ptrs = tl.where(from_x[:, None], x_ptrs, c_ptrs)
-                    else:
-                        a_ptrs = x_ptrs
-                    a = tl.load(a_ptrs, mask=mask_sp[:, None] & mask_k[None, :], other=0.0)
-                    w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-                    acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
-                    x_ptrs += BLOCK_K * stride_xc
-                    if HAS_CACHE:
-                        c_ptrs += BLOCK_K * stride_cc
-                    w_ptrs += BLOCK_K * C_out
+                        c_ptrs = c_frame + (ih * stride_ch + iw)[:, None] + offs_k[None, :] * stride_cc
+                    w_ptrs = Wt + ((dt * KH + dh) * KW + dw) * C_in * C_out \
+                        + offs_k[:, None] * C_out + offs_n[None, :]
+                    for c0 in range(0, C_in, BLOCK_K):
+                        mask_k = (c0 + offs_k) < C_in
+                        if HAS_CACHE:
+                            a_ptrs = tl.where(from_x[:, None], x_ptrs, c_ptrs)
+                        else:
+                            a_ptrs = x_ptrs
+                        a = tl.load(a_ptrs, mask=mask_sp[:, None] & mask_k[None, :], other=0.0)
+                        w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+                        acc = mma(a, w, acc, DOT_F32, DOT_PRECISION)
+                        x_ptrs += BLOCK_K * stride_xc
+                        if HAS_CACHE:
+                            c_ptrs += BLOCK_K * stride_cc
+                        w_ptrs += BLOCK_K * C_out
 
     # 3. Bias and store.
     if HAS_BIAS:
@@ -117,12 +151,15 @@ def _causal_conv3d_kernel(
 
 
 def _conv_config(c_in: int, c_out: int) -> dict[str, int]:
-    """Block sizes: not autotuned; GPU values are a standard implicit-GEMM starting point, not
-    measured here. The interpreter uses small tiles so CPU tests cross tile and channel tails."""
+    """Block sizes and K layout: not autotuned; GPU values are a standard implicit-GEMM starting
+    point, not measured here. C_in below 16 takes the flattened-K path (on the GPU it would pad
+    3 or 12 channels to a 16-wide dot per tap otherwise). The interpreter uses small tiles so CPU
+    tests cross tile and channel tails, and a wide flattened-K chunk (few interpreted steps)."""
+    flat = c_in < 16
     if interpreting():
-        return dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1)
+        return dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=64 if flat else 16, FLAT_K=flat, num_warps=4, num_stages=1)
     return dict(BLOCK_M=128, BLOCK_N=64 if c_out >= 64 else 32, BLOCK_K=32 if c_in >= 32 else 16,
-                num_warps=4, num_stages=3)
+                FLAT_K=flat, num_warps=4, num_stages=3)
 
 
 def _new_cache(x: Tensor, cache: Tensor | None, n: int) -> Tensor:
@@ -157,8 +194,9 @@ def _launch_causal_conv3d(x: Tensor, weight: Tensor, bias: Tensor | None,
             y.stride(0), y.stride(1), y.stride(2), y.stride(3),
             C_in, C_out, T, H, W,
             KT=KT, KH=KH, KW=KW, HAS_CACHE=cache is not None, HAS_BIAS=bias is not None,
+            FLAT_K=cfg["FLAT_K"],
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+            DOT_PRECISION=dot_precision(x.dtype), DOT_F32=dot_f32(x.dtype),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     return y, _new_cache(x, cache, KT - 1)

@@ -1,0 +1,96 @@
+"""Components made of graph runners: the same two classes serve ONNX Runtime, AOTInductor and
+TensorRT (and eager graph modules, which is how the streaming logic itself is tested).
+
+A graph runner is any callable taking {input name: tensor} and returning {output name: tensor}
+for one GraphSpec. Backends differ only in how they make runners.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from wan_rt.config import ModelSpec
+from wan_rt.runtime.component import OUTPUT_NAMES
+from wan_rt.runtime.graphs import GraphSpec, resolve_dim
+
+GraphRunner = Callable[[Mapping[str, Tensor]], dict[str, Tensor]]
+_DTYPES = {"float32": torch.float32, "int64": torch.int64}
+
+
+def module_runner(module: nn.Module, gspec: GraphSpec) -> GraphRunner:
+    """A runner over a PyTorch graph module (graphs.graph_module): eager, or a reference."""
+
+    def run(inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        with torch.inference_mode():
+            out = module(*(inputs[n] for n in gspec.input_names))
+        out = out if isinstance(out, tuple) else (out,)
+        return dict(zip(gspec.output_names, out))
+
+    return run
+
+
+def _cast(inputs: Mapping[str, Tensor], gspec: GraphSpec, compute: torch.dtype, device) -> dict[str, Tensor]:
+    out = {}
+    for t in gspec.inputs:
+        if t.name not in inputs:
+            raise ValueError(f"{gspec.component}: missing input {t.name!r}")
+        out[t.name] = inputs[t.name].to(device=device, dtype=_DTYPES.get(t.dtype, compute))
+    return out
+
+
+class GraphComponent:
+    """text_encoder and the DiTs: one graph, the contract's names are the graph's names."""
+
+    def __init__(self, name: str, runner: GraphRunner, gspec: GraphSpec, compute_dtype: torch.dtype,
+                 device: torch.device):
+        self.name, self.runner, self.gspec = name, runner, gspec
+        self.compute_dtype, self.device = compute_dtype, torch.device(device)
+        self.output_name = OUTPUT_NAMES[name]
+
+    def __call__(self, **inputs: Tensor) -> dict[str, Tensor]:
+        out = self.runner(_cast(inputs, self.gspec, self.compute_dtype, self.device))
+        return {self.output_name: out[self.output_name].float()}
+
+
+class StreamingVAEComponent:
+    """vae_encoder / vae_decoder over a `first` and a `step` graph with explicit cache tensors:
+    frame 0 alone, then chunks of `stride_t` frames (encoder) or one latent frame (decoder)."""
+
+    def __init__(self, name: str, spec: ModelSpec, first: GraphRunner, step: GraphRunner,
+                 first_spec: GraphSpec, step_spec: GraphSpec, device: torch.device):
+        self.name, self.spec = name, spec
+        self.first, self.step = first, step
+        self.first_spec, self.step_spec = first_spec, step_spec
+        self.device = torch.device(device)
+        self.output_name = OUTPUT_NAMES[name]
+
+    def _zero_cache(self, batch: int, h: int, w: int) -> dict[str, Tensor]:
+        sizes = {"B": batch, "h": h, "w": w}
+        return {t.name: torch.zeros([resolve_dim(d, sizes) for d in t.dims], device=self.device)
+                for t in self.first_spec.inputs if t.name.startswith("cache_in_")}
+
+    def _stream(self, chunks: list[Tensor], x_name: str, batch: int, h: int, w: int) -> list[Tensor]:
+        cache = self._zero_cache(batch, h, w)
+        outs = []
+        for i, chunk in enumerate(chunks):
+            runner, gspec = (self.first, self.first_spec) if i == 0 else (self.step, self.step_spec)
+            inputs = _cast({x_name: chunk, **cache}, gspec, torch.float32, self.device)
+            result = runner(inputs)
+            outs.append(result[gspec.output_names[0]].float())
+            cache = {n.replace("cache_out_", "cache_in_"): v for n, v in result.items() if n.startswith("cache_out_")}
+        return outs
+
+    def __call__(self, **inputs: Tensor) -> dict[str, Tensor]:
+        st, sh, sw = self.spec.vae.stride
+        if self.name == "vae_decoder":
+            z = inputs["latents"]
+            chunks = [z[:, :, i:i + 1] for i in range(z.shape[2])]
+            outs = self._stream(chunks, "latents", z.shape[0], z.shape[3], z.shape[4])
+        else:
+            v = inputs["video"]
+            chunks = [v[:, :, :1]] + [v[:, :, i:i + st] for i in range(1, v.shape[2], st)]
+            outs = self._stream(chunks, "video", v.shape[0], v.shape[3] // sh, v.shape[4] // sw)
+        return {self.output_name: torch.cat(outs, dim=2)}

@@ -1,0 +1,217 @@
+"""The exportable graphs of each component and their I/O contract: one source of truth read by
+ONNX export, engine builds, the runtime and the tests.
+
+A component is one graph ("main": text_encoder, the DiTs) or two (the VAE streams chunk by
+chunk: "first" for frame 0, "step" for every later chunk, with the causal-conv cache as explicit
+inputs `cache_in_<i>` and outputs `cache_out_<i>`). Tensor dims are ints or symbols: `B` batch
+(1 or 2 for CFG), `S` text tokens, `T`/`h`/`w` latent frames/height/width, `L` DiT tokens,
+and `k*h` / `k*w` for sizes that are a fixed multiple of the latent size (VAE pixels, caches).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal, Union
+
+import torch
+from torch import Tensor, nn
+
+from wan_rt.config import ModelSpec
+
+Dim = Union[int, str]
+DType = Literal["compute", "float32", "int64"]  # "compute": the precision the engine is built in
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: DType
+    dims: tuple[Dim, ...]
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    component: str
+    graph: str                 # "main" | "first" | "step"
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+
+@dataclass(frozen=True)
+class ShapeProfile:
+    """min / opt / max of every symbol a graph uses (what a TensorRT optimization profile needs)."""
+
+    min: dict[str, int]
+    opt: dict[str, int]
+    max: dict[str, int]
+
+    def shape(self, dims: tuple[Dim, ...], which: Literal["min", "opt", "max"]) -> tuple[int, ...]:
+        return tuple(resolve_dim(d, getattr(self, which)) for d in dims)
+
+
+_SCALED = re.compile(r"^(\d+)\*(\w+)$")
+
+
+def resolve_dim(dim: Dim, sizes: dict[str, int]) -> int:
+    if isinstance(dim, int):
+        return dim
+    m = _SCALED.match(dim)
+    return int(m.group(1)) * sizes[m.group(2)] if m else sizes[dim]
+
+
+# ------------------------------------------------------------------------------------ specs
+def components_of(spec: ModelSpec) -> tuple[str, ...]:
+    return ("text_encoder", *spec.dit_components, "vae_encoder", "vae_decoder")
+
+
+def graph_names(component: str) -> tuple[str, ...]:
+    return ("first", "step") if component.startswith("vae_") else ("main",)
+
+
+def graph_spec(spec: ModelSpec, component: str, graph: str = "main") -> GraphSpec:
+    if component == "text_encoder":
+        return GraphSpec(component, graph,
+                         (TensorSpec("input_ids", "int64", ("B", "S")), TensorSpec("attention_mask", "int64", ("B", "S"))),
+                         (TensorSpec("context", "compute", ("B", "S", spec.text_encoder.d_model)),))
+    if component in spec.dit_components:
+        d = spec.dit
+        timestep = ("B", "L") if d.per_token_timestep else ("B",)
+        return GraphSpec(component, graph, (
+            TensorSpec("latents", "compute", ("B", d.in_channels, "T", "h", "w")),
+            TensorSpec("timestep", "float32", timestep),
+            TensorSpec("context", "compute", ("B", "S", d.text_dim)),
+        ), (TensorSpec("noise_pred", "compute", ("B", d.out_channels, "T", "h", "w")),))
+    if component in ("vae_encoder", "vae_decoder"):
+        return _vae_graph_spec(spec, component, graph)
+    raise KeyError(f"{spec.name} has no component {component!r}; it has {', '.join(components_of(spec))}")
+
+
+def _cache_specs(spec: ModelSpec, component: str, direction: str) -> tuple[TensorSpec, ...]:
+    """Cache slot dims as multiples of the latent size: evaluate the slot shapes at a 1x1 latent."""
+    vae = _shape_only_vae(spec)
+    _, sh, sw = spec.vae.stride
+    shapes = vae.encoder_cache_shapes(sh, sw) if component == "vae_encoder" else vae.decoder_cache_shapes(1, 1)
+    return tuple(TensorSpec(f"cache_{direction}_{i}", "float32", ("B", c, t, f"{hh}*h", f"{ww}*w"))
+                 for i, (c, t, hh, ww) in enumerate(shapes))
+
+
+def _vae_graph_spec(spec: ModelSpec, component: str, graph: str) -> GraphSpec:
+    if graph not in ("first", "step"):
+        raise KeyError(f"{component} graphs are 'first' and 'step', not {graph!r}")
+    z = spec.vae.z_dim
+    st, sh, sw = spec.vae.stride
+    frames = 1 if graph == "first" else st
+    video = TensorSpec("video", "float32", ("B", 3, frames, f"{sh}*h", f"{sw}*w"))
+    latents = TensorSpec("latents", "float32", ("B", z, 1, "h", "w"))
+    cache_in, cache_out = _cache_specs(spec, component, "in"), _cache_specs(spec, component, "out")
+    if component == "vae_encoder":
+        return GraphSpec(component, graph, (video, *cache_in), (latents, *cache_out))
+    return GraphSpec(component, graph, (latents, *cache_in), (video, *cache_out))
+
+
+_VAE_SHAPES: dict[object, nn.Module] = {}
+
+
+def _shape_only_vae(spec: ModelSpec):
+    """A VAE on the meta device: enough to ask for cache slot shapes, costs no memory."""
+    from wan_rt.models.vae import WanVAE
+
+    if spec.vae not in _VAE_SHAPES:
+        with torch.device("meta"):
+            _VAE_SHAPES[spec.vae] = WanVAE(spec.vae)
+    return _VAE_SHAPES[spec.vae]
+
+
+# ------------------------------------------------------------------------------------ profiles
+def shape_profile(spec: ModelSpec, *, height: int, width: int, frames: int, text_len: int | None = None,
+                  min_height: int | None = None, min_width: int | None = None, min_frames: int = 1,
+                  max_batch: int = 2) -> ShapeProfile:
+    """Profile whose opt and max are the requested video size; min is the smallest valid one
+    (one latent frame, one DiT patch per axis) unless given. `S` is fixed at the text length
+    the pipeline pads to (max_sequence_length, 512 by default)."""
+    st, sh, sw = spec.vae.stride
+    _, ph, pw = spec.dit.patch_size
+    s = text_len or spec.dit.text_len
+
+    def sizes(h: int, w: int, f: int, b: int) -> dict[str, int]:
+        t = (f - 1) // st + 1
+        lh, lw = h // sh, w // sw
+        return {"B": b, "S": s, "T": t, "h": lh, "w": lw, "L": t * (lh // ph) * (lw // pw)}
+
+    m = spec.spatial_multiple
+    return ShapeProfile(min=sizes(min_height or m, min_width or m, min_frames, 1),
+                        opt=sizes(height, width, frames, 1), max=sizes(height, width, frames, max_batch))
+
+
+def sample_inputs(gspec: GraphSpec, sizes: dict[str, int], compute_dtype: torch.dtype,
+                  device: torch.device | str = "cpu", seed: int = 0) -> dict[str, Tensor]:
+    """Random inputs of the given sizes (ids in a small vocabulary, a ones mask, t in [0, 1000))."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for t in gspec.inputs:
+        shape = tuple(resolve_dim(d, sizes) for d in t.dims)
+        if t.name == "input_ids":
+            value = torch.randint(0, 64, shape, generator=gen)
+        elif t.name == "attention_mask":
+            value = torch.ones(shape, dtype=torch.int64)
+        elif t.name == "timestep":
+            value = torch.randint(0, 1000, shape, generator=gen).float()
+        else:
+            value = torch.randn(shape, generator=gen) * (0.5 if t.name.startswith("cache") else 1.0)
+        dtype = {"compute": compute_dtype, "float32": torch.float32, "int64": torch.int64}[t.dtype]
+        out[t.name] = value.to(device=device, dtype=dtype)
+    return out
+
+
+# ------------------------------------------------------------------------------------ modules
+class _DiTMain(nn.Module):
+    def __init__(self, dit: nn.Module):
+        super().__init__()
+        self.dit = dit
+
+    def forward(self, latents: Tensor, timestep: Tensor, context: Tensor) -> Tensor:
+        return self.dit(latents, timestep, context)
+
+
+class _TextMain(nn.Module):
+    def __init__(self, text_encoder: nn.Module):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.text_encoder(input_ids, attention_mask)
+
+
+class _VAEChunk(nn.Module):
+    """One chunk of the streaming VAE: (x, *cache) -> (y, *new_cache); `first` fixed at build."""
+
+    def __init__(self, vae: nn.Module, encode: bool, first: bool):
+        super().__init__()
+        self.vae, self.encode, self.first = vae, encode, first
+
+    def forward(self, x: Tensor, *cache: Tensor) -> tuple[Tensor, ...]:
+        fn = self.vae.encode_chunk if self.encode else self.vae.decode_chunk
+        y, new_cache = fn(x, cache, first_chunk=self.first)
+        return (y, *new_cache)
+
+
+def graph_module(component: str, graph: str, model: nn.Module) -> nn.Module:
+    """The nn.Module whose forward takes the graph's inputs positionally, in GraphSpec order,
+    and returns its outputs (a tensor, or a tuple in GraphSpec order). `model` is the DiT, the
+    TextEncoder or the WanVAE the component is made of."""
+    if component == "text_encoder":
+        return _TextMain(model).eval()
+    if component.startswith("dit"):
+        return _DiTMain(model).eval()
+    if component in ("vae_encoder", "vae_decoder"):
+        return _VAEChunk(model, encode=component == "vae_encoder", first=graph == "first").eval()
+    raise KeyError(component)
