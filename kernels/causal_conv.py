@@ -173,15 +173,19 @@ def _new_cache(x: Tensor, cache: Tensor | None, n: int) -> Tensor:
     return torch.cat([prev[:, :, T:], x], dim=2)
 
 
-def _launch_causal_conv3d(x: Tensor, weight: Tensor, bias: Tensor | None,
-                          cache: Tensor | None) -> tuple[Tensor, Tensor]:
+def _launch_causal_conv3d(x: Tensor, weight: Tensor, bias: Tensor | None, cache: Tensor | None,
+                          y: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Launch into `y` (a fresh contiguous [B, C_out, T, H, W] when None; the TRT plugin passes
+    its output buffer). Returns (y, new_cache)."""
     B, C_in, T, H, W = x.shape
     C_out, _, KT, KH, KW = weight.shape
     x = x if x.stride(-1) == 1 else x.contiguous()
     if cache is not None:
         cache = cache if cache.stride(-1) == 1 else cache.contiguous()
     w_t = weight.permute(2, 3, 4, 1, 0).contiguous()  # [KT, KH, KW, C_in, C_out]
-    y = torch.empty(B, C_out, T, H, W, device=x.device, dtype=x.dtype)
+    if y is None:
+        y = torch.empty(B, C_out, T, H, W, device=x.device, dtype=x.dtype)
+    assert y.shape == (B, C_out, T, H, W) and y.dtype == x.dtype and y.stride(-1) == 1
     cfg = _conv_config(C_in, C_out)
     c = cache if cache is not None else x  # never read when HAS_CACHE is False
     bias_arg = bias if bias is not None else w_t

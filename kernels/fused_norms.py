@@ -177,7 +177,7 @@ def _rmsnorm_rope_op(x: Tensor, weight: Tensor, cos: Tensor, sin: Tensor, eps: f
 
 @_rmsnorm_rope_op.register_fake
 def _(x: Tensor, weight: Tensor, cos: Tensor, sin: Tensor, eps: float) -> Tensor:
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+    return x.new_empty(x.shape)
 
 
 @torch.library.custom_op("wan_rt::layernorm_modulate", mutates_args=())
@@ -187,7 +187,7 @@ def _layernorm_modulate_op(x: Tensor, shift: Tensor, scale: Tensor, eps: float) 
 
 @_layernorm_modulate_op.register_fake
 def _(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> Tensor:
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+    return x.new_empty(x.shape)
 
 
 # ---------------------------------------------------------------------------------------------

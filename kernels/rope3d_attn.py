@@ -285,7 +285,9 @@ def _quantize_k(k: Tensor, cos: Tensor, sin: Tensor, rope: bool, cfg: dict[str, 
 
 
 def _launch_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor | None, sin: Tensor | None,
-                      scale: float, quant: str) -> Tensor:
+                      scale: float, quant: str, out: Tensor | None = None) -> Tensor:
+    """Launch into `out` (a fresh contiguous [B, Lq, H, D] when None; the TRT plugin passes its
+    output buffer)."""
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     rope = cos is not None
@@ -296,7 +298,9 @@ def _launch_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor | None, sin: 
     else:  # the kernel never reads the tables; any float32 pointer does
         cos = sin = torch.empty(1, device=q.device, dtype=torch.float32)
     cfg = _attn_config(D, quant)
-    out = torch.empty_like(q)
+    if out is None:
+        out = torch.empty(B, Lq, H, D, device=q.device, dtype=q.dtype)
+    assert out.shape == q.shape and out.dtype == q.dtype and out.stride(-1) == 1
     quant_int8 = quant == "int8"
     with on_device(q):
         if quant_int8:
@@ -335,7 +339,7 @@ def _rope3d_attention_op(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tens
 
 @_rope3d_attention_op.register_fake
 def _(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, scale: float, quant: str) -> Tensor:
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)
 
 
 @torch.library.custom_op("wan_rt::attention", mutates_args=())
@@ -345,7 +349,7 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
 
 @_attention_op.register_fake
 def _(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -158,16 +158,29 @@ def build_eager_components(resolved: ResolvedCheckpoint, device: torch.device, d
     return out
 
 
-def load_pipeline(cls, path: str, backend: str = "eager", device: Optional[str] = None,
+def load_pipeline(cls, path: Optional[str], backend: str = "eager", device: Optional[str] = None,
                   dtype: Optional[torch.dtype] = None, engines_dir: Optional[str] = None,
-                  backend_for: Optional[Mapping[str, str]] = None):
+                  backend_for: Optional[Mapping[str, str]] = None, rebuild: bool = False):
+    """Eager from the checkpoint, or engines from `engines_dir` (built for `path`'s model)."""
     from wan_rt.models.text_encoder import load_tokenizer
 
-    if backend != "eager":
-        raise ValueError(f"unknown backend {backend!r}; available: eager")
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if dtype is None:
-        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    resolved = resolve_checkpoint(path)
-    components = build_eager_components(resolved, dev, dtype)
+    if engines_dir is not None and backend != "eager":
+        from wan_rt.build import read_index
+        from wan_rt.runtime.engines import load_engine_components
+
+        built = read_index(Path(engines_dir))["backend"]
+        if backend not in (built, "auto"):
+            raise ValueError(f"{engines_dir} holds {built} engines, not {backend}")
+        resolved, components = load_engine_components(Path(engines_dir), model=path, backend_for=backend_for,
+                                                      device=dev, rebuild=rebuild)
+    else:
+        if backend != "eager":
+            raise ValueError(f"backend {backend!r} runs built engines: pass engines_dir (see `wan-rt build`)")
+        if path is None:
+            raise ValueError("from_pretrained needs a checkpoint path or preset name")
+        if dtype is None:
+            dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        resolved = resolve_checkpoint(path)
+        components = build_eager_components(resolved, dev, dtype)
     return cls(resolved.spec, components, load_tokenizer(resolved.files.tokenizer), resolved.defaults, dev)

@@ -63,21 +63,24 @@ class WanPipeline:
         self.progress = True
 
     @classmethod
-    def from_pretrained(cls, path: str, backend: str = "eager", device: Optional[str] = None,
+    def from_pretrained(cls, path: Optional[str], backend: str = "eager", device: Optional[str] = None,
                         dtype: Optional[torch.dtype] = None, engines_dir: Optional[str] = None,
-                        backend_for: Optional[Mapping[str, str]] = None) -> "WanPipeline":
-        """path: a diffusers-layout folder, an official Wan2.2 folder, or a preset name."""
+                        backend_for: Optional[Mapping[str, str]] = None, rebuild: bool = False) -> "WanPipeline":
+        """path: a diffusers-layout folder, an official Wan2.2 folder, or a preset name (None with
+        engines_dir: the model the engines were built from). backend: "eager", or the backend of
+        the engines in engines_dir ("ort", "aoti", "trt"); backend_for pins components to eager."""
         from wan_rt.loader import load_pipeline
 
         return load_pipeline(cls, path, backend=backend, device=device, dtype=dtype,
-                             engines_dir=engines_dir, backend_for=backend_for)
+                             engines_dir=engines_dir, backend_for=backend_for, rebuild=rebuild)
 
     def set_progress_bar_config(self, disable: bool = False) -> None:
         self.progress = not disable
 
     # ------------------------------------------------------------------ text
-    def encode_prompt(self, prompts: Union[str, list[str]], max_sequence_length: int = 512) -> Tensor:
+    def encode_prompt(self, prompts: Union[str, list[str]], max_sequence_length: Optional[int] = None) -> Tensor:
         """-> context [B, max_sequence_length, D], zero past each prompt's true length."""
+        max_sequence_length = max_sequence_length or self.spec.dit.text_len
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         input_ids, mask = tokenize(self.tokenizer, prompts, max_sequence_length)
         return self.components["text_encoder"](input_ids=input_ids, attention_mask=mask)["context"]
@@ -88,7 +91,7 @@ class WanPipeline:
                  num_frames: Optional[int] = None, num_inference_steps: Optional[int] = None,
                  guidance_scale: Optional[float] = None, guidance_scale_2: Optional[float] = None,
                  generator: Optional[torch.Generator] = None, latents: Optional[Tensor] = None,
-                 max_sequence_length: int = 512, output_type: str = "np",
+                 max_sequence_length: Optional[int] = None, output_type: str = "np",
                  shift: Optional[float] = None, solver: Optional[str] = None) -> WanPipelineOutput:
         spec = self.spec
         height = spec.height if height is None else height
@@ -101,6 +104,8 @@ class WanPipeline:
         if output_type not in ("np", "pt", "pil", "latent"):
             raise ValueError(f"output_type must be one of np, pt, pil, latent; got {output_type!r}")
         guide = self._guide_scales(guidance_scale, guidance_scale_2)
+        # The text length the DiT was trained with (512; 16 for tiny presets) unless asked otherwise.
+        max_sequence_length = max_sequence_length or spec.dit.text_len
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         batch = len(prompts)
         if negative_prompt is None:

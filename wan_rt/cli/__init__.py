@@ -11,7 +11,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-SUBCOMMANDS = ("run",)
+SUBCOMMANDS = ("build", "run", "parity")
 
 
 class UsageError(Exception):
@@ -49,8 +49,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _is_user_error(exc: Exception) -> bool:
     from wan_rt.models.checkpoint import CheckpointError
+    from wan_rt.runtime.manifest import StaleEngineError
 
-    return isinstance(exc, (UsageError, ValueError, FileNotFoundError, CheckpointError))
+    return isinstance(exc, (UsageError, ValueError, FileNotFoundError, CheckpointError, StaleEngineError))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from wan_rt.cli.build import DEFAULT_ENGINES_DIR
 from wan_rt.config import DEFAULT_SPEC
 
 DEFAULT_PROMPT = "a red fox running through fresh snow at sunrise, cinematic, detailed"
@@ -14,9 +15,15 @@ DEFAULT_PROMPT = "a red fox running through fresh snow at sunrise, cinematic, de
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("run", help="generate a video", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=DEFAULT_SPEC,
-                   help="checkpoint folder (diffusers or official Wan2.2 layout) or preset name")
-    p.add_argument("--backend", default="eager", choices=["eager"], help="how components run")
+    p.add_argument("--model", default=None,
+                   help="checkpoint folder (diffusers or official Wan2.2 layout) or preset name; default: the "
+                        f"model of --engines-dir, else ./engines if built, else {DEFAULT_SPEC}")
+    p.add_argument("--engines-dir", default=None, help="run on the engines built there by `wan-rt build`")
+    p.add_argument("--backend", default=None, choices=["eager", "ort", "aoti", "trt"],
+                   help="eager (PyTorch) or the engines' backend (default: the engines', else eager)")
+    p.add_argument("--backend-for", action="append", default=[], metavar="COMPONENT=eager",
+                   help="run one component on eager instead of its engine (repeatable)")
+    p.add_argument("--rebuild", action="store_true", help="rebuild stale engines instead of refusing them")
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--negative-prompt", default=None, help="default: the checkpoint's own default")
     p.add_argument("--image", default=None, help="first frame for image-to-video (i2v, ti2v)")
@@ -30,17 +37,20 @@ def add_parser(subparsers) -> None:
     p.add_argument("--solver", default=None, choices=["unipc", "dpm++", "euler"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
-    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="DiT dtype (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
+                   help="eager DiT dtype (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--output", default="out.mp4", help="mp4 path")
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from wan_rt.build import read_index
     from wan_rt.cli import UsageError
     from wan_rt.loader import build_eager_components, resolve_checkpoint
     from wan_rt.models.text_encoder import load_tokenizer
     from wan_rt.pipeline import WanPipeline, check_request
+    from wan_rt.runtime.engines import check_fits, load_engine_components
     from wan_rt.video import export_to_video, load_image
 
     output = Path(args.output)
@@ -48,7 +58,25 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--output must end in .mp4; got {args.output}")
     if not output.parent.is_dir():
         raise UsageError(f"--output folder does not exist: {output.parent}")
-    resolved = resolve_checkpoint(args.model)
+    engines_dir = args.engines_dir
+    if engines_dir is None and args.model is None and args.backend in (None, "ort", "aoti", "trt") \
+            and (Path(DEFAULT_ENGINES_DIR) / "engines.json").is_file():
+        engines_dir = DEFAULT_ENGINES_DIR
+    pinned = _parse_backend_for(args.backend_for, UsageError)
+    if engines_dir is None:
+        if args.backend not in (None, "eager"):
+            raise UsageError(f"--backend {args.backend} runs built engines: run `wan-rt build --backend "
+                             f"{args.backend}` first, then pass --engines-dir")
+        model = args.model or DEFAULT_SPEC
+    else:
+        index = read_index(Path(engines_dir))
+        if args.backend not in (None, "eager", index["backend"]):
+            raise UsageError(f"{engines_dir} holds {index['backend']} engines, not {args.backend}")
+        if args.backend == "eager":
+            engines_dir = None
+        model = args.model or index["model"]
+
+    resolved = resolve_checkpoint(model)
     spec = resolved.spec
     pick = lambda value, default: default if value is None else value  # noqa: E731  (0 is a value)
     height, width = pick(args.height, spec.height), pick(args.width, spec.width)
@@ -61,10 +89,17 @@ def run(args: argparse.Namespace) -> int:
     image = load_image(args.image) if args.image else None
 
     device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    dtype = dtypes[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     start = time.perf_counter()
-    components = build_eager_components(resolved, device, dtype)
+    if engines_dir is not None:
+        check_fits(Path(engines_dir), spec, height, width, num_frames)
+        resolved, components = load_engine_components(Path(engines_dir), model=model, backend_for=pinned,
+                                                      device=device, rebuild=args.rebuild)
+        how = f"{read_index(Path(engines_dir))['backend']} engines in {engines_dir}"
+    else:
+        dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+        dtype = dtypes[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        components = build_eager_components(resolved, device, dtype)
+        how = "eager"
     pipe = WanPipeline(spec, components, load_tokenizer(resolved.files.tokenizer), resolved.defaults, device)
     load_s = time.perf_counter() - start
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
@@ -72,9 +107,19 @@ def run(args: argparse.Namespace) -> int:
                   num_frames=num_frames, num_inference_steps=steps, guidance_scale=args.guidance,
                   guidance_scale_2=args.guidance_2, generator=generator, shift=args.shift, solver=args.solver)
     export_to_video(result.frames[0], output, fps=spec.fps)
-    print(f"wrote {output} ({num_frames} frames, {width}x{height}, {spec.fps} fps) from {spec.name}")
+    print(f"wrote {output} ({num_frames} frames, {width}x{height}, {spec.fps} fps) from {spec.name} ({how})")
     print(f"  load {load_s:.2f}s", file=sys.stderr)
     for stage, seconds in result.timings.items():
         steps_note = f" ({result.steps_per_stage[stage]} steps)" if stage in result.steps_per_stage else ""
         print(f"  {stage}{steps_note}: {seconds:.2f}s", file=sys.stderr)
     return 0
+
+
+def _parse_backend_for(values: list[str], error) -> dict[str, str]:
+    pinned = {}
+    for value in values:
+        name, sep, backend = value.partition("=")
+        if not sep or backend != "eager":
+            raise error(f"--backend-for takes COMPONENT=eager (e.g. vae_decoder=eager); got {value!r}")
+        pinned[name] = backend
+    return pinned

@@ -29,12 +29,15 @@ Shape = tuple[int, int, int, int]  # (channels, frames, height, width) of one ca
 
 def causal_conv3d(x: Tensor, weight: Tensor, bias: Tensor | None, cache: Tensor | None,
                   padding: tuple[int, int, int], stride: tuple[int, int, int] = (1, 1, 1)) -> Tensor:
-    """Conv3d that is causal in time and 'same'-padded in space (reference op; a Triton kernel
-    with the same contract may replace it via `CausalConv3d.conv_op`).
+    """Conv3d that is causal in time and 'same'-padded in space. Pure-torch reference op; a fast
+    kernel with this signature can be set per module as `CausalConv3d.conv_op`.
 
     x: [B, Cin, T, H, W]; weight: [Cout, Cin, kT, kH, kW]; padding (pT, pH, pW) as nn.Conv3d's.
     Time is laid out as [zeros, cache, x]: `cache` ([B, Cin, n, H, W], x's dtype) is prepended and
     max(0, 2*pT - n) zero frames go before it; H and W get pH / pW zeros on both sides.
+    Every cached stride-1 conv in Wan has padding (k-1)/2 and a 2-frame cache, i.e. exactly
+    `kernels.causal_conv3d(x, weight, bias, cache)[0]`; only the encoder's stride-2 `time_conv`
+    (1-frame cache, no padding) needs the general form.
     """
     p_t, p_h, p_w = padding
     zeros_t = 2 * p_t

@@ -1,0 +1,42 @@
+"""`wan-rt build`: export components and compile engines into an engines dir."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from wan_rt.config import DEFAULT_SPEC
+
+DEFAULT_ENGINES_DIR = "engines"
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("build", help="export components and build engines",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=DEFAULT_SPEC,
+                   help="checkpoint folder (diffusers or official layout) or preset name")
+    p.add_argument("--backend", default=None, choices=["ort", "aoti", "trt"],
+                   help="engine kind (default: the best this machine has: trt, else ort)")
+    p.add_argument("--precision", default=None, help="fp32 | bf16 | fp16 (default: fp32 on CPU, bf16/fp16 on GPU)")
+    p.add_argument("--height", type=int, default=None, help="largest height the engines serve (default: the model's)")
+    p.add_argument("--width", type=int, default=None, help="largest width (default: the model's)")
+    p.add_argument("--frames", type=int, default=None, help="largest frame count, 4k+1 (default: the model's)")
+    p.add_argument("--components", default=None, help="comma-separated subset, e.g. dit_high_noise,vae_decoder")
+    p.add_argument("--engines-dir", default=DEFAULT_ENGINES_DIR)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    p.add_argument("--force", action="store_true", help="rebuild even if the manifests verify")
+
+
+def run(args: argparse.Namespace) -> int:
+    from wan_rt.build import best_backend, build_engines
+
+    backend = args.backend or best_backend()
+    components = [c.strip() for c in args.components.split(",")] if args.components else None
+    print(f"building {args.model} -> {args.engines_dir} ({backend})")
+    start = time.perf_counter()
+    manifests = build_engines(args.model, backend, args.engines_dir, precision=args.precision,
+                              height=args.height, width=args.width, frames=args.frames,
+                              components=components, force=args.force, device=args.device)
+    print(f"{len(manifests)} components ready in {time.perf_counter() - start:.1f}s; "
+          f"run them with: wan-rt run --engines-dir {args.engines_dir}")
+    return 0

@@ -1,0 +1,32 @@
+"""`wan-rt parity`: check built engines against the eager oracle (run it after every build)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from wan_rt.cli.build import DEFAULT_ENGINES_DIR
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("parity", help="compare engines with the eager oracle",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--engines-dir", default=DEFAULT_ENGINES_DIR)
+    p.add_argument("--model", default=None, help="default: the model the engines were built from")
+    p.add_argument("--steps", type=int, default=2, help="steps of the end-to-end check (0 skips it)")
+    p.add_argument("--device", default=None)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from wan_rt.parity import format_rows, graph_parity, video_parity
+
+    device = torch.device(args.device) if args.device else None
+    rows = graph_parity(Path(args.engines_dir), model=args.model, device=device)
+    if args.steps > 0:
+        rows.append(video_parity(Path(args.engines_dir), model=args.model, steps=args.steps, device=device))
+    print(format_rows(rows))
+    failed = [r for r in rows if not r.ok]
+    print(f"{len(rows) - len(failed)} passed, {len(failed)} failed")
+    return 1 if failed else 0

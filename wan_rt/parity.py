@@ -1,0 +1,126 @@
+"""Engines against the eager oracle: per graph on random inputs, then one short video.
+
+The reference is always the float32 eager model built from the same checkpoint. Tolerances are
+per precision: an fp32 engine must agree to rounding (1e-4 relative); bf16/fp16 engines to what
+half precision can hold (3e-2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from wan_rt.build import _load_model, read_index
+from wan_rt.metrics import max_abs_error, psnr, relative_error
+from wan_rt.runtime.backends import get_backend
+from wan_rt.runtime.engine_component import module_runner
+from wan_rt.runtime.graphs import ShapeProfile, graph_module, graph_spec, sample_inputs
+
+TOLERANCE = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 3e-2}
+
+
+@dataclass
+class ParityRow:
+    component: str
+    graph: str
+    shape: str          # "opt" | "min" | "e2e"
+    error: float        # relative error (frames: max abs error)
+    tolerance: float
+    note: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.error <= self.tolerance
+
+
+def graph_parity(engines_dir: Path, model: Optional[str] = None, device: Optional[torch.device] = None,
+                 seed: int = 0) -> list[ParityRow]:
+    from wan_rt.build import component_dtype
+    from wan_rt.loader import resolve_checkpoint
+    from wan_rt.runtime.engines import verify
+
+    engines_dir = Path(engines_dir)
+    index = read_index(engines_dir)
+    model = model or index["model"]
+    resolved = resolve_checkpoint(model)
+    backend_mod = get_backend(index["backend"])
+    dev = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rows = []
+    for name in index["components"]:
+        manifest = verify(engines_dir / name, resolved, index["model"], backend_mod)
+        profile = ShapeProfile(**manifest.profile)
+        tol = TOLERANCE.get(manifest.precision, 0.1)
+        dtype = component_dtype(name, manifest.precision)
+        reference_model = _load_model(resolved, name, torch.float32, dev)
+        for graph, info in manifest.graphs.items():
+            gspec = graph_spec(resolved.spec, name, graph)
+            engine = backend_mod.load_graph(engines_dir / name, gspec, info["files"], compute_dtype=dtype, device=dev)
+            reference = module_runner(graph_module(name, graph, reference_model), gspec)
+            for which in ("opt", "min"):
+                inputs = sample_inputs(gspec, getattr(profile, which), torch.float32, dev, seed=seed)
+                want = reference(inputs)
+                got = engine({k: v.to(dtype) if v.is_floating_point() and _is_compute(gspec, k) else v
+                              for k, v in inputs.items()})
+                err = max(relative_error(got[n].float().cpu(), want[n].float().cpu()) for n in gspec.output_names)
+                rows.append(ParityRow(name, graph, which, err, tol))
+        del reference_model
+    return rows
+
+
+def _is_compute(gspec, name: str) -> bool:
+    return next(t.dtype for t in gspec.inputs if t.name == name) == "compute"
+
+
+def video_parity(engines_dir: Path, model: Optional[str] = None, steps: int = 2,
+                 device: Optional[torch.device] = None) -> ParityRow:
+    """The same short generation through the engines and through eager fp32, same latents."""
+    from wan_rt.config import latent_shape
+    from wan_rt.pipeline import WanPipeline
+
+    index = read_index(Path(engines_dir))
+    model = model or index["model"]
+    dev = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    engine_pipe = WanPipeline.from_pretrained(model, backend=index["backend"], engines_dir=str(engines_dir), device=dev)
+    eager_pipe = WanPipeline.from_pretrained(model, backend="eager", device=dev, dtype=torch.float32)
+    spec = engine_pipe.spec
+    manifest_profile = ShapeProfile(**_first_manifest(Path(engines_dir), index).profile)
+    st, sh, sw = spec.vae.stride
+    height, width = manifest_profile.opt["h"] * sh, manifest_profile.opt["w"] * sw
+    frames = (manifest_profile.opt["T"] - 1) * st + 1
+    latents = torch.randn((1, *latent_shape(spec, height, width, frames)), generator=torch.Generator().manual_seed(0))
+    image = _parity_image(height, width) if spec.task == "i2v" else None
+    kwargs = dict(prompt="a red fox running through snow", height=height, width=width, num_frames=frames,
+                  num_inference_steps=steps, image=image, output_type="np")
+    for pipe in (engine_pipe, eager_pipe):
+        pipe.set_progress_bar_config(disable=True)
+    got = torch.from_numpy(engine_pipe(latents=latents.clone(), **kwargs).frames)
+    want = torch.from_numpy(eager_pipe(latents=latents.clone(), **kwargs).frames)
+    tol = 1e-3 if index["precision"] == "fp32" else 0.1
+    return ParityRow("pipeline", "video", "e2e", max_abs_error(got, want), tol,
+                     note=f"PSNR {psnr(got, want):.1f} dB, {steps} steps, {width}x{height}x{frames}")
+
+
+def _first_manifest(engines_dir: Path, index: dict):
+    from wan_rt.runtime.manifest import EngineManifest
+
+    dits = [c for c in index["components"] if c.startswith("dit")]
+    return EngineManifest.read(engines_dir / (dits[0] if dits else index["components"][0]))
+
+
+def _parity_image(height: int, width: int):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def format_rows(rows: list[ParityRow]) -> str:
+    lines = [f"{'component':<16} {'graph':<6} {'shape':<5} {'error':>10} {'tolerance':>10}  result"]
+    for r in rows:
+        lines.append(f"{r.component:<16} {r.graph:<6} {r.shape:<5} {r.error:>10.2e} {r.tolerance:>10.0e}  "
+                     f"{'ok' if r.ok else 'FAIL'}{'  ' + r.note if r.note else ''}")
+    return "\n".join(lines)
