@@ -19,6 +19,7 @@ from torch import Tensor
 from wan_rt.config import ModelSpec, Stage, latent_shape
 from wan_rt.models.text_encoder import tokenize
 from wan_rt.runtime.component import Component
+from wan_rt.runtime.residency import ExpertResidency
 from wan_rt.scheduler import make_scheduler, scheduler_from_diffusers_config
 from wan_rt.video import ImageInput, image_to_tensor, video_to_output
 
@@ -61,6 +62,7 @@ class WanPipeline:
         self.defaults = defaults
         self.device = torch.device(device)
         self.progress = True
+        self.residency = ExpertResidency(self.components, spec.dit_components, _expert_budget(self.device, components))
 
     @classmethod
     def from_pretrained(cls, path: Optional[str], backend: str = "eager", device: Optional[str] = None,
@@ -140,8 +142,11 @@ class WanPipeline:
             dit = self.components[stage.component]
             g = guide[stage.component]
             steps_per_stage[stage.component] = len(indices)
+            if len(spec.stages) > 1:
+                with _timed(timings, "swap_stall"):
+                    self.residency.enter(stage.component)
             with _timed(timings, stage.component):
-                for i in self._progress(indices, stage.component):
+                for k, i in enumerate(self._progress(indices, stage.component)):
                     t = sched.timesteps[i]
                     model_in, timestep = self._model_input(latents, condition, first_frame_mask, t)
                     v = dit(latents=model_in, timestep=timestep, context=context)["noise_pred"]
@@ -149,6 +154,8 @@ class WanPipeline:
                         v_null = dit(latents=model_in, timestep=timestep, context=context_null)["noise_pred"]
                         v = v_null + g * (v - v_null)
                     latents = sched.step(v, i, latents)
+                    self.residency.progress(stage.component, steps_left=len(indices) - k - 1)
+            self.residency.leave(stage.component)
         if first_frame_mask is not None and condition is not None:  # TI2V: frame 0 is the image latent
             latents = (1 - first_frame_mask) * condition + first_frame_mask * latents
 
@@ -225,6 +232,19 @@ class WanPipeline:
         from tqdm.auto import tqdm
 
         return iter(tqdm(indices, desc=desc, leave=False))
+
+
+def _expert_budget(device: torch.device, components: Mapping[str, Component]) -> Optional[int]:
+    """GPU memory the experts may use together: 85% of the card less the other components.
+    None (no limit) off the GPU. WAN_RT_EXPERT_BUDGET_GB overrides, e.g. to force swapping."""
+    import os
+
+    if os.environ.get("WAN_RT_EXPERT_BUDGET_GB"):
+        return int(float(os.environ["WAN_RT_EXPERT_BUDGET_GB"]) * 2**30)
+    if device.type != "cuda":
+        return None
+    others = sum(int(getattr(c, "nbytes", 0) or 0) for n, c in components.items() if not n.startswith("dit"))
+    return int(torch.cuda.get_device_properties(device).total_memory * 0.85) - others
 
 
 def _group_by_stage(spec: ModelSpec, timesteps: Tensor) -> list[tuple[Stage, list[int]]]:

@@ -189,8 +189,10 @@ class Resample(nn.Module):
         self.dim, self.mode = dim, mode
         out_dim = dim // 2 if out_dim is None else out_dim  # 2.1 halves width here; 2.2 passes dim
         if mode in ("upsample2d", "upsample3d"):
-            # For an exact x2 factor every nearest mode copies pixel i//2, in any dtype.
-            self.resample = nn.Sequential(nn.Upsample(scale_factor=(2.0, 2.0), mode="nearest-exact"),
+            # For an exact x2 factor every nearest mode copies pixel i//2, in any dtype, so plain
+            # "nearest" equals diffusers' "nearest-exact" here; it is also the mode the TorchScript
+            # ONNX exporter (and TensorRT's Resize) supports.
+            self.resample = nn.Sequential(nn.Upsample(scale_factor=(2.0, 2.0), mode="nearest"),
                                           nn.Conv2d(dim, out_dim, 3, padding=1))
         elif mode in ("downsample2d", "downsample3d"):
             self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, stride=2))

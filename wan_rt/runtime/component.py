@@ -80,5 +80,20 @@ class EagerComponent:
             out = self.module(**cast)
         return {self.output_name: out.float()}
 
+    # Residency (runtime/residency.py): on a GPU an idle expert can wait in host memory.
+    @property
+    def nbytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.module.parameters())
+
+    def load(self) -> None:
+        if self.device.type == "cuda":
+            self.module.to(self.device, non_blocking=True)
+            torch.cuda.current_stream(self.device).synchronize()
+
+    def unload(self) -> None:
+        if self.device.type == "cuda":
+            self.module.to("cpu")
+            torch.cuda.empty_cache()
+
     def __repr__(self) -> str:
         return f"EagerComponent({self.name}, {self.dtype}, {self.device})"

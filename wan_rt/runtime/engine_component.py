@@ -7,7 +7,8 @@ for one GraphSpec. Backends differ only in how they make runners.
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -42,15 +43,41 @@ def _cast(inputs: Mapping[str, Tensor], gspec: GraphSpec, compute: torch.dtype, 
 
 
 class GraphComponent:
-    """text_encoder and the DiTs: one graph, the contract's names are the graph's names."""
+    """text_encoder and the DiTs: one graph, the contract's names are the graph's names.
 
-    def __init__(self, name: str, runner: GraphRunner, gspec: GraphSpec, compute_dtype: torch.dtype,
-                 device: torch.device):
+    Built from a runner, or from a `factory` that makes one: then `load()` / `unload()` create
+    and drop the engine (session, package, execution context), which is how the residency
+    manager swaps experts that do not fit together. `nbytes` is the engine's size on disk.
+    """
+
+    def __init__(self, name: str, runner: GraphRunner | None, gspec: GraphSpec, compute_dtype: torch.dtype,
+                 device: torch.device, factory: Callable[[], GraphRunner] | None = None, nbytes: int = 0,
+                 files: Sequence[Path] = ()):
+        if runner is None and factory is None:
+            raise ValueError("GraphComponent needs a runner or a factory")
         self.name, self.runner, self.gspec = name, runner, gspec
         self.compute_dtype, self.device = compute_dtype, torch.device(device)
         self.output_name = OUTPUT_NAMES[name]
+        self.factory, self.nbytes, self.files = factory, nbytes, list(files)
+
+    def stage(self) -> None:
+        """Host-side prefetch: read the engine files so the load that follows hits the page cache."""
+        for path in self.files:
+            with open(path, "rb") as f:
+                while f.read(1 << 24):
+                    pass
+
+    def load(self) -> None:
+        if self.runner is None and self.factory is not None:
+            self.runner = self.factory()
+
+    def unload(self) -> None:
+        if self.factory is not None:
+            self.runner = None
 
     def __call__(self, **inputs: Tensor) -> dict[str, Tensor]:
+        self.load()
+        assert self.runner is not None
         out = self.runner(_cast(inputs, self.gspec, self.compute_dtype, self.device))
         return {self.output_name: out[self.output_name].float()}
 

@@ -122,8 +122,13 @@ def _component(folder: Path, manifest: EngineManifest, resolved: ResolvedCheckpo
     if name.startswith("vae"):
         (first, first_spec), (step, step_spec) = runner("first"), runner("step")
         return StreamingVAEComponent(name, spec, first, step, first_spec, step_spec, device)
-    main, gspec = runner("main")
-    return GraphComponent(name, main, gspec, dtype, device)
+    gspec = graph_spec(spec, name, "main")
+    nbytes = sum((folder / f).stat().st_size for f in manifest.files())
+    # Experts load lazily (the residency manager decides when); the text encoder right away.
+    if name.startswith("dit"):
+        return GraphComponent(name, None, gspec, dtype, device, factory=lambda: runner("main")[0], nbytes=nbytes,
+                              files=[folder / f for f in manifest.files()])
+    return GraphComponent(name, runner("main")[0], gspec, dtype, device)
 
 
 def check_fits(engines_dir: Path, spec, height: int, width: int, frames: int, batch: int = 1) -> None:
