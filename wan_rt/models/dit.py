@@ -299,7 +299,9 @@ class WanDiT(nn.Module):
 
         # 2. Condition embeddings: one modulation row per distinct timestep (n = 1 or f)
         if timestep.ndim == 2:
-            t = timestep.unflatten(1, (f, -1))[:, :, 0]  # [B, L] -> [B, f]: first token per frame
+            # [B, L] -> [B, f]: first token per frame. reshape, not unflatten: the TorchScript ONNX
+            # exporter gives unflatten's output a static shape, which froze f at the export size.
+            t = timestep.unflatten(1, (f, -1))[:, :, 0]
         else:
             t = timestep[:, None]  # [B] -> [B, 1]
         e, e0 = self.condition_embedder.embed_time(t)  # [B, n, D], [B, n, 6, D]
