@@ -2,8 +2,9 @@
 
 Mirrors the eager `wan_rt.models.ops.rope_attention` (= Wan2.2 `wan/modules/model.py:rope_apply`
 followed by `flash_attention`): q and k arrive RMS-normed but not rotated; each q tile is rotated
-once when the program loads it, each k tile every time it is streamed through the inner loop (the
-rotation is a few FMAs per element next to a BLOCK_M-deep dot). Pairs are interleaved,
+once when the program loads it, each k tile every time it is streamed through the inner loop (a
+few CUDA-core FMAs per k element per q tile, next to a BLOCK_M-deep tensor-core dot; if the GPU
+profile shows it matters, rotate k once in `rmsnorm_rope` and call with ROPE_K off). Pairs are interleaved,
 (x[2i], x[2i+1]), never rotate-half.
 
 Two score paths, picked by the `quant` argument (a constexpr in the kernel):
@@ -15,14 +16,23 @@ Two score paths, picked by the `quant` argument (a constexpr in the kernel):
   quantized per block of `KQ_BLOCK` rows in a prepass kernel; each q tile is rotated, pre-scaled by
   softmax_scale·log2(e) and quantized to int8 with one scale per tile inside the main kernel;
   the dot is int8×int8→int32, dequantized by q_scale·k_scale; P·V stays in the input dtype.
-  Measured error (tests/kernels/test_rope3d_attention.py, CPU interpreter, fp32 inputs,
-  RMS-normed q/k, real Wan tables): relative L2 error vs an fp64 reference ≈ 1e-2 (see the test for
-  the bound), ~4–5 orders of magnitude above the fp32 kernel's.
+  Measured (CPU interpreter, B=1, H=2, L=105 on the (3,5,7) Wan tables, q/k RMS-normed over
+  H·D with a +0.5 offset on k before the norm; relative L2 error vs an fp64 reference):
+
+  | head_dim | fp32 kernel | bf16 kernel* | int8, fp32 in | int8, bf16 in* |
+  |---|---|---|---|---|
+  | 32  | 2.1e-7 | 9.6e-3 | 9.6e-3 | 1.4e-2 |
+  | 64  | 2.2e-7 | 9.3e-3 | 9.5e-3 | 1.4e-2 |
+  | 128 | 2.9e-7 | 9.8e-3 | 1.1e-2 | 1.4e-2 |
+
+  so int8 costs about 1.0–1.5× the bf16 kernel's error here. *The interpreter rounds fp32→bf16
+  toward zero (the GPU rounds to nearest), which roughly doubles the bf16 numbers above; an
+  estimate, not a measurement, for a GPU is the bf16 kernel near 5e-3 and int8 at 2–3× that.
 
 fp8 (e4m3) q/k would be the Hopper-native variant; it is not implemented because the interpreter
 cannot check it here.
 
-With `rope=False` the same kernel is plain attention (`attention()`, the text cross-attention,
+With ROPE_Q = ROPE_K = False the same kernel is plain attention (`attention()`, the text cross-attention,
 where Lq ≠ Lk).
 
 Shape glossary: B batch, L tokens (Lq queries, Lk keys), H heads, D head_dim.
@@ -172,7 +182,6 @@ def _rope3d_attn_fwd_kernel(
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no tf32), "tf32" otherwise (ignored)
     DOT_F32: tl.constexpr,  # widen bf16 tiles to fp32 for the dots (interpreter only, _jit.dot_f32)
 ):
-    LOG2E: tl.constexpr = 1.4426950408889634
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
@@ -191,12 +200,12 @@ def _rope3d_attn_fwd_kernel(
         q = _rotate_pairs(q.to(tl.float32), cos_q, sin_q, BLOCK_M, BLOCK_D).to(Q.dtype.element_ty)
     if QUANT_INT8:
         # fold softmax scale and log2(e) into q before quantizing (scores come out in log2 units)
-        q_f = q.to(tl.float32) * (sm_scale * LOG2E)
+        q_f = q.to(tl.float32) * (sm_scale * 1.4426950408889634)
         q_scale = tl.maximum(tl.max(tl.max(tl.abs(q_f), 1), 0), 1e-30) / 127.0
         q = _round_to_int8(q_f / q_scale)
         score_scale = q_scale
     else:
-        score_scale = sm_scale * LOG2E
+        score_scale = sm_scale * 1.4426950408889634  # log2(e): exp2 softmax
 
     # 2. Stream k/v tiles with an online (base-2) softmax.
     k_base = K + off_b * stride_kb + off_h * stride_kh
@@ -388,6 +397,7 @@ def rope3d_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, 
     assert cos.dtype == torch.float32 and sin.dtype == torch.float32, "cos/sin must be float32"
     mode = "none" if quant is None else quant
     assert mode in QUANT_MODES, f"quant must be None or 'int8', got {quant!r}"
+    assert mode != "int8" or D >= 32, "int8 needs head_dim >= 32 (int8 MMA K-width)"
     check_device(q, cos, sin)
     return torch.ops.wan_rt.rope3d_attention(q, k, v, cos, sin, float(scale if scale is not None else D ** -0.5), mode)
 

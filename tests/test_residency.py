@@ -39,13 +39,15 @@ def _run(budget, steps=6):
     experts = {"dit_high_noise": FakeExpert("dit_high_noise", log), "dit_low_noise": FakeExpert("dit_low_noise", log)}
     res = ExpertResidency(experts, list(experts), budget_bytes=budget, prefetch_steps=2)
     stalls = {}
-    for name, n in (("dit_high_noise", steps // 2), ("dit_low_noise", steps - steps // 2)):
+    plan = (("dit_high_noise", steps // 2, "dit_low_noise"), ("dit_low_noise", steps - steps // 2, None))
+    for name, n, upcoming in plan:
         stalls[name] = res.enter(name)
         for k in range(n):
             experts[name](latents=torch.zeros(1), timestep=None, context=None)
-            res.progress(name, steps_left=n - k - 1)
+            res.progress(name, n - k - 1, upcoming)
             time.sleep(0.03)  # compute that a prefetch can overlap
         res.leave(name)
+    res.finish()
     return log, stalls, experts
 
 
@@ -92,3 +94,14 @@ def test_pipeline_reports_swap_stall_and_runs_each_expert_resident():
     out = pipe("a cat", num_inference_steps=6, output_type="latent")
     assert "swap_stall" in out.timings and out.timings["swap_stall"] > 0
     assert ("unload", "dit_high_noise") in log  # FakeExpert asserts residency on every call
+
+
+def test_no_prefetch_of_an_expert_this_generation_never_uses():
+    log = []
+    experts = {"dit_high_noise": FakeExpert("dit_high_noise", log), "dit_low_noise": FakeExpert("dit_low_noise", log)}
+    res = ExpertResidency(experts, list(experts), budget_bytes=None)
+    res.enter("dit_high_noise")
+    for k in range(2):
+        res.progress("dit_high_noise", 1 - k, upcoming=None)  # a 2-step run that ends in the high stage
+    res.finish()
+    assert ("load", "dit_low_noise") not in log and not res._pending

@@ -138,13 +138,15 @@ class WanPipeline:
         # 3. Denoise: the stages run in order (timesteps decrease), each expert exactly once.
         sched = self._scheduler(steps, shift, solver)
         steps_per_stage: dict[str, int] = {}
-        for stage, indices in _group_by_stage(spec, sched.timesteps):
+        groups = _group_by_stage(spec, sched.timesteps)
+        for n_stage, (stage, indices) in enumerate(groups):
+            upcoming = groups[n_stage + 1][0].component if n_stage + 1 < len(groups) else None
             dit = self.components[stage.component]
             g = guide[stage.component]
             steps_per_stage[stage.component] = len(indices)
-            if len(spec.stages) > 1:
-                with _timed(timings, "swap_stall"):
-                    self.residency.enter(stage.component)
+            # Making the first expert resident is loading; waiting for the next one is the swap stall.
+            with _timed(timings, "swap_stall" if n_stage else "expert_load"):
+                self.residency.enter(stage.component)
             with _timed(timings, stage.component):
                 for k, i in enumerate(self._progress(indices, stage.component)):
                     t = sched.timesteps[i]
@@ -154,8 +156,9 @@ class WanPipeline:
                         v_null = dit(latents=model_in, timestep=timestep, context=context_null)["noise_pred"]
                         v = v_null + g * (v - v_null)
                     latents = sched.step(v, i, latents)
-                    self.residency.progress(stage.component, steps_left=len(indices) - k - 1)
+                    self.residency.progress(stage.component, len(indices) - k - 1, upcoming)
             self.residency.leave(stage.component)
+        self.residency.finish()
         if first_frame_mask is not None and condition is not None:  # TI2V: frame 0 is the image latent
             latents = (1 - first_frame_mask) * condition + first_frame_mask * latents
 

@@ -160,7 +160,7 @@ class ConditionEmbedder(nn.Module):
         """t [B, n] -> e [B, n, D] (head modulation), e0 [B, n, 6, D] (block modulation); float32."""
         e = self.time_embedder(timestep_embedding(t, self.freq_dim)).float()
         e0 = self.time_proj(F.silu(e).to(self.time_proj.weight.dtype)).float()
-        return e, e0.unflatten(-1, (6, -1))
+        return e, e0.reshape(*e0.shape[:-1], 6, -1)  # not unflatten: see WanDiT.forward, step 2
 
 
 class Attention(nn.Module):
@@ -301,7 +301,7 @@ class WanDiT(nn.Module):
         if timestep.ndim == 2:
             # [B, L] -> [B, f]: first token per frame. reshape, not unflatten: the TorchScript ONNX
             # exporter gives unflatten's output a static shape, which froze f at the export size.
-            t = timestep.unflatten(1, (f, -1))[:, :, 0]
+            t = timestep.reshape(timestep.shape[0], f, -1)[:, :, 0]
         else:
             t = timestep[:, None]  # [B] -> [B, 1]
         e, e0 = self.condition_embedder.embed_time(t)  # [B, n, D], [B, n, 6, D]

@@ -60,12 +60,12 @@ class ExpertResidency:
         if name in self._errors:
             raise self._errors.pop(name)
 
-    def progress(self, name: str, steps_left: int) -> None:
-        """After each step of `name`'s stage: near its end, start on the next expert."""
-        i = self.experts.index(name)
-        if i + 1 >= len(self.experts) or steps_left > self.prefetch_steps:
+    def progress(self, name: str, steps_left: int, upcoming: Optional[str]) -> None:
+        """After each step of `name`'s stage: near its end, start on `upcoming`, the expert of
+        the next stage of this generation (None when this is the last stage)."""
+        nxt = upcoming
+        if nxt is None or nxt == name or steps_left > self.prefetch_steps:
             return
-        nxt = self.experts[i + 1]
         if not self._swappable(nxt) or nxt in self._loaded:
             return
         comp = self.components[nxt]
@@ -89,6 +89,11 @@ class ExpertResidency:
             self._loaded.add(name)
         self.events.append(("resident", name))
         return time.perf_counter() - start
+
+    def finish(self) -> None:
+        """End of a generation: no background work may outlive it."""
+        for name in list(self._pending):
+            self._wait(name)
 
     def leave(self, name: str) -> None:
         """After a stage (it will not run again in this generation): release it if memory is short."""

@@ -1,0 +1,321 @@
+"""Export one component graph (runtime.graphs) to ONNX that ONNX Runtime and TensorRT both load.
+
+    export_onnx(module, gspec, profile, path, compute_dtype=...) -> ["model.onnx"(, "model.onnx.data")]
+
+What the file promises (the contract in runtime/graphs.py, checked here, not hoped for):
+* input and output names, order and dtypes are the GraphSpec's. Inputs the traced graph does not
+  read (the encoder's first chunk never reads the temporal-downsample caches) are added back as
+  dangling inputs, so every graph of a component takes the same names;
+* every symbolic dim is dynamic and named after its symbol ("B", "S", "T", "h", "w", "L"). A
+  multiple of a symbol gets the name "8*h": ONNX cannot relate it to "h", but equal names do mean
+  equal sizes (TensorRT checks named dims), and onnxruntime's symbolic shape tool reads "8*h" as
+  the product;
+* opset 18 (TensorRT 10 parses 9..20), only ONNX-domain ops, no control flow (If/Loop/Scan), no
+  Sequence/Optional ops, no float64/complex tensors anywhere: `check_trt_compatible` fails
+  loudly otherwise;
+* weights over `external_data_threshold` bytes (2 GiB less headroom by default: protobuf cannot
+  serialise more) go to one `model.onnx.data` beside `model.onnx`, streamed tensor by tensor;
+* `onnx.checker` (path-based, so external data is fine) and ONNX shape inference pass.
+
+Exporter choice: the TorchScript exporter (`torch.onnx.export(..., dynamo=False)`), because
+* it exports every graph here with correct dynamic shapes on torch 2.13, and exists unchanged on
+  torch 2.11 (the GPU image). `dynamo=True` needs `dynamic_shapes` for the VAE's *cache varargs
+  with derived dims (`8*h`), cannot express the DiT's L = T*h*w/4 relation for TI2V's per-token
+  timestep, and specialises batch 1;
+* it takes ~1 s per tiny graph against 10-30 s for dynamo (20 graphs in the tests, and the
+  14B experts are traced once more on export anyway).
+Its costs, handled in the models (numerics unchanged): it has no symbolic for
+`upsample_nearest_exact2d` (the VAE uses "nearest", equal at an exact x2), and it gives
+`Tensor.unflatten`'s output a static shape, so the DiT reshapes instead where a dynamic dim is
+split. The value_info it writes carries trace-time static shapes; it is dropped and re-inferred.
+The TorchScript exporter is deprecated in torch >= 2.9; if it goes, `dynamo=True` is the path
+and the points above are its to-do list.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+import torch
+from torch import nn
+
+from wan_rt.runtime.graphs import GraphSpec, ShapeProfile, TensorSpec, resolve_dim, sample_inputs
+
+DEFAULT_OPSET = 18
+SUPPORTED_OPSETS = (17, 18, 19)
+# Protobuf serialises at most 2 GiB; keep headroom for the graph itself.
+EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
+DATA_SUFFIX = ".data"
+# Tensors below this stay inline even in an external-data model (shape constants and the like).
+_INLINE_BYTES = 1024
+
+# ONNX ops TensorRT's parser rejects, or that mean the trace went wrong for an inference graph.
+FORBIDDEN_OPS = frozenset({
+    "If", "Loop", "Scan",
+    "SequenceAt", "SequenceConstruct", "SequenceEmpty", "SequenceErase", "SequenceInsert",
+    "SequenceLength", "SequenceMap", "SplitToSequence", "ConcatFromSequence",
+    "Optional", "OptionalGetElement", "OptionalHasElement",
+    "DFT", "STFT", "BlackmanWindow", "HannWindow", "HammingWindow", "MelWeightMatrix",
+    "Bernoulli", "Multinomial", "BitShift", "Compress", "Det", "Unique", "StringNormalizer",
+    "TfIdfVectorizer", "ConvInteger", "MatMulInteger", "ATen",
+})
+
+
+class OnnxExportError(RuntimeError):
+    """The exported graph breaks the contract (names, dtypes, ops); the message says where."""
+
+
+def export_onnx(module: nn.Module, gspec: GraphSpec, profile: ShapeProfile, path: str | os.PathLike, *,
+                compute_dtype: torch.dtype, opset: int = DEFAULT_OPSET, device: torch.device | str | None = None,
+                external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> list[str]:
+    """Trace `module` (graphs.graph_module) at the profile's opt sizes and write `path`.
+
+    Returns the files written, as names relative to `path`'s folder. `device` is where the
+    example inputs go (default: the module's parameters' device)."""
+    import onnx
+
+    if opset not in SUPPORTED_OPSETS:
+        raise ValueError(f"opset {opset} is outside what wan_rt targets ({SUPPORTED_OPSETS}: TensorRT 10 parses 9-20)")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data_path = path.with_name(path.name + DATA_SUFFIX)
+    if device is None:
+        device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    sizes = example_sizes(profile)
+    inputs = sample_inputs(gspec, sizes, compute_dtype, device=device)
+    args = tuple(inputs[n] for n in gspec.input_names)
+    shapes: list[tuple[int, ...]] = []
+    hook = _record_output_shapes(module, shapes)
+
+    # The trace writes into a scratch folder beside `path` (same disk): a model over 2 GB comes
+    # out of torch as one file per tensor, which `_write_external` gathers into one data file.
+    scratch = Path(tempfile.mkdtemp(prefix=".onnx-export-", dir=path.parent))
+    try:
+        raw = scratch / "traced.onnx"
+        with warnings.catch_warnings():
+            # Expected: the TorchScript exporter's deprecation notice, and tracer warnings about
+            # Python-level shape checks (static by design: chunk lengths, first_chunk).
+            warnings.simplefilter("ignore")
+            with torch.no_grad():
+                torch.onnx.export(module, args, str(raw), dynamo=False, opset_version=opset,
+                                  input_names=gspec.input_names, output_names=gspec.output_names,
+                                  dynamic_axes=_dynamic_axes(gspec), do_constant_folding=True)
+        _check_traced_shapes(gspec, sizes, shapes)
+        model = onnx.load(str(raw), load_external_data=False)
+        _conform_io(model, gspec, compute_dtype)
+        external = _weight_bytes(model, scratch) > external_data_threshold
+        for stale in (path, data_path):
+            stale.unlink(missing_ok=True)
+        if external:
+            _write_external(model, scratch, data_path)
+        else:
+            onnx.external_data_helper.load_external_data_for_model(model, str(scratch))
+        onnx.save_model(model, str(path))
+        del model
+    finally:
+        hook.remove()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    onnx.shape_inference.infer_shapes_path(str(path), str(path), check_type=True, strict_mode=True)
+    onnx.checker.check_model(str(path))
+    check_trt_compatible(onnx.load(str(path), load_external_data=False))
+    return [path.name, data_path.name] if external else [path.name]
+
+
+def example_sizes(profile: ShapeProfile) -> dict[str, int]:
+    """The profile's opt sizes, with batch 2 when the profile allows it: a batch-1 trace cannot
+    tell a batch dim from a broadcast one."""
+    sizes = dict(profile.opt)
+    if sizes.get("B") == 1 and profile.max.get("B", 1) >= 2:
+        sizes["B"] = 2
+    return sizes
+
+
+# ------------------------------------------------------------------------------- trace helpers
+def _record_output_shapes(module: nn.Module, shapes: list[tuple[int, ...]]):
+    """A forward hook filling `shapes` with the output shapes (the trace runs forward once). A
+    hook, not a wrapper module: a wrapper would prefix every weight name in the file."""
+
+    def hook(_module, _args, out):
+        shapes[:] = [tuple(int(d) for d in o.shape) for o in (out if isinstance(out, tuple) else (out,))]
+
+    return module.register_forward_hook(hook)
+
+
+def onnx_dim(dim: int | str) -> int | str:
+    """A contract dim as named in the ONNX file: ints stay, "1*h" is "h", "8*h" stays "8*h"."""
+    return dim[2:] if isinstance(dim, str) and dim.startswith("1*") else dim
+
+
+def _dynamic_axes(gspec: GraphSpec) -> dict[str, dict[int, str]]:
+    return {t.name: {i: str(onnx_dim(d)) for i, d in enumerate(t.dims) if isinstance(d, str)}
+            for t in (*gspec.inputs, *gspec.outputs)}
+
+
+def _check_traced_shapes(gspec: GraphSpec, sizes: dict[str, int], shapes: list[tuple[int, ...]]) -> None:
+    """The module's outputs at the example sizes must be what the contract says they are."""
+    if len(shapes) != len(gspec.outputs):
+        raise OnnxExportError(f"{gspec.component}/{gspec.graph}: module returned {len(shapes)} outputs, "
+                              f"the contract has {len(gspec.outputs)}")
+    for t, got in zip(gspec.outputs, shapes):
+        want = tuple(resolve_dim(d, sizes) for d in t.dims)
+        if got != want:
+            raise OnnxExportError(f"{gspec.component}/{gspec.graph}: output {t.name} has shape {got} at sizes "
+                                  f"{sizes}, the contract says {t.dims} = {want}")
+
+
+# ------------------------------------------------------------------------------- graph fix-ups
+def _onnx_type(t: TensorSpec, compute_dtype: torch.dtype) -> int:
+    from onnx import TensorProto
+
+    torch_to_onnx = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16,
+                     torch.bfloat16: TensorProto.BFLOAT16}
+    return {"float32": TensorProto.FLOAT, "int64": TensorProto.INT64}.get(t.dtype) or torch_to_onnx[compute_dtype]
+
+
+def _conform_io(model, gspec: GraphSpec, compute_dtype: torch.dtype) -> None:
+    """Inputs and outputs exactly as the contract: names, order, dtypes, dims; unused inputs put
+    back; trace-time value_info (static shapes where the graph is dynamic) dropped for re-inference."""
+    from onnx import helper
+
+    graph = model.graph
+    where = f"{gspec.component}/{gspec.graph}"
+    graph.name = f"{gspec.component}_{gspec.graph}"
+    initializers = {i.name for i in graph.initializer}
+    traced_inputs = {i.name: i for i in graph.input if i.name not in initializers}
+    traced_outputs = {o.name: o for o in graph.output}
+    extra = [n for n in traced_inputs if n not in gspec.input_names]
+    if extra:
+        raise OnnxExportError(f"{where}: unexpected graph inputs {extra}")
+    if list(traced_outputs) != gspec.output_names:
+        raise OnnxExportError(f"{where}: graph outputs {list(traced_outputs)} != contract {gspec.output_names}")
+
+    def value_info(t: TensorSpec, traced):
+        elem = _onnx_type(t, compute_dtype)
+        if traced is not None and traced.type.tensor_type.elem_type != elem:
+            raise OnnxExportError(f"{where}: {t.name} traced as ONNX type {traced.type.tensor_type.elem_type}, "
+                                  f"the contract wants {t.dtype} (ONNX type {elem})")
+        return helper.make_tensor_value_info(t.name, elem, [onnx_dim(d) for d in t.dims])
+
+    new_inputs = [value_info(t, traced_inputs.get(t.name)) for t in gspec.inputs]
+    new_outputs = [value_info(t, traced_outputs[t.name]) for t in gspec.outputs]
+    del graph.input[:]
+    graph.input.extend(new_inputs)
+    del graph.output[:]
+    graph.output.extend(new_outputs)
+    del graph.value_info[:]
+
+
+# ------------------------------------------------------------------------------- external data
+def _tensors(model):
+    """Initializers, then tensors held by Constant nodes (top-level graph: there are no subgraphs)."""
+    yield from model.graph.initializer
+    for node in model.graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+
+
+def _weight_bytes(model, folder: Path) -> int:
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    total = 0
+    for t in _tensors(model):
+        if uses_external_data(t):
+            info = ExternalDataInfo(t)
+            total += info.length if info.length else (folder / info.location).stat().st_size
+        else:
+            total += len(t.raw_data)
+    return total
+
+
+def _tensor_bytes(t, folder: Path) -> bytes | None:
+    """Raw little-endian bytes of `t` (read from its external file if it has one), or None for
+    tensors kept in typed fields (tiny attribute constants)."""
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    if uses_external_data(t):
+        info = ExternalDataInfo(t)
+        with open(folder / info.location, "rb") as f:
+            f.seek(info.offset or 0)
+            return f.read(info.length) if info.length else f.read()
+    return t.raw_data if t.HasField("raw_data") else None
+
+
+def _write_external(model, folder: Path, data_path: Path) -> None:
+    """Move every tensor over _INLINE_BYTES into `data_path`, one at a time (a 14B expert never
+    sits in memory twice), page-aligned as onnx.save_model would."""
+    from onnx import TensorProto
+
+    align = 4096
+    with open(data_path, "wb") as out:
+        for t in _tensors(model):
+            data = _tensor_bytes(t, folder)
+            if data is None:
+                continue
+            del t.external_data[:]
+            if len(data) < _INLINE_BYTES:
+                t.data_location = TensorProto.DEFAULT
+                t.raw_data = data
+                continue
+            offset = out.tell()
+            if offset % align:
+                out.write(b"\0" * (align - offset % align))
+                offset = out.tell()
+            out.write(data)
+            t.ClearField("raw_data")
+            # (onnx's set_external_data insists on raw_data being present; write the entries directly)
+            for key, value in (("location", data_path.name), ("offset", str(offset)), ("length", str(len(data)))):
+                entry = t.external_data.add()
+                entry.key, entry.value = key, value
+            t.data_location = TensorProto.EXTERNAL
+
+
+# ------------------------------------------------------------------------------- checks
+def check_trt_compatible(model) -> None:
+    """Raise OnnxExportError if the graph has an op or a dtype TensorRT's parser would reject
+    (control flow, sequences, non-ONNX domains, float64, complex). Run it on graph-only loads."""
+    from onnx import TensorProto
+
+    bad_types = {TensorProto.DOUBLE: "float64", TensorProto.COMPLEX64: "complex64",
+                 TensorProto.COMPLEX128: "complex128"}
+    problems = []
+    graph = model.graph
+    opsets = {o.domain: o.version for o in model.opset_import}
+    if opsets.get("", opsets.get("ai.onnx")) not in SUPPORTED_OPSETS:
+        problems.append(f"opset {opsets} (want one of {SUPPORTED_OPSETS})")
+    for node in graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            problems.append(f"node {node.name}: op {node.domain}::{node.op_type} is not an ONNX op")
+        elif node.op_type in FORBIDDEN_OPS:
+            problems.append(f"node {node.name}: op {node.op_type}")
+        for attr in node.attribute:
+            if attr.g.node or attr.graphs:
+                problems.append(f"node {node.name}: has a subgraph ({attr.name})")
+            if attr.name == "to" and attr.i in bad_types:
+                problems.append(f"node {node.name}: {node.op_type} to {bad_types[attr.i]}")
+            if attr.HasField("t") and attr.t.data_type in bad_types:
+                problems.append(f"node {node.name}: {bad_types[attr.t.data_type]} constant")
+    for t in graph.initializer:
+        if t.data_type in bad_types:
+            problems.append(f"initializer {t.name}: {bad_types[t.data_type]}")
+    for v in (*graph.input, *graph.output, *graph.value_info):
+        tt = v.type.tensor_type if v.type.HasField("tensor_type") else None
+        if tt is None:
+            problems.append(f"value {v.name}: not a tensor ({v.type.WhichOneof('value')})")
+        elif tt.elem_type in bad_types:
+            problems.append(f"value {v.name}: {bad_types[tt.elem_type]}")
+    if problems:
+        shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise OnnxExportError(f"graph {graph.name!r} is not TensorRT-compatible:\n  {shown}")
+
+
+def op_types(model) -> dict[str, int]:
+    """{op type: count} of a graph (reports, tests)."""
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return dict(sorted(counts.items()))

@@ -1,0 +1,313 @@
+"""ONNX export (wan_rt.export.onnx_export) and the ONNX Runtime backend against the eager models.
+
+Every graph of every tiny preset is exported once per module (fixture `built`), then checked for
+the contract (names, dynamic dims, TensorRT-parsable ops and dtypes), run by onnxruntime on the
+CPU against the eager graph module, at other sizes than the trace's, through the streaming VAE
+component, and inside the whole pipeline.
+"""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+from wan_rt.config import get_spec, latent_shape  # noqa: E402
+from wan_rt.export.onnx_export import OnnxExportError, check_trt_compatible, export_onnx  # noqa: E402
+from wan_rt.metrics import max_abs_error, relative_error  # noqa: E402
+from wan_rt.runtime.backends import get_backend  # noqa: E402
+from wan_rt.runtime.engine_component import GraphComponent, StreamingVAEComponent, module_runner  # noqa: E402
+from wan_rt.runtime.graphs import (components_of, graph_module, graph_names, graph_spec, sample_inputs,  # noqa: E402
+                                   shape_profile)
+
+ort_backend = get_backend("ort")
+SPEC_NAMES = ("tiny-t2v-A14B", "tiny-i2v-A14B", "tiny-ti2v-5B")
+GRAPHS = [(s, c, g) for s in SPEC_NAMES for c in components_of(get_spec(s)) for g in graph_names(c)]
+TOL = 1e-4
+CPU = torch.device("cpu")
+
+
+def _load_models(resolved) -> dict[str, torch.nn.Module]:
+    from wan_rt.models import load_dit, load_text_encoder, load_vae
+
+    models = {"text_encoder": load_text_encoder(resolved.files, dtype=torch.float32)}
+    for name in resolved.spec.dit_components:
+        models[name] = load_dit(resolved.files, name, dtype=torch.float32)
+    models["vae_encoder"] = models["vae_decoder"] = load_vae(resolved.files)
+    return models
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """built(spec name) -> namespace(resolved, spec, profile, models, dirs, files, runners), every
+    graph exported with the ORT backend into a temporary engines folder (once per module)."""
+    from wan_rt.loader import resolve_checkpoint
+
+    cache: dict[str, types.SimpleNamespace] = {}
+
+    def make(name: str) -> types.SimpleNamespace:
+        if name in cache:
+            return cache[name]
+        resolved = resolve_checkpoint(name)
+        spec = resolved.spec
+        # 9 frames: traced at T=3 latent frames, so the 5-frame pipeline (T=2) and the size tests
+        # run at T the trace never saw (a frozen T > 1 hides at T=1 behind broadcasting).
+        profile = shape_profile(spec, height=spec.height, width=spec.width, frames=9)
+        models = _load_models(resolved)
+        root = tmp_path_factory.mktemp(name)
+        dirs, files, runners = {}, {}, {}
+        for comp in components_of(spec):
+            for g in graph_names(comp):
+                gspec = graph_spec(spec, comp, g)
+                out_dir = root / comp / g
+                out_dir.mkdir(parents=True)
+                files[comp, g] = ort_backend.build_graph(graph_module(comp, g, models[comp]), gspec, profile, out_dir,
+                                                         compute_dtype=torch.float32, device=CPU)
+                dirs[comp, g] = out_dir
+                runners[comp, g] = ort_backend.load_graph(out_dir, gspec, files[comp, g],
+                                                          compute_dtype=torch.float32, device=CPU)
+        cache[name] = types.SimpleNamespace(resolved=resolved, spec=spec, profile=profile, models=models,
+                                            dirs=dirs, files=files, runners=runners)
+        return cache[name]
+
+    return make
+
+
+def _eager(b, comp: str, g: str):
+    return module_runner(graph_module(comp, g, b.models[comp]), graph_spec(b.spec, comp, g))
+
+
+def _compare(b, comp: str, g: str, sizes: dict[str, int], seed: int = 0) -> float:
+    gspec = graph_spec(b.spec, comp, g)
+    inputs = sample_inputs(gspec, sizes, torch.float32, seed=seed)
+    if comp == "text_encoder":  # padded prompts: a mask that ends in zeros, as the tokenizer gives
+        inputs["attention_mask"][:, sizes["S"] // 2:] = 0
+    got, want = b.runners[comp, g](inputs), _eager(b, comp, g)(inputs)
+    assert list(got) == gspec.output_names
+    errors = []
+    for name in gspec.output_names:
+        assert got[name].shape == want[name].shape, (name, got[name].shape, want[name].shape)
+        if want[name].count_nonzero() == 0:  # a cache slot the first chunk leaves empty
+            assert got[name].count_nonzero() == 0, name
+        else:
+            errors.append(relative_error(got[name], want[name]))
+    assert want[gspec.output_names[0]].count_nonzero() > 0, "an all-zero main output proves nothing"
+    return max(errors)
+
+
+def _unsupported(model) -> list[str]:
+    """Written independently of check_trt_compatible: ops and dtypes TensorRT cannot parse."""
+    from onnx import TensorProto
+
+    bad = {TensorProto.DOUBLE, TensorProto.COMPLEX64, TensorProto.COMPLEX128}
+    found = [n.op_type for n in model.graph.node
+             if n.op_type in ("Loop", "If", "Scan") or "Sequence" in n.op_type or n.domain not in ("", "ai.onnx")]
+    found += [f"cast to {a.i}" for n in model.graph.node for a in n.attribute if a.name == "to" and a.i in bad]
+    found += [t.name for t in model.graph.initializer if t.data_type in bad]
+    values = (*model.graph.input, *model.graph.output, *model.graph.value_info)
+    found += [v.name for v in values if v.type.tensor_type.elem_type in bad]
+    return found
+
+
+# ------------------------------------------------------------------------------ every graph
+@pytest.mark.parametrize("spec_name,comp,g", GRAPHS, ids=[f"{s}-{c}-{g}" for s, c, g in GRAPHS])
+def test_graph_exports_and_matches_eager(built, spec_name, comp, g):
+    b = built(spec_name)
+    gspec = graph_spec(b.spec, comp, g)
+    assert b.files[comp, g] == ["model.onnx"]
+    path = b.dirs[comp, g] / "model.onnx"
+    onnx.checker.check_model(str(path))
+    model = onnx.load(str(path))
+    assert [i.name for i in model.graph.input] == gspec.input_names
+    assert [o.name for o in model.graph.output] == gspec.output_names
+    assert model.opset_import[0].version in (17, 18, 19)
+    assert _unsupported(model) == []
+    assert len(model.graph.value_info) > 0, "shape inference ran"
+    # Every symbolic dim of the contract is a named (dynamic) dim in the file.
+    for t, v in zip((*gspec.inputs, *gspec.outputs), (*model.graph.input, *model.graph.output)):
+        dims = v.type.tensor_type.shape.dim
+        assert [d.dim_param or d.dim_value for d in dims] == [d.removeprefix("1*") if isinstance(d, str) else d
+                                                             for d in t.dims]
+    err = _compare(b, comp, g, b.profile.opt)
+    assert err < TOL, f"{spec_name} {comp}/{g}: ORT vs eager relative error {err:.2e}"
+
+
+# ------------------------------------------------------------------------------ dynamic shapes
+def _sizes(b, batch: int, t: int, h: int, w: int) -> dict[str, int]:
+    _, ph, pw = b.spec.dit.patch_size
+    return {"B": batch, "S": b.spec.dit.text_len, "T": t, "h": h, "w": w, "L": t * (h // ph) * (w // pw)}
+
+
+@pytest.mark.parametrize("spec_name,comp", [("tiny-t2v-A14B", "dit_high_noise"), ("tiny-ti2v-5B", "dit")])
+def test_dit_graph_serves_two_sizes(built, spec_name, comp):
+    """Traced at B=2, T=3, 4x4 latents; run at two other grids in the profile, batch 1 and 2
+    (TI2V's per-token timestep makes L a product of T, h and w: the hardest dynamic case)."""
+    b = built(spec_name)
+    lo, hi = b.profile.min, b.profile.max
+    for batch, t, h, w in ((1, lo["T"], lo["h"], hi["w"]), (2, 2, hi["h"], lo["w"])):
+        err = _compare(b, comp, "main", _sizes(b, batch, t, h, w), seed=1)
+        assert err < TOL, f"{comp} at B={batch} T={t} {h}x{w}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("spec_name", ["tiny-t2v-A14B", "tiny-ti2v-5B"])
+def test_vae_step_graphs_serve_two_sizes(built, spec_name):
+    b = built(spec_name)
+    for comp in ("vae_decoder", "vae_encoder"):
+        for batch, h, w in ((1, 2, 3), (2, 3, 1)):
+            err = _compare(b, comp, "step", _sizes(b, batch, 1, h, w), seed=2)
+            assert err < TOL, f"{comp}/step at B={batch} {h}x{w}: relative error {err:.2e}"
+
+
+def test_runner_rejects_shapes_that_fit_no_sizes(built):
+    b = built("tiny-t2v-A14B")
+    gspec = graph_spec(b.spec, "vae_decoder", "step")
+    inputs = sample_inputs(gspec, _sizes(b, 1, 1, 2, 2), torch.float32)
+    inputs["cache_in_3"] = inputs["cache_in_3"][..., :1]  # width no longer the latent's
+    with pytest.raises(ValueError, match="cache_in_3"):
+        b.runners["vae_decoder", "step"](inputs)
+
+
+# ------------------------------------------------------------------------------ external data
+def test_external_data_when_over_threshold(built, tmp_path):
+    b = built("tiny-ti2v-5B")
+    gspec = graph_spec(b.spec, "dit", "main")
+    module = graph_module("dit", "main", b.models["dit"])
+    files = ort_backend.build_graph(module, gspec, b.profile, tmp_path, compute_dtype=torch.float32, device=CPU,
+                                    external_data_threshold=0)
+    assert files == ["model.onnx", "model.onnx.data"]
+    weights = sum(p.numel() * 4 for p in b.models["dit"].parameters())
+    assert (tmp_path / "model.onnx.data").stat().st_size >= weights * 0.9
+    onnx.checker.check_model(str(tmp_path / "model.onnx"))
+    graph_only = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False)
+    inline = [t for t in graph_only.graph.initializer if len(t.raw_data) >= 1024]
+    assert inline == [], "every sizeable weight lives in the data file"
+    # Loads from its folder by relative location, after the folder moves (as `wan-rt build` does).
+    moved = tmp_path.parent / (tmp_path.name + "-moved")
+    tmp_path.rename(moved)
+    runner = ort_backend.load_graph(moved, gspec, files, compute_dtype=torch.float32, device=CPU)
+    inputs = sample_inputs(gspec, b.profile.opt, torch.float32, seed=3)
+    err = relative_error(runner(inputs)["noise_pred"], _eager(b, "dit", "main")(inputs)["noise_pred"])
+    assert err < TOL, err
+
+
+# ------------------------------------------------------------------------------ contract checks
+def _tiny_model(node, elem_type=None):
+    from onnx import TensorProto, helper
+
+    elem = elem_type or TensorProto.FLOAT
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B"])],
+                              [helper.make_tensor_value_info("y", elem, ["B"])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_trt_check_rejects_double_sequences_and_foreign_ops():
+    from onnx import TensorProto, helper
+
+    check_trt_compatible(_tiny_model(helper.make_node("Relu", ["x"], ["y"])))  # precondition: clean passes
+    bad = {
+        "float64": _tiny_model(helper.make_node("Cast", ["x"], ["y"], to=TensorProto.DOUBLE), TensorProto.DOUBLE),
+        "Sequence": _tiny_model(helper.make_node("SequenceConstruct", ["x"], ["y"])),
+        "com.microsoft": _tiny_model(helper.make_node("Gelu", ["x"], ["y"], domain="com.microsoft")),
+    }
+    for what, model in bad.items():
+        with pytest.raises(OnnxExportError, match=what.replace(".", r"\.")):
+            check_trt_compatible(model)
+
+
+def test_export_refuses_module_that_breaks_the_contract(built, tmp_path):
+    """A module whose output shape is not the GraphSpec's fails at export, not at run time."""
+    b = built("tiny-t2v-A14B")
+    gspec = graph_spec(b.spec, "dit_high_noise", "main")
+
+    class Truncated(torch.nn.Module):
+        def forward(self, latents, timestep, context):
+            return latents[:, :, :1] * timestep[:, None, None, None, None]
+
+    with pytest.raises(OnnxExportError, match="noise_pred"):
+        export_onnx(Truncated(), gspec, b.profile, tmp_path / "model.onnx", compute_dtype=torch.float32)
+
+
+def test_backend_interface_and_precision_policy(tmp_path):
+    assert ort_backend.NAME == "ort" and ort_backend.FILE_SUFFIX == ".onnx"
+    assert ort_backend.is_available()
+    assert set(ort_backend.versions()) == {"onnx", "onnxruntime", "torch"}
+    gspec = graph_spec(get_spec("tiny-t2v-A14B"), "dit_high_noise")
+    for dtype, device in ((torch.bfloat16, "cpu"), (torch.float16, "cpu")):
+        with pytest.raises(ValueError, match="fp16|bf16"):
+            ort_backend.build_graph(torch.nn.Identity(), gspec, None, tmp_path, compute_dtype=dtype, device=device)
+
+
+# ------------------------------------------------------------------------------ streaming VAE
+def _vae_components(b) -> dict[str, StreamingVAEComponent]:
+    out = {}
+    for comp in ("vae_encoder", "vae_decoder"):
+        first, step = graph_spec(b.spec, comp, "first"), graph_spec(b.spec, comp, "step")
+        out[comp] = StreamingVAEComponent(comp, b.spec, b.runners[comp, "first"], b.runners[comp, "step"],
+                                          first, step, CPU)
+    return out
+
+
+@pytest.mark.parametrize("spec_name", ["tiny-t2v-A14B", "tiny-ti2v-5B"])
+def test_streaming_vae_through_ort_equals_eager(built, spec_name):
+    b = built(spec_name)
+    vae = b.models["vae_decoder"]
+    comps = _vae_components(b)
+    gen = torch.Generator().manual_seed(5)
+    video = torch.rand(1, 3, 9, b.spec.height, b.spec.width, generator=gen) * 2 - 1
+    with torch.inference_mode():
+        want_z = vae.encode(video)
+    got_z = comps["vae_encoder"](video=video)["latents"]
+    assert got_z.shape == want_z.shape and got_z.shape[2] == 3
+    assert relative_error(got_z, want_z) < TOL
+    with torch.inference_mode():
+        want_v = vae.decode(want_z)
+    got_v = comps["vae_decoder"](latents=want_z)["video"]
+    assert got_v.shape == want_v.shape == video.shape
+    assert max_abs_error(got_v, want_v) < TOL
+
+
+# ------------------------------------------------------------------------------ full pipeline
+def _image(seed: int = 0, size=(40, 36)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("spec_name", SPEC_NAMES)
+def test_pipeline_on_ort_matches_eager(built, spec_name):
+    from wan_rt.loader import build_eager_components
+    from wan_rt.models.text_encoder import load_tokenizer
+    from wan_rt.pipeline import WanPipeline
+
+    b = built(spec_name)
+    spec, resolved = b.spec, b.resolved
+    components = {}
+    for comp in ("text_encoder", *spec.dit_components):
+        components[comp] = GraphComponent(comp, b.runners[comp, "main"], graph_spec(spec, comp), torch.float32, CPU)
+    components.update(_vae_components(b))
+    tokenizer = load_tokenizer(resolved.files.tokenizer)
+    ours = WanPipeline(spec, components, tokenizer, resolved.defaults, "cpu")
+    eager = WanPipeline(spec, build_eager_components(resolved, CPU, torch.float32), tokenizer, resolved.defaults, "cpu")
+    frames = 5
+    latents = torch.randn((1, *latent_shape(spec, spec.height, spec.width, frames)),
+                          generator=torch.Generator().manual_seed(7))
+    kwargs = dict(prompt="a fox running in the snow", negative_prompt="blurry dark", height=spec.height,
+                  width=spec.width, num_frames=frames, num_inference_steps=4, guidance_scale=4.0,
+                  guidance_scale_2=3.0, output_type="np")
+    if spec.task != "t2v":
+        kwargs["image"] = _image()
+    results = []
+    for pipe in (ours, eager):
+        pipe.set_progress_bar_config(disable=True)
+        results.append(pipe(latents=latents.clone(), **kwargs))
+    got, want = results
+    assert got.steps_per_stage == want.steps_per_stage
+    assert len(want.steps_per_stage) == len(spec.stages), "every expert ran"
+    assert float(want.frames.std()) > 1e-3, "degenerate video would make the comparison meaningless"
+    err = max_abs_error(torch.from_numpy(got.frames), torch.from_numpy(want.frames))
+    assert err < TOL, f"{spec_name}: max |ORT - eager| = {err:.2e}"
