@@ -7,9 +7,8 @@ What the file promises (the contract in runtime/graphs.py, checked here, not hop
   read (the encoder's first chunk never reads the temporal-downsample caches) are added back as
   dangling inputs, so every graph of a component takes the same names;
 * every symbolic dim is dynamic and named after its symbol ("B", "S", "T", "h", "w", "L"). A
-  multiple of a symbol gets the name "8*h": ONNX cannot relate it to "h", but equal names do mean
-  equal sizes (TensorRT checks named dims), and onnxruntime's symbolic shape tool reads "8*h" as
-  the product;
+  multiple of a symbol gets its own name, "8*h" ("1*h" is just "h"): ONNX cannot relate it to
+  "h", but equal names are equal sizes, which TensorRT's parser may rely on;
 * opset 18 (TensorRT 10 parses 9..20), only ONNX-domain ops, no control flow (If/Loop/Scan), no
   Sequence/Optional ops, no float64/complex tensors anywhere: `check_trt_compatible` fails
   loudly otherwise;
@@ -18,12 +17,13 @@ What the file promises (the contract in runtime/graphs.py, checked here, not hop
 * `onnx.checker` (path-based, so external data is fine) and ONNX shape inference pass.
 
 Exporter choice: the TorchScript exporter (`torch.onnx.export(..., dynamo=False)`), because
-* it exports every graph here with correct dynamic shapes on torch 2.13, and exists unchanged on
-  torch 2.11 (the GPU image). `dynamo=True` needs `dynamic_shapes` for the VAE's *cache varargs
-  with derived dims (`8*h`), cannot express the DiT's L = T*h*w/4 relation for TI2V's per-token
-  timestep, and specialises batch 1;
-* it takes ~1 s per tiny graph against 10-30 s for dynamo (20 graphs in the tests, and the
-  14B experts are traced once more on export anyway).
+* it exports every graph here with correct dynamic shapes on torch 2.13 (tested at sizes other
+  than the trace's), and the same call exists on torch 2.11 (the GPU image). With `dynamo=True`
+  (torch.export) the VAE graphs fail to convert `dynamic_axes` and would need hand-written
+  `dynamic_shapes` for the *cache varargs with derived dims (`8*h`); TI2V's L = T*(h/2)*(w/2) is
+  not a linear derived dim torch.export can state; and size-1 example dims get specialised;
+* it takes ~1 s per tiny graph against 10-30 s measured for dynamo (20 graphs in the tests; a
+  14B expert is traced once either way).
 Its costs, handled in the models (numerics unchanged): it has no symbolic for
 `upsample_nearest_exact2d` (the VAE uses "nearest", equal at an exact x2), and it gives
 `Tensor.unflatten`'s output a static shape, so the DiT reshapes instead where a dynamic dim is
@@ -39,6 +39,7 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
+
 import torch
 from torch import nn
 

@@ -9,6 +9,7 @@ implementation, so torch.compile / torch.export / AOTInductor trace it as one no
 * `causal_conv3d(x, weight, bias=None, cache=None) -> (y, new_cache)`: VAE causal conv.
 * `rmsnorm_rope(x, weight, cos, sin, eps)`, `layernorm_modulate(x, shift, scale, eps)`.
 * `TRITON_OPS`: a `wan_rt.models.ops.Ops` for `set_ops(model, TRITON_OPS)`.
+* `install(model)`: put the kernels into an eager DiT or VAE from outside (kernels/integrate.py).
 * `*_ref`: the pure-torch references the tests compare against.
 
 Modules: rope3d_attn.py, causal_conv.py, fused_norms.py (kernel + wrapper + custom op + `_ref`
@@ -27,6 +28,7 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
+    "install": "integrate",
     "rope3d_attention": "rope3d_attn",
     "rope3d_attention_ref": "rope3d_attn",
     "attention": "rope3d_attn",

@@ -164,6 +164,15 @@ def test_vae_step_graphs_serve_two_sizes(built, spec_name):
             assert err < TOL, f"{comp}/step at B={batch} {h}x{w}: relative error {err:.2e}"
 
 
+def test_text_encoder_graph_has_dynamic_text_length(built):
+    """The profile pins S (the pipeline pads to one length), but the umT5 graph itself is dynamic
+    in S: relative-position buckets and the padding mask are computed from the runtime length."""
+    b = built("tiny-t2v-A14B")
+    for batch, s in ((1, 7), (2, 23)):
+        err = _compare(b, "text_encoder", "main", {"B": batch, "S": s}, seed=4)
+        assert err < TOL, f"text_encoder at B={batch} S={s}: relative error {err:.2e}"
+
+
 def test_runner_rejects_shapes_that_fit_no_sizes(built):
     b = built("tiny-t2v-A14B")
     gspec = graph_spec(b.spec, "vae_decoder", "step")

@@ -131,14 +131,31 @@ def _solver_name(sched: dict, path: Path) -> str:
 
 
 # ---------------------------------------------------------------------- components
+def use_triton_kernels(choice: str, device: torch.device) -> bool:
+    """"auto": the Triton kernels on a CUDA GPU when triton is installed; PyTorch ops otherwise
+    (on a CPU they would only run in Triton's interpreter). "triton" / "torch" force a side."""
+    if choice not in ("auto", "triton", "torch"):
+        raise ValueError(f"kernels must be auto, triton or torch; got {choice!r}")
+    if choice != "auto":
+        return choice == "triton"
+    if device.type != "cuda":
+        return False
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
 def build_eager_components(resolved: ResolvedCheckpoint, device: torch.device, dtype: torch.dtype,
-                           names: Optional[list[str]] = None) -> dict:
+                           names: Optional[list[str]] = None, kernels: str = "auto") -> dict:
     from wan_rt.models import load_dit, load_text_encoder, load_vae
     from wan_rt.runtime.component import DiTGraph, EagerComponent, VAEDecodeGraph, VAEEncodeGraph
 
     spec, files = resolved.spec, resolved.files
     wanted = names or ["text_encoder", *spec.dit_components, "vae_encoder", "vae_decoder"]
     out = {}
+    fast = use_triton_kernels(kernels, device)
+    if fast:
+        from wan_rt.kernels import install
     # The VAE and text encoder stay in fp32 unless asked otherwise: they are a small share of the
     # time and the official code runs the VAE in fp32 too.
     if "text_encoder" in wanted:
@@ -148,9 +165,13 @@ def build_eager_components(resolved: ResolvedCheckpoint, device: torch.device, d
     for name in spec.dit_components:
         if name in wanted:
             dit = load_dit(files, name, dtype=dtype, device=device)
+            if fast:
+                install(dit)
             out[name] = EagerComponent(name, DiTGraph(dit), device, dtype)
     if "vae_encoder" in wanted or "vae_decoder" in wanted:
         vae = load_vae(files, dtype=torch.float32, device=device)
+        if fast:
+            install(vae)
         if "vae_encoder" in wanted:
             out["vae_encoder"] = EagerComponent("vae_encoder", VAEEncodeGraph(vae), device, torch.float32)
         if "vae_decoder" in wanted:
@@ -160,7 +181,8 @@ def build_eager_components(resolved: ResolvedCheckpoint, device: torch.device, d
 
 def load_pipeline(cls, path: Optional[str], backend: str = "eager", device: Optional[str] = None,
                   dtype: Optional[torch.dtype] = None, engines_dir: Optional[str] = None,
-                  backend_for: Optional[Mapping[str, str]] = None, rebuild: bool = False):
+                  backend_for: Optional[Mapping[str, str]] = None, rebuild: bool = False,
+                  kernels: str = "auto"):
     """Eager from the checkpoint, or engines from `engines_dir` (built for `path`'s model)."""
     from wan_rt.models.text_encoder import load_tokenizer
 
@@ -182,5 +204,5 @@ def load_pipeline(cls, path: Optional[str], backend: str = "eager", device: Opti
         if dtype is None:
             dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
         resolved = resolve_checkpoint(path)
-        components = build_eager_components(resolved, dev, dtype)
+        components = build_eager_components(resolved, dev, dtype, kernels=kernels)
     return cls(resolved.spec, components, load_tokenizer(resolved.files.tokenizer), resolved.defaults, dev)

@@ -67,14 +67,16 @@ class WanPipeline:
     @classmethod
     def from_pretrained(cls, path: Optional[str], backend: str = "eager", device: Optional[str] = None,
                         dtype: Optional[torch.dtype] = None, engines_dir: Optional[str] = None,
-                        backend_for: Optional[Mapping[str, str]] = None, rebuild: bool = False) -> "WanPipeline":
+                        backend_for: Optional[Mapping[str, str]] = None, rebuild: bool = False,
+                        kernels: str = "auto") -> "WanPipeline":
         """path: a diffusers-layout folder, an official Wan2.2 folder, or a preset name (None with
         engines_dir: the model the engines were built from). backend: "eager", or the backend of
-        the engines in engines_dir ("ort", "aoti", "trt"); backend_for pins components to eager."""
+        the engines in engines_dir ("ort", "aoti", "trt"); backend_for pins components to eager.
+        kernels: "auto" (Triton kernels in eager components on a CUDA GPU), "triton" or "torch"."""
         from wan_rt.loader import load_pipeline
 
         return load_pipeline(cls, path, backend=backend, device=device, dtype=dtype,
-                             engines_dir=engines_dir, backend_for=backend_for, rebuild=rebuild)
+                             engines_dir=engines_dir, backend_for=backend_for, rebuild=rebuild, kernels=kernels)
 
     def set_progress_bar_config(self, disable: bool = False) -> None:
         self.progress = not disable

@@ -39,6 +39,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
                    help="eager DiT dtype (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"],
+                   help="eager only: Triton kernels (auto: on a CUDA GPU) or PyTorch ops")
     p.add_argument("--output", default="out.mp4", help="mp4 path")
 
 
@@ -47,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
 
     from wan_rt.build import read_index
     from wan_rt.cli import UsageError
-    from wan_rt.loader import build_eager_components, resolve_checkpoint
+    from wan_rt.loader import build_eager_components, resolve_checkpoint, use_triton_kernels
     from wan_rt.models.text_encoder import load_tokenizer
     from wan_rt.pipeline import WanPipeline, check_request
     from wan_rt.runtime.engines import check_fits, load_engine_components
@@ -98,8 +100,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
         dtype = dtypes[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        components = build_eager_components(resolved, device, dtype)
-        how = "eager"
+        components = build_eager_components(resolved, device, dtype, kernels=args.kernels)
+        how = "eager" + (" + Triton kernels" if use_triton_kernels(args.kernels, device) else "")
     pipe = WanPipeline(spec, components, load_tokenizer(resolved.files.tokenizer), resolved.defaults, device)
     load_s = time.perf_counter() - start
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
