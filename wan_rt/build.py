@@ -46,8 +46,11 @@ def default_precision(backend: str, device: torch.device) -> str:
 
 def component_dtype(component: str, precision: str) -> torch.dtype:
     """The VAE stays fp32 (as the official code runs it): it is a small share of the time and
-    the streaming cache accumulates rounding. Everything else follows the requested precision."""
-    return torch.float32 if component.startswith("vae") else PRECISIONS[precision]
+    the streaming cache accumulates rounding. umT5 is never fp16 (its activations overflow it;
+    bf16 is fine). Everything else follows the requested precision."""
+    if component.startswith("vae") or (component == "text_encoder" and precision == "fp16"):
+        return torch.float32
+    return PRECISIONS[precision]
 
 
 def weight_paths(resolved: ResolvedCheckpoint, component: str) -> list[Path]:
