@@ -148,7 +148,8 @@ def use_triton_kernels(choice: str, device: torch.device) -> bool:
 def build_eager_components(resolved: ResolvedCheckpoint, device: torch.device, dtype: torch.dtype,
                            names: Optional[list[str]] = None, kernels: str = "auto") -> dict:
     from wan_rt.models import load_dit, load_text_encoder, load_vae
-    from wan_rt.runtime.component import DiTGraph, EagerComponent, VAEDecodeGraph, VAEEncodeGraph
+    from wan_rt.runtime.component import EagerComponent, VAEDecodeGraph, VAEEncodeGraph
+    from wan_rt.runtime.engine_component import EagerDiTComponent
 
     spec, files = resolved.spec, resolved.files
     wanted = names or ["text_encoder", *spec.dit_components, "vae_encoder", "vae_decoder"]
@@ -167,7 +168,7 @@ def build_eager_components(resolved: ResolvedCheckpoint, device: torch.device, d
             dit = load_dit(files, name, dtype=dtype, device=device)
             if fast:
                 install(dit)
-            out[name] = EagerComponent(name, DiTGraph(dit), device, dtype)
+            out[name] = EagerDiTComponent(name, spec, dit, dtype, device)
     if "vae_encoder" in wanted or "vae_decoder" in wanted:
         vae = load_vae(files, dtype=torch.float32, device=device)
         if fast:

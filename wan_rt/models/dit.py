@@ -177,13 +177,23 @@ class Attention(nn.Module):
         self.norm_q = RMSNorm(cfg.dim, cfg.eps)
         self.norm_k = RMSNorm(cfg.dim, cfg.eps)
 
+    def text_kv(self, context: Tensor) -> Tensor:
+        """Cross-attention keys and values of the embedded text, [2, B, L_txt, D]. They depend
+        only on the prompt and the expert, so a runtime can compute them once per prompt."""
+        return torch.stack((self.norm_k(self.to_k(context)), self.to_v(context)))
+
     def forward(self, x: Tensor, context: Tensor | None = None,
-                rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        """x [B, L, D], context [B, L_txt, D] -> [B, L, D]. Heads split after the qk-norm."""
-        kv = x if context is None else context
+                rope: tuple[Tensor, Tensor] | None = None, kv: Tensor | None = None) -> Tensor:
+        """x [B, L, D]; context [B, L_txt, D] or its precomputed `kv` [2, B, L_txt, D] for
+        cross-attention; neither for self-attention -> [B, L, D]. Heads split after the qk-norm."""
         q = self.norm_q(self.to_q(x)).unflatten(-1, (self.heads, -1))  # [B, L, H, Dh]
-        k = self.norm_k(self.to_k(kv)).unflatten(-1, (self.heads, -1))
-        v = self.to_v(kv).unflatten(-1, (self.heads, -1))
+        if kv is None:
+            src = x if context is None else context
+            k, v = self.norm_k(self.to_k(src)), self.to_v(src)
+        else:
+            k, v = kv[0], kv[1]
+        k = k.unflatten(-1, (self.heads, -1))
+        v = v.unflatten(-1, (self.heads, -1))
         if rope is None:
             out = self.ops.attention(q, k, v)
         else:
@@ -239,8 +249,10 @@ class Block(nn.Module):
         self.ffn = FeedForward(cfg.dim, cfg.ffn_dim)
         self.scale_shift_table = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
 
-    def forward(self, x: Tensor, context: Tensor, e0: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
-        """x [B, L, D]; context [B, L_txt, D]; e0 [B, n, 6, D] float32 (n divides L)."""
+    def forward(self, x: Tensor, context: Tensor | None, e0: Tensor, rope: tuple[Tensor, Tensor],
+                text_kv: Tensor | None = None) -> Tensor:
+        """x [B, L, D]; context [B, L_txt, D] (or its `text_kv` [2, B, L_txt, D]); e0 [B, n, 6, D]
+        float32 (n divides L)."""
         dtype = x.dtype
         shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = (
             self.scale_shift_table.float() + e0).unbind(2)  # each [B, n, D]
@@ -250,7 +262,7 @@ class Block(nn.Module):
         x = _gated_add(x, self.attn1(h, rope=rope), gate_msa)
 
         # 2. Cross-attention on the text: neither modulated nor gated
-        x = x + self.attn2(self.norm2(x).to(dtype), context=context)
+        x = x + self.attn2(self.norm2(x).to(dtype), context=context, kv=text_kv)
 
         # 3. Feed-forward, modulated and gated
         h = _modulate(self.norm3(x), shift_ffn, scale_ffn).to(dtype)
@@ -286,8 +298,16 @@ class WanDiT(nn.Module):
         self.proj_out = nn.Linear(d, config.out_channels * math.prod(config.patch_size))
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, d) / d**0.5)
 
-    def forward(self, x: Tensor, timestep: Tensor, context: Tensor) -> Tensor:
-        """x [B, C_in, F, H, W]; timestep [B] or [B, L]; context [B, L_txt, text_dim]."""
+    def encode_text(self, context: Tensor) -> Tensor:
+        """context [B, L_txt, text_dim] -> every block's cross-attention K and V,
+        [num_layers, 2, B, L_txt, D]: the same for every denoising step of a prompt."""
+        embedded = self.condition_embedder.text_embedder(context.to(self.patch_embedding.weight.dtype))
+        return torch.stack([block.attn2.text_kv(embedded) for block in self.blocks])
+
+    def forward(self, x: Tensor, timestep: Tensor, context: Tensor | None = None,
+                text_kv: Tensor | None = None) -> Tensor:
+        """x [B, C_in, F, H, W]; timestep [B] or [B, L]; context [B, L_txt, text_dim], or instead
+        text_kv = encode_text(context) (same result; lets a runtime reuse it across steps)."""
         out_dtype = x.dtype
         dtype = self.patch_embedding.weight.dtype
         pt, ph, pw = self.config.patch_size
@@ -305,11 +325,13 @@ class WanDiT(nn.Module):
         else:
             t = timestep[:, None]  # [B] -> [B, 1]
         e, e0 = self.condition_embedder.embed_time(t)  # [B, n, D], [B, n, 6, D]
-        context = self.condition_embedder.text_embedder(context)  # [B, L_txt, D]
+        if text_kv is None:
+            assert context is not None, "WanDiT needs context or text_kv"
+            context = self.condition_embedder.text_embedder(context)  # [B, L_txt, D]
 
         # 3. Transformer blocks
-        for block in self.blocks:
-            hidden = block(hidden, context, e0, rope)
+        for i, block in enumerate(self.blocks):
+            hidden = block(hidden, context, e0, rope, None if text_kv is None else text_kv[i].to(dtype))
 
         # 4. Output norm, modulation (from e, not e0) and projection
         shift, scale = (self.scale_shift_table.float() + e.unsqueeze(2)).unbind(2)  # [B, n, D]

@@ -3,6 +3,7 @@
 Components and their tensors (the same names in eager kwargs, ONNX graphs and engines):
   text_encoder:                 input_ids, attention_mask      -> context
   dit_high_noise/dit_low_noise/dit: latents, timestep, context -> noise_pred
+                                (inside: a `text` graph per prompt, a `main` graph per step)
   vae_encoder:                  video                          -> latents   (normalised)
   vae_decoder:                  latents                        -> video     (in [-1, 1])
 The pipeline passes float32 tensors and gets float32 back; each component casts to its own
@@ -32,17 +33,6 @@ class Component(Protocol):
     name: str
 
     def __call__(self, **inputs: Tensor) -> dict[str, Tensor]: ...
-
-
-class DiTGraph(nn.Module):
-    """Names the DiT's inputs as the contract does (and as ONNX export will)."""
-
-    def __init__(self, dit: nn.Module):
-        super().__init__()
-        self.dit = dit
-
-    def forward(self, latents: Tensor, timestep: Tensor, context: Tensor) -> Tensor:
-        return self.dit(latents, timestep, context)
 
 
 class VAEEncodeGraph(nn.Module):

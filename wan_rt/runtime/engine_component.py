@@ -82,6 +82,111 @@ class GraphComponent:
         return {self.output_name: out[self.output_name].float()}
 
 
+class TextKVCache:
+    """Per-prompt cross-attention K/V, reused across denoising steps.
+
+    The loop passes the same context tensors (prompt, negative prompt) at every step; an entry
+    is keyed by the tensor's identity and version and keeps the tensor alive, so a new or edited
+    context can never hit a stale entry. Two entries cover CFG's cond/uncond pair.
+    """
+
+    def __init__(self, compute: Callable[[Tensor], Tensor], size: int = 2):
+        self.compute, self.size = compute, size
+        self._entries: list[tuple[Tensor, int, Tensor]] = []
+
+    @staticmethod
+    def _version(t: Tensor) -> int:
+        # Inference-mode tensors (what components return) keep no version counter; they can
+        # only be changed in place inside inference mode, which the loop never does.
+        return -1 if t.is_inference() else t._version
+
+    def __call__(self, context: Tensor) -> Tensor:
+        for ctx, version, kv in self._entries:
+            if ctx is context and self._version(ctx) == version:
+                return kv
+        kv = self.compute(context)
+        self._entries = [(context, self._version(context), kv), *self._entries][: self.size]
+        return kv
+
+    def clear(self) -> None:
+        self._entries = []
+
+
+class DiTComponent:
+    """An expert as two graphs: `text` once per prompt (cached), `main` every step."""
+
+    def __init__(self, name: str, text: GraphRunner | None, main: GraphRunner | None, text_spec: GraphSpec,
+                 main_spec: GraphSpec, compute_dtype: torch.dtype, device: torch.device,
+                 factory: Callable[[], tuple[GraphRunner, GraphRunner]] | None = None, nbytes: int = 0,
+                 files: Sequence[Path] = ()):
+        self.name, self.text, self.main = name, text, main
+        self.text_spec, self.main_spec = text_spec, main_spec
+        self.compute_dtype, self.device = compute_dtype, torch.device(device)
+        self.factory, self._nbytes, self.files = factory, nbytes, list(files)
+        self.text_kv = TextKVCache(self._encode_text)
+
+    @property
+    def nbytes(self) -> int:
+        return self._nbytes
+
+    def _encode_text(self, context: Tensor) -> Tensor:
+        assert self.text is not None
+        return self.text(_cast({"context": context}, self.text_spec, self.compute_dtype, self.device))["text_kv"]
+
+    def stage(self) -> None:
+        GraphComponent.stage(self)  # type: ignore[arg-type]  (reads self.files the same way)
+
+    def load(self) -> None:
+        if self.main is None and self.factory is not None:
+            self.text, self.main = self.factory()
+
+    def unload(self) -> None:
+        if self.factory is not None:
+            self.text = self.main = None
+            self.text_kv.clear()
+
+    def __call__(self, *, latents: Tensor, timestep: Tensor, context: Tensor) -> dict[str, Tensor]:
+        self.load()
+        assert self.main is not None
+        kv = self.text_kv(context)
+        inputs = _cast({"latents": latents, "timestep": timestep, "text_kv": kv}, self.main_spec,
+                       self.compute_dtype, self.device)
+        return {"noise_pred": self.main(inputs)["noise_pred"].float()}
+
+
+class EagerDiTComponent(DiTComponent):
+    """The eager expert: the same two graphs as PyTorch modules (identical numbers to
+    `dit(latents, timestep, context)`); residency moves its weights between host and GPU."""
+
+    def __init__(self, name: str, spec: ModelSpec, dit: nn.Module, compute_dtype: torch.dtype,
+                 device: torch.device):
+        from wan_rt.runtime.graphs import graph_module, graph_spec
+
+        text_spec, main_spec = graph_spec(spec, name, "text"), graph_spec(spec, name, "main")
+        super().__init__(name, module_runner(graph_module(name, "text", dit), text_spec),
+                         module_runner(graph_module(name, "main", dit), main_spec), text_spec, main_spec,
+                         compute_dtype, device)
+        self.module = dit
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.module.parameters())
+
+    def stage(self) -> None:
+        pass
+
+    def load(self) -> None:
+        if self.device.type == "cuda":
+            self.module.to(self.device, non_blocking=True)
+            torch.cuda.current_stream(self.device).synchronize()
+
+    def unload(self) -> None:
+        if self.device.type == "cuda":
+            self.module.to("cpu")
+            self.text_kv.clear()
+            torch.cuda.empty_cache()
+
+
 class StreamingVAEComponent:
     """vae_encoder / vae_decoder over a `first` and a `step` graph with explicit cache tensors:
     frame 0 alone, then chunks of `stride_t` frames (encoder) or one latent frame (decoder)."""

@@ -17,7 +17,7 @@ from wan_rt.build import (build_engines, component_dtype, expected_manifest, rea
                           weight_paths)
 from wan_rt.loader import ResolvedCheckpoint, build_eager_components, resolve_checkpoint
 from wan_rt.runtime.backends import get_backend
-from wan_rt.runtime.engine_component import GraphComponent, StreamingVAEComponent
+from wan_rt.runtime.engine_component import DiTComponent, GraphComponent, StreamingVAEComponent
 from wan_rt.runtime.graphs import ShapeProfile, components_of, graph_spec
 from wan_rt.runtime.manifest import EngineManifest, StaleEngineError, first_difference, weights_fingerprint
 
@@ -122,13 +122,14 @@ def _component(folder: Path, manifest: EngineManifest, resolved: ResolvedCheckpo
     if name.startswith("vae"):
         (first, first_spec), (step, step_spec) = runner("first"), runner("step")
         return StreamingVAEComponent(name, spec, first, step, first_spec, step_spec, device)
-    gspec = graph_spec(spec, name, "main")
-    nbytes = sum((folder / f).stat().st_size for f in manifest.files())
-    # Experts load lazily (the residency manager decides when); the text encoder right away.
     if name.startswith("dit"):
-        return GraphComponent(name, None, gspec, dtype, device, factory=lambda: runner("main")[0], nbytes=nbytes,
-                              files=[folder / f for f in manifest.files()])
-    return GraphComponent(name, runner("main")[0], gspec, dtype, device)
+        # Experts load lazily: the residency manager decides when (runtime/residency.py).
+        nbytes = sum((folder / f).stat().st_size for f in manifest.files())
+        return DiTComponent(name, None, None, graph_spec(spec, name, "text"), graph_spec(spec, name, "main"),
+                            dtype, device, factory=lambda: (runner("text")[0], runner("main")[0]), nbytes=nbytes,
+                            files=[folder / f for f in manifest.files()])
+    main, gspec = runner("main")
+    return GraphComponent(name, main, gspec, dtype, device)
 
 
 def check_fits(engines_dir: Path, spec, height: int, width: int, frames: int, batch: int = 1) -> None:

@@ -1,9 +1,10 @@
 """The exportable graphs of each component and their I/O contract: one source of truth read by
 ONNX export, engine builds, the runtime and the tests.
 
-A component is one graph ("main": text_encoder, the DiTs) or two (the VAE streams chunk by
-chunk: "first" for frame 0, "step" for every later chunk, with the causal-conv cache as explicit
-inputs `cache_in_<i>` and outputs `cache_out_<i>`). Tensor dims are ints or symbols: `B` batch
+A component is one graph ("main": text_encoder) or two: a DiT has "text" (context -> every
+block's cross-attention K/V, run once per prompt) and "main" (one denoising step from those K/V);
+the VAE streams chunk by chunk: "first" for frame 0, "step" for every later chunk, with the
+causal-conv cache as explicit inputs `cache_in_<i>` and outputs `cache_out_<i>`. Tensor dims are ints or symbols: `B` batch
 (1 or 2 for CFG), `S` text tokens, `T`/`h`/`w` latent frames/height/width, `L` DiT tokens,
 and `k*h` / `k*w` for sizes that are a fixed multiple of the latent size (VAE pixels, caches).
 """
@@ -74,7 +75,9 @@ def components_of(spec: ModelSpec) -> tuple[str, ...]:
 
 
 def graph_names(component: str) -> tuple[str, ...]:
-    return ("first", "step") if component.startswith("vae_") else ("main",)
+    if component.startswith("vae_"):
+        return ("first", "step")
+    return ("text", "main") if component.startswith("dit") else ("main",)
 
 
 def graph_spec(spec: ModelSpec, component: str, graph: str = "main") -> GraphSpec:
@@ -84,11 +87,16 @@ def graph_spec(spec: ModelSpec, component: str, graph: str = "main") -> GraphSpe
                          (TensorSpec("context", "compute", ("B", "S", spec.text_encoder.d_model)),))
     if component in spec.dit_components:
         d = spec.dit
+        text_kv = TensorSpec("text_kv", "compute", (d.num_layers, 2, "B", "S", d.dim))
+        if graph == "text":
+            return GraphSpec(component, graph, (TensorSpec("context", "compute", ("B", "S", d.text_dim)),), (text_kv,))
+        if graph != "main":
+            raise KeyError(f"{component} graphs are 'text' and 'main', not {graph!r}")
         timestep = ("B", "L") if d.per_token_timestep else ("B",)
         return GraphSpec(component, graph, (
             TensorSpec("latents", "compute", ("B", d.in_channels, "T", "h", "w")),
             TensorSpec("timestep", "float32", timestep),
-            TensorSpec("context", "compute", ("B", "S", d.text_dim)),
+            text_kv,
         ), (TensorSpec("noise_pred", "compute", ("B", d.out_channels, "T", "h", "w")),))
     if component in ("vae_encoder", "vae_decoder"):
         return _vae_graph_spec(spec, component, graph)
@@ -178,8 +186,17 @@ class _DiTMain(nn.Module):
         super().__init__()
         self.dit = dit
 
-    def forward(self, latents: Tensor, timestep: Tensor, context: Tensor) -> Tensor:
-        return self.dit(latents, timestep, context)
+    def forward(self, latents: Tensor, timestep: Tensor, text_kv: Tensor) -> Tensor:
+        return self.dit(latents, timestep, text_kv=text_kv)
+
+
+class _DiTText(nn.Module):
+    def __init__(self, dit: nn.Module):
+        super().__init__()
+        self.dit = dit
+
+    def forward(self, context: Tensor) -> Tensor:
+        return self.dit.encode_text(context)
 
 
 class _TextMain(nn.Module):
@@ -211,7 +228,7 @@ def graph_module(component: str, graph: str, model: nn.Module) -> nn.Module:
     if component == "text_encoder":
         return _TextMain(model).eval()
     if component.startswith("dit"):
-        return _DiTMain(model).eval()
+        return (_DiTText(model) if graph == "text" else _DiTMain(model)).eval()
     if component in ("vae_encoder", "vae_decoder"):
         return _VAEChunk(model, encode=component == "vae_encoder", first=graph == "first").eval()
     raise KeyError(component)
