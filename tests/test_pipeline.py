@@ -72,14 +72,14 @@ def test_group_by_stage_switches_once_at_the_boundary():
 
 
 class _RecordingDiT:
-    """A fake expert: v = scale * latents + mean(context). Records every call."""
+    """A fake expert: v = scale * latents + mean(context) per sample. Records every call."""
 
     def __init__(self, name: str, scale: float, calls: list):
         self.name, self.scale, self.calls = name, scale, calls
 
     def __call__(self, *, latents, timestep, context):
-        self.calls.append((self.name, float(timestep.flatten()[0]), float(context.mean())))
-        return {"noise_pred": self.scale * latents + context.mean()}
+        self.calls.append((self.name, float(timestep.flatten()[0]), float(context[-1].mean())))
+        return {"noise_pred": self.scale * latents + context.mean(dim=(1, 2)).view(-1, 1, 1, 1, 1)}
 
 
 class _FakeText:
@@ -118,13 +118,17 @@ def test_loop_uses_each_expert_with_its_own_guidance():
     out = pipe("a cat", num_inference_steps=8, output_type="latent", max_sequence_length=8,
                generator=torch.Generator().manual_seed(0))
     names = [c[0] for c in calls]
-    # CFG: two calls per step (cond then uncond), high-noise expert first, one switch.
-    assert len(calls) == 16 and names == sorted(names, key=lambda n: n != "dit_high_noise")
+    # CFG as a batch of two: one call per step, high-noise expert first, one switch.
+    assert len(calls) == 8 and names == sorted(names, key=lambda n: n != "dit_high_noise")
     assert out.steps_per_stage["dit_high_noise"] + out.steps_per_stage["dit_low_noise"] == 8
     assert all(t >= 875 for n, t, _ in calls if n == "dit_high_noise")
     assert all(t < 875 for n, t, _ in calls if n == "dit_low_noise")
-    # Cond and uncond differ by context only.
-    assert calls[0][1] == calls[1][1] and calls[0][2] != calls[1][2]
+    # Sequential CFG: two calls per step that differ by context only.
+    calls.clear()
+    pipe.cfg_batch = False
+    pipe("a cat", num_inference_steps=8, output_type="latent", max_sequence_length=8,
+         generator=torch.Generator().manual_seed(0))
+    assert len(calls) == 16 and calls[0][1] == calls[1][1] and calls[0][2] != calls[1][2]
 
 
 def test_guidance_mapping_and_no_cfg_at_scale_one():
@@ -138,6 +142,17 @@ def test_guidance_mapping_and_no_cfg_at_scale_one():
     pipe("a cat", num_inference_steps=3, guidance_scale=1.0, guidance_scale_2=1.0, output_type="latent",
          max_sequence_length=8)
     assert len(calls) == 3  # no unconditional pass when guidance is off
+
+
+def test_batched_cfg_equals_sequential_cfg(diffusers_checkpoint):
+    pipe = WanPipeline.from_pretrained(str(diffusers_checkpoint("tiny-t2v-A14B")), dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    latents = torch.randn(1, 16, 2, 4, 4, generator=torch.Generator().manual_seed(3))
+    kwargs = dict(prompt="a fox", negative_prompt="blur", num_frames=5, num_inference_steps=3, output_type="latent")
+    batched = pipe(latents=latents.clone(), **kwargs).frames
+    pipe.cfg_batch = False
+    sequential = pipe(latents=latents.clone(), **kwargs).frames
+    assert max_abs_error(batched, sequential) < 1e-5
 
 
 @pytest.mark.parametrize("bad,match", [

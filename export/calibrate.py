@@ -1,0 +1,259 @@
+"""Post-training calibration on the model's own denoising trajectory.
+
+    trajectory = record_trajectory("tiny-t2v-A14B", prompts=[...], steps=4, height=32, ...)
+    stats = calibrate_experts(resolved, trajectory, ["dit_high_noise", "dit_low_noise"])
+
+1. `record_trajectory` runs the eager float32 pipeline (the oracle) and records every DiT call:
+   its inputs (latents, timestep, context), its noise_pred, and the decoded frames. The same
+   record serves calibration and `wan-rt parity`'s per-step quality report.
+2. `calibrate_experts` replays each expert's own calls through a float32 WanDiT with forward
+   pre-hooks on every nn.Linear (`ActivationRecorder`): per-tensor amax (max |x| over all calls)
+   and per-input-channel amax (for SmoothQuant) of each linear layer's input, and the amax of
+   q, k (after RoPE) and v at every attention op, read through a recording `Ops` (wan_rt.models.ops).
+   A two-expert schedule that gives an expert no step (tiny presets at few steps) calibrates that
+   expert on all calls rather than on nothing; `CalibrationStats.note` says so.
+
+Statistics are keyed by module path in the WanDiT ("blocks.3.attn1.to_q"), which is how the Q/DQ
+pass (export/quantize.py) finds them from ONNX node names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+DEFAULT_PROMPTS = (
+    "a red fox running through snow, cinematic, golden light",
+    "a city street at night, neon lights, rain, a camera tracks a cyclist",
+)
+
+
+# ------------------------------------------------------------------------------------ trajectory
+@dataclass
+class DiTCall:
+    """One call of an expert inside the oracle's denoising loop (tensors on the CPU, float32)."""
+
+    component: str
+    prompt_index: int
+    step: int                   # denoising step index within its prompt's run
+    inputs: dict[str, Tensor]   # latents, timestep, context
+    noise_pred: Tensor
+
+
+@dataclass
+class Trajectory:
+    calls: list[DiTCall]
+    frames: list[Tensor]        # decoded video per prompt, [1, F, H, W, 3] in [0, 1]
+    latents: list[Tensor]       # the initial noise per prompt
+    prompts: list[str]
+    steps: int
+    size: tuple[int, int, int]  # height, width, frames
+
+    def calls_for(self, component: str) -> list[DiTCall]:
+        return [c for c in self.calls if c.component == component]
+
+
+class _RecordingExpert:
+    """Stands in for an expert component: forwards everything, records each call."""
+
+    def __init__(self, inner, name: str, sink: Callable[[str, dict[str, Tensor], Tensor], None]):
+        self._inner, self._name, self._sink = inner, name, sink
+
+    def __getattr__(self, attr: str):
+        return getattr(self._inner, attr)  # load/unload/nbytes for the residency manager
+
+    def __call__(self, **inputs: Tensor) -> dict[str, Tensor]:
+        out = self._inner(**inputs)
+        self._sink(self._name, inputs, out["noise_pred"])
+        return out
+
+
+def record_trajectory(model: str, *, prompts: Sequence[str] = DEFAULT_PROMPTS, steps: int, height: int,
+                      width: int, frames: int, device: torch.device | str = "cpu", seed: int = 0,
+                      dtype: torch.dtype = torch.float32) -> Trajectory:
+    """Run the eager pipeline once per prompt (seeded noise) and record every DiT call."""
+    from wan_rt.config import latent_shape
+    from wan_rt.pipeline import WanPipeline
+
+    pipe = WanPipeline.from_pretrained(model, backend="eager", device=str(device), dtype=dtype, kernels="torch")
+    pipe.set_progress_bar_config(disable=True)
+    spec = pipe.spec
+    calls: list[DiTCall] = []
+    state = {"prompt": 0, "step": -1, "t": None}
+
+    def sink(name: str, inputs: dict[str, Tensor], noise_pred: Tensor) -> None:
+        t = float(inputs["timestep"].flatten().max())
+        if t != state["t"]:  # CFG's two calls share a timestep; every step has a new one
+            state["step"], state["t"] = state["step"] + 1, t
+        calls.append(DiTCall(name, state["prompt"], state["step"],
+                             {k: v.detach().float().cpu().clone() for k, v in inputs.items()},
+                             noise_pred.detach().float().cpu().clone()))
+
+    for name in spec.dit_components:
+        pipe.components[name] = _RecordingExpert(pipe.components[name], name, sink)
+    image = synthetic_image(height, width) if spec.task == "i2v" else None
+    videos, noises = [], []
+    for i, prompt in enumerate(prompts):
+        state.update(prompt=i, step=-1, t=None)
+        generator = torch.Generator().manual_seed(seed + i)
+        noise = torch.randn((1, *latent_shape(spec, height, width, frames)), generator=generator)
+        out = pipe(prompt=prompt, height=height, width=width, num_frames=frames, num_inference_steps=steps,
+                   image=image, latents=noise.clone(), output_type="pt")
+        noises.append(noise)
+        videos.append(_frames(out.frames))
+    return Trajectory(calls, videos, noises, list(prompts), steps, (height, width, frames))
+
+
+def _frames(video) -> Tensor:
+    return torch.as_tensor(video).detach().float().cpu()
+
+
+def synthetic_image(height: int, width: int):
+    """A fixed noise image: the I2V condition for calibration and parity runs."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+# ------------------------------------------------------------------------------------ statistics
+@dataclass
+class LinearStats:
+    amax: float                 # max |x| over every element of every call
+    channel_amax: list[float]   # max |x[..., j]| per input channel j
+
+
+@dataclass
+class CalibrationStats:
+    linear: dict[str, LinearStats] = field(default_factory=dict)
+    attention: dict[str, dict[str, float]] = field(default_factory=dict)  # path -> {"q", "k", "v"}
+    calls: int = 0
+    note: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "CalibrationStats":
+        data = json.loads(text)
+        data["linear"] = {k: LinearStats(**v) for k, v in data["linear"].items()}
+        return cls(**data)
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> "CalibrationStats":
+        return cls.from_json(Path(path).read_text())
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.to_json().encode()).hexdigest()
+
+
+class ActivationRecorder:
+    """Forward pre-hooks on every nn.Linear of `model`, and a recording Ops on every module that
+    calls `self.ops` (attention), while the `with` block is open. Numerics are untouched."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self._amax: dict[str, Tensor] = {}
+        self._channel: dict[str, Tensor] = {}
+        self._attention: dict[str, dict[str, float]] = {}
+        self._handles: list = []
+        self._ops: dict[str, object] = {}
+        self.calls = 0
+
+    def __enter__(self) -> "ActivationRecorder":
+        for name, module in self.model.named_modules():
+            if isinstance(module, nn.Linear):
+                self._handles.append(module.register_forward_pre_hook(self._linear_hook(name)))
+            if hasattr(module, "ops"):
+                self._ops[name] = module.ops
+                module.ops = self._recording_ops(name, module.ops)
+        self._handles.append(self.model.register_forward_pre_hook(self._count))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        modules = dict(self.model.named_modules())
+        for name, ops in self._ops.items():
+            modules[name].ops = ops
+        self._handles, self._ops = [], {}
+
+    def _count(self, _module, _args) -> None:
+        self.calls += 1
+
+    def _linear_hook(self, name: str):
+        def hook(_module, args) -> None:
+            x = args[0].detach()
+            channel = x.abs().float().reshape(-1, x.shape[-1]).amax(0)
+            self._channel[name] = channel if name not in self._channel else torch.maximum(self._channel[name], channel)
+            self._amax[name] = self._channel[name].max()
+
+        return hook
+
+    def _recording_ops(self, name: str, base):
+        from wan_rt.models.ops import Ops, apply_rope
+
+        def note(q: Tensor, k: Tensor, v: Tensor) -> None:
+            seen = self._attention.setdefault(name, {"q": 0.0, "k": 0.0, "v": 0.0})
+            for key, t in (("q", q), ("k", k), ("v", v)):
+                seen[key] = max(seen[key], float(t.detach().abs().max()))
+
+        def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            note(q, k, v)
+            return base.attention(q, k, v)
+
+        def rope_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+            # The eager op's own composition (ops.rope_attention), so q and k are seen after RoPE,
+            # as the exported graph's attention matmuls see them.
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            note(q, k, v)
+            return base.attention(q, k, v)
+
+        return Ops(rope_attention=rope_attention, attention=attention)
+
+    def stats(self, note: str = "") -> CalibrationStats:
+        linear = {n: LinearStats(float(self._amax[n]), [float(c) for c in self._channel[n]]) for n in self._amax}
+        return CalibrationStats(linear, {k: dict(v) for k, v in self._attention.items()}, self.calls, note)
+
+
+# ------------------------------------------------------------------------------------ experts
+def calibrate_module(dit: nn.Module, calls: Iterable[DiTCall], device: torch.device | str = "cpu",
+                     note: str = "") -> CalibrationStats:
+    """Replay `calls` through `dit` (a float32 WanDiT) with an ActivationRecorder."""
+    with ActivationRecorder(dit) as recorder, torch.inference_mode():
+        for call in calls:
+            x = {k: v.to(device) for k, v in call.inputs.items()}
+            dit(x["latents"], x["timestep"], x["context"])
+    return recorder.stats(note)
+
+
+def calibrate_experts(resolved, trajectory: Trajectory, components: Sequence[str],
+                      device: torch.device | str = "cpu",
+                      log: Optional[Callable[[str], None]] = None) -> dict[str, CalibrationStats]:
+    """Stats per expert, each from its own steps of the trajectory (all steps if it had none)."""
+    from wan_rt.models import load_dit
+
+    out = {}
+    for name in components:
+        calls, note = trajectory.calls_for(name), ""
+        if not calls:
+            calls = trajectory.calls
+            note = (f"no step of the {trajectory.steps}-step calibration schedule reached {name}; "
+                    "calibrated on every step's inputs")
+            if log:
+                log(f"  {name:<16} {note}")
+        dit = load_dit(resolved.files, name, dtype=torch.float32, device=device)
+        out[name] = calibrate_module(dit, calls, device, note)
+        del dit
+    return out
