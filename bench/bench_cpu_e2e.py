@@ -69,6 +69,7 @@ def main() -> int:
             from diffusers import WanPipeline as DiffusersWanPipeline
 
             pipes[name] = DiffusersWanPipeline.from_pretrained(ckpt)
+            diffusers_stages = _instrument_diffusers(pipes[name])
         elif name == "eager":
             pipes[name] = WanPipeline.from_pretrained(str(ckpt), backend="eager", device="cpu", dtype=torch.float32)
         else:
@@ -85,11 +86,15 @@ def main() -> int:
                                                       device="cpu")
         pipes[name].set_progress_bar_config(disable=True)
 
-    outputs = {}
+    outputs, stage_runs = {}, {}
 
     def variant(name):
         def run():
+            if name == "diffusers":
+                diffusers_stages.clear()
             outputs[name] = pipes[name](latents=latents.clone(), **call)
+            stages = diffusers_stages if name == "diffusers" else outputs[name].timings
+            stage_runs.setdefault(name, []).append(dict(stages))
         return run
 
     times = interleaved({n: variant(n) for n in pipes}, repeats=repeats, warmup=0 if args.tiny else 1)
@@ -100,19 +105,48 @@ def main() -> int:
     for name, ts in times.items():
         ms = median(ts) * 1000
         err = max_abs_error(torch.from_numpy(outputs[name].frames), reference)
-        stages = getattr(outputs[name], "timings", {}) or {}
+        runs = stage_runs[name][-len(ts):]  # the timed rounds, not the warm-up
+        stages = {k: median([r.get(k, 0.0) for r in runs]) * 1000 for k in runs[0]}
+        dit_ms = sum(v for k, v in stages.items() if k.startswith("dit"))
         rows.append({"variant": name, "median_ms": ms, f"speedup_vs_{ref_name}": ref_ms / ms,
+                     "dit_ms": dit_ms, "vae_decode_ms": stages.get("vae_decoder"),
                      "max_abs_err_vs_ref": err, "build_s": build_s.get(name),
-                     "stages_ms": {k: round(v * 1000, 1) for k, v in stages.items()}, "runs_ms": [t * 1000 for t in ts]})
+                     "stages_ms": {k: round(v, 1) for k, v in stages.items()}, "runs_ms": [t * 1000 for t in ts]})
     print(f"{spec.name}: {spec.width}x{spec.height}x{spec.num_frames}, {spec.sample_steps} steps, CFG, "
           f"{spec.dit.num_layers} layers x {spec.dit.dim}, {repeats} interleaved rounds, torch threads "
           f"{torch.get_num_threads()}")
-    print_table(rows, ["variant", "median_ms", f"speedup_vs_{ref_name}", "max_abs_err_vs_ref", "build_s"])
+    print_table(rows, ["variant", "median_ms", f"speedup_vs_{ref_name}", "dit_ms", "vae_decode_ms",
+                       "max_abs_err_vs_ref", "build_s"])
     for name, why in notes.items():
         print(f"{name}: skipped ({why})")
     write_json(args.json, {"benchmark": "cpu_e2e", "spec": dataclasses.asdict(spec), "environment": environment(),
                            "command": " ".join(sys.argv), "rows": rows, "skipped": notes})
     return 0
+
+
+def _instrument_diffusers(pipe) -> dict[str, float]:
+    """Time diffusers' stages the way wan_rt reports its own: seconds per expert and VAE decode."""
+    import time
+
+    stages: dict[str, float] = {}
+
+    def wrap(obj, attr, key):
+        fn = getattr(obj, attr)
+
+        def timed_call(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                stages[key] = stages.get(key, 0.0) + time.perf_counter() - start
+        setattr(obj, attr, timed_call)
+
+    wrap(pipe.transformer, "forward", "dit_high_noise")
+    if pipe.transformer_2 is not None:
+        wrap(pipe.transformer_2, "forward", "dit_low_noise")
+    wrap(pipe.vae, "decode", "vae_decoder")
+    wrap(pipe.text_encoder, "forward", "text_encoder")
+    return stages
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ class DiTCall:
 @dataclass
 class Trajectory:
     calls: list[DiTCall]
-    frames: list[Tensor]        # decoded video per prompt, [1, F, H, W, 3] in [0, 1]
+    frames: list[Tensor]        # decoded video per prompt, [1, F, 3, H, W] in [0, 1]
     latents: list[Tensor]       # the initial noise per prompt
     prompts: list[str]
     steps: int
