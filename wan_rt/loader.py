@@ -9,7 +9,6 @@ model_index.json; official: the official config values and default negative prom
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional
@@ -18,7 +17,7 @@ import torch
 
 from wan_rt.config import (OFFICIAL_NEGATIVE_PROMPT, SPECS, WAN21_VAE, WAN22_VAE, ModelSpec,
                            Stage, get_spec)
-from wan_rt.models import hf_config
+from wan_rt.models import hf_config, read_config
 from wan_rt.models.checkpoint import CheckpointError, CheckpointFiles, locate_checkpoint
 from wan_rt.pipeline import SamplingDefaults
 from wan_rt.scheduler import scheduler_from_diffusers_config
@@ -50,24 +49,15 @@ def resolve_checkpoint(path: str) -> ResolvedCheckpoint:
     return _resolve_official(files)
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
-
-
 def _resolve_diffusers(files: CheckpointFiles) -> ResolvedCheckpoint:
-    index = _read_json(files.model_index or files.root / "model_index.json")
+    index = read_config(files.model_index or files.root / "model_index.json")
     expand = bool(index.get("expand_timesteps", False))
-    dit_cfg = _read_json(next(iter(files.dits.values())) / "config.json")
+    dit_cfg = read_config(next(iter(files.dits.values())) / "config.json")
     task = "ti2v" if expand else ("i2v" if int(dit_cfg["in_channels"]) > int(dit_cfg["out_channels"]) else "t2v")
     base = get_spec(BASE_SPECS[task])
     dit = hf_config.dit_from_diffusers(dit_cfg, text_len=base.dit.text_len, per_token_timestep=expand)
-    vae = hf_config.vae_from_diffusers(_read_json(files.vae / "config.json"))
-    text = hf_config.text_encoder_from_hf(_read_json(files.text_encoder / "config.json"))
+    vae = hf_config.vae_from_diffusers(read_config(files.vae / "config.json"))
+    text = hf_config.text_encoder_from_hf(read_config(files.text_encoder / "config.json"))
     stages = base.stages
     boundary = index.get("boundary_ratio")
     if len(stages) > 1 and boundary is not None:
@@ -76,7 +66,7 @@ def _resolve_diffusers(files: CheckpointFiles) -> ResolvedCheckpoint:
         raise CheckpointError(f"{files.root}: {task} needs two experts but transformer_2/ is missing")
     spec = _match_preset(dataclasses.replace(base, dit=dit, vae=vae, text_encoder=text, stages=stages))
     sched_path = (files.scheduler or files.root / "scheduler") / "scheduler_config.json"
-    sched = _read_json(sched_path)
+    sched = read_config(sched_path)
     try:  # rejects what wan_rt cannot sample exactly (non-flow prediction, Karras sigmas, ...)
         scheduler_from_diffusers_config(sched, steps=2)
     except ValueError as exc:
@@ -88,7 +78,7 @@ def _resolve_diffusers(files: CheckpointFiles) -> ResolvedCheckpoint:
 
 
 def _resolve_official(files: CheckpointFiles) -> ResolvedCheckpoint:
-    dit_cfg = _read_json(next(iter(files.dits.values())) / "config.json")
+    dit_cfg = read_config(next(iter(files.dits.values())) / "config.json")
     task = str(dit_cfg.get("model_type", "t2v"))
     if task not in BASE_SPECS:
         raise CheckpointError(f"{files.root}: model_type {task!r} is not a Wan 2.2 model (t2v, i2v, ti2v)")

@@ -30,12 +30,13 @@ def _files(source: Source) -> Optional[CheckpointFiles]:
     return None
 
 
-def _json(path: Path) -> dict:
+def read_config(path: Path) -> dict:
+    """A checkpoint's JSON file; a missing or broken one is one CheckpointError naming it."""
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file not found") from None
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
 
 
@@ -54,7 +55,7 @@ def load_dit(source: Source, component: Optional[str] = None, *, dtype: Optional
         folder = files.dits[name]
     else:
         folder = Path(source)
-    cfg = _json(folder / "config.json")
+    cfg = read_config(folder / "config.json")
     official = "dim" in cfg and "num_attention_heads" not in cfg
     if official:
         config = hf_config.dit_from_official(cfg, per_token_timestep=cfg.get("model_type") == "ti2v")
@@ -85,7 +86,7 @@ def load_vae(source: Source, *, dtype: Optional[torch.dtype] = torch.float32,
     files = _files(source)
     path = files.vae if files is not None else Path(source)
     if path.is_dir():
-        config = hf_config.vae_from_diffusers(_json(path / "config.json"))
+        config = hf_config.vae_from_diffusers(read_config(path / "config.json"))
         sd = read_state_dict(path)
     else:
         base = WAN22_VAE if "2.2" in path.name else WAN21_VAE

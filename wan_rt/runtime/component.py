@@ -53,7 +53,29 @@ class VAEDecodeGraph(nn.Module):
         return self.vae.decode(latents)
 
 
-class EagerComponent:
+class HostSwappable:
+    """Residency (runtime/residency.py) for a PyTorch module: on a GPU an idle expert can wait
+    in host memory. Needs `self.module` and `self.device`."""
+
+    module: nn.Module
+    device: torch.device
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.module.parameters())
+
+    def load(self) -> None:
+        if self.device.type == "cuda":
+            self.module.to(self.device, non_blocking=True)
+            torch.cuda.current_stream(self.device).synchronize()
+
+    def unload(self) -> None:
+        if self.device.type == "cuda":
+            self.module.to("cpu")
+            torch.cuda.empty_cache()
+
+
+class EagerComponent(HostSwappable):
     """A PyTorch module behind the contract: the correctness oracle for every other backend."""
 
     def __init__(self, name: str, module: nn.Module, device: torch.device, dtype: torch.dtype):
@@ -69,21 +91,6 @@ class EagerComponent:
         with torch.inference_mode():
             out = self.module(**cast)
         return {self.output_name: out.float()}
-
-    # Residency (runtime/residency.py): on a GPU an idle expert can wait in host memory.
-    @property
-    def nbytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.module.parameters())
-
-    def load(self) -> None:
-        if self.device.type == "cuda":
-            self.module.to(self.device, non_blocking=True)
-            torch.cuda.current_stream(self.device).synchronize()
-
-    def unload(self) -> None:
-        if self.device.type == "cuda":
-            self.module.to("cpu")
-            torch.cuda.empty_cache()
 
     def __repr__(self) -> str:
         return f"EagerComponent({self.name}, {self.dtype}, {self.device})"

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from wan_rt.config import ModelSpec
-from wan_rt.runtime.component import OUTPUT_NAMES
+from wan_rt.runtime.component import OUTPUT_NAMES, HostSwappable
 from wan_rt.runtime.graphs import GraphSpec, resolve_dim
 
 GraphRunner = Callable[[Mapping[str, Tensor]], dict[str, Tensor]]
@@ -154,7 +154,7 @@ class DiTComponent:
         return {"noise_pred": self.main(inputs)["noise_pred"].float()}
 
 
-class EagerDiTComponent(DiTComponent):
+class EagerDiTComponent(HostSwappable, DiTComponent):
     """The eager expert: the same two graphs as PyTorch modules (identical numbers to
     `dit(latents, timestep, context)`); residency moves its weights between host and GPU."""
 
@@ -163,28 +163,17 @@ class EagerDiTComponent(DiTComponent):
         from wan_rt.runtime.graphs import graph_module, graph_spec
 
         text_spec, main_spec = graph_spec(spec, name, "text"), graph_spec(spec, name, "main")
-        super().__init__(name, module_runner(graph_module(name, "text", dit), text_spec),
-                         module_runner(graph_module(name, "main", dit), main_spec), text_spec, main_spec,
-                         compute_dtype, device)
+        DiTComponent.__init__(self, name, module_runner(graph_module(name, "text", dit), text_spec),
+                              module_runner(graph_module(name, "main", dit), main_spec), text_spec, main_spec,
+                              compute_dtype, device)
         self.module = dit
-
-    @property
-    def nbytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.module.parameters())
 
     def stage(self) -> None:
         pass
 
-    def load(self) -> None:
-        if self.device.type == "cuda":
-            self.module.to(self.device, non_blocking=True)
-            torch.cuda.current_stream(self.device).synchronize()
-
     def unload(self) -> None:
-        if self.device.type == "cuda":
-            self.module.to("cpu")
-            self.text_kv.clear()
-            torch.cuda.empty_cache()
+        HostSwappable.unload(self)
+        self.text_kv.clear()
 
 
 class StreamingVAEComponent:
