@@ -89,6 +89,9 @@ def _resolve_official(files: CheckpointFiles) -> ResolvedCheckpoint:
     from wan_rt.models.shapes import infer_text_encoder_config, infer_vae_config
 
     # Memory-mapped reads: only the shapes are looked at here.
+    from wan_rt.models.shapes import infer_dit_text_dim
+
+    dit = dataclasses.replace(dit, text_dim=infer_dit_text_dim(read_state_dict(next(iter(files.dits.values())))))
     vae = infer_vae_config(read_state_dict(files.vae), WAN22_VAE if "2.2" in files.vae.name else WAN21_VAE)
     text = infer_text_encoder_config(read_state_dict(files.text_encoder))
     spec = _match_preset(dataclasses.replace(base, dit=dit, vae=vae, text_encoder=text))

@@ -6,6 +6,7 @@ the checkpoint's (memory-mapped) tensors, so a 14B expert never exists twice in 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Optional, Union
@@ -62,11 +63,14 @@ def load_dit(source: Source, component: Optional[str] = None, *, dtype: Optional
     else:
         per_token = int(cfg["in_channels"]) == int(cfg["out_channels"]) == 48  # TI2V-5B
         config = hf_config.dit_from_diffusers(cfg, text_len=512, per_token_timestep=per_token)
-    with meta_parameters():
-        model = WanDiT(config)
     sd = read_state_dict(folder)
     if official:
+        from wan_rt.models.shapes import infer_dit_text_dim
+
+        config = dataclasses.replace(config, text_dim=infer_dit_text_dim(sd))
         sd = map_keys(sd, official_dit_to_diffusers, source=folder)
+    with meta_parameters():
+        model = WanDiT(config)
     # Cast on the host before moving: a 57 GB fp32 expert must not land on the GPU uncast. The
     # cast keeps diffusers' fp32 modules (time embedder, modulation tables, cross-attn norm).
     model = load_into(model, sd, source=folder)

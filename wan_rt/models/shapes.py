@@ -37,6 +37,15 @@ def infer_vae_config(sd: Mapping[str, Tensor], base: VAEConfig) -> VAEConfig:
     )
 
 
+def infer_dit_text_dim(sd: Mapping[str, Tensor]) -> int:
+    """The official DiT config.json has no text_dim (the code fixes 4096): read the text
+    embedding's input width (official name `text_embedding.0.weight`, [dim, text_dim])."""
+    for key in ("text_embedding.0.weight", "condition_embedder.text_embedder.linear_1.weight"):
+        if key in sd:
+            return int(sd[key].shape[1])
+    raise KeyError("no text embedding weight found to read text_dim from")
+
+
 def infer_text_encoder_config(sd: Mapping[str, Tensor]) -> TextEncoderConfig:
     """`sd` in official umT5 names (token_embedding, blocks.N.attn.q, ...)."""
     vocab, d_model = sd["token_embedding.weight"].shape
