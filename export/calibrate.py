@@ -202,7 +202,7 @@ class ActivationRecorder:
         return hook
 
     def _recording_ops(self, name: str, base):
-        from wan_rt.models.ops import Ops, apply_rope
+        from wan_rt.models.ops import apply_rope
 
         def note(q: Tensor, k: Tensor, v: Tensor) -> None:
             seen = self._attention.setdefault(name, {"q": 0.0, "k": 0.0, "v": 0.0})
@@ -220,7 +220,8 @@ class ActivationRecorder:
             note(q, k, v)
             return base.attention(q, k, v)
 
-        return Ops(rope_attention=rope_attention, attention=attention)
+        # replace(): any other op the module's Ops carries (fused norms, kernels) stays as it was
+        return dataclasses.replace(base, rope_attention=rope_attention, attention=attention)
 
     def stats(self, note: str = "") -> CalibrationStats:
         linear = {n: LinearStats(float(self._amax[n]), [float(c) for c in self._channel[n]]) for n in self._amax}

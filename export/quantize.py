@@ -3,13 +3,14 @@ optionally FP8 on the attention matmuls. The result is a plain ONNX (opset 19) t
 builds strongly typed and that ONNX Runtime's CPU provider executes.
 
     plan = QuantPlan(QuantConfig("fp8"), stats, num_layers=40, head_dim=128)
-    files = plan.apply(Path(".../model.onnx"))    # rewrites the file in place
+    files = plan.apply(Path(".../model.onnx"), graph_module)   # rewrites the file in place
 
 Placement rules (what `quantize_model` does, and what tests/test_quantize.py checks):
-* candidates are MatMul/Gemm nodes whose weight is an initializer; the module path is read from
-  the node name the TorchScript exporter writes ("/dit/blocks.3/ffn/net.2/MatMul" ->
-  "blocks.3.ffn.net.2"), and `wan_rt.precision.keep_reason` decides: embeddings, modulation,
-  norms, the head and the first/last blocks stay in the graph's precision, untouched;
+* candidates are MatMul/Gemm nodes whose weight is an initializer. Each is matched to its
+  nn.Linear by weight content (`match_linears`: node names are unreliable, the exporter scopes
+  them by forward calls), and `wan_rt.precision.keep_reason` decides on the module path:
+  embeddings, modulation, norms, the head and the first/last blocks stay in the graph's
+  precision, untouched; so does a MatMul that matches no linear layer;
 * activations: one per-tensor QuantizeLinear -> DequantizeLinear per distinct input tensor,
   shared by the linears reading it (to_q/to_k/to_v), scale = amax / qmax from calibration;
 * weights: stored quantized (int8 or float8e4m3fn initializers, 1 byte each) with a per-output-
@@ -82,8 +83,10 @@ def attention_fp8_supported(head_dim: int) -> bool:
 
 @dataclass
 class QuantReport:
-    quantized: dict[str, str] = field(default_factory=dict)  # node name -> "linear fp8" | "attention fp8" ...
-    kept: dict[str, str] = field(default_factory=dict)       # node name -> why it stays high precision
+    # module path ("blocks.3.ffn.net.2", "blocks.3.attn1:q@k") -> "linear fp8", "attention fp8", ...
+    quantized: dict[str, str] = field(default_factory=dict)
+    # module path (node name if it matches no module) -> why it stays high precision
+    kept: dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> str:
         return f"{len(self.quantized)} matmuls quantized, {len(self.kept)} kept high precision"
@@ -117,7 +120,7 @@ def module_path(node_name: str, prefix: str = "dit") -> str:
 
 
 # ------------------------------------------------------------------------------------ tensors
-_TORCH_OF = {}  # onnx elem type -> torch dtype, filled lazily (onnx imported inside functions)
+_TORCH_OF: dict[int, torch.dtype] = {}  # onnx elem type -> torch dtype, filled lazily (onnx imported inside functions)
 
 
 def _torch_dtype(elem_type: int) -> torch.dtype:
@@ -297,10 +300,11 @@ def match_linears(model, module: torch.nn.Module) -> dict[str, str]:
             index[_weight_key(w.T)].append(path)
             index[_weight_key(w)].append(path)
     out = {}
+    inits = {t.name: t for t in model.graph.initializer}
     for n in model.graph.node:
         if n.op_type not in ("MatMul", "Gemm") or len(n.input) < 2:
             continue
-        init = next((t for t in model.graph.initializer if t.name == n.input[1]), None)
+        init = inits.get(n.input[1])
         if init is None or len(init.dims) != 2:
             continue
         found = sorted(set(index.get(_weight_key(_as_float(init)), [])))
@@ -356,12 +360,14 @@ def _quantize_linears(g: _Graph, plan: QuantPlan, paths: Mapping[str, str], repo
         src = x
         if cfg.precision == "int8":
             w_channel = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
-            s = _round_to(smooth_factors(channel, w_channel, cfg.smooth_alpha), float_type)
-            weights = [w * s[:, None] for w in weights]
-            inv = g.constant(f"{tag}_smooth", torch.from_numpy(1.0 / s), float_type)
+            # The graph multiplies by 1/s as its float type holds it; the weights are divided by
+            # exactly that value, so smoothing itself changes nothing but the quantization grid.
+            inv = _round_to(1.0 / smooth_factors(channel, w_channel, cfg.smooth_alpha), float_type)
+            weights = [w / inv[:, None] for w in weights]
+            inv_name = g.constant(f"{tag}_smooth", torch.from_numpy(inv), float_type)
             src = g.name(f"{tag}_smoothed")
-            g.insert(first, helper.make_node("Mul", [x, inv], [src], name=src))
-            amax = float((channel / s).max())
+            g.insert(first, helper.make_node("Mul", [x, inv_name], [src], name=src))
+            amax = float((channel * inv).max())
         else:
             amax = float(max(stats.linear[p].amax for p in node_paths))
         dq = _qdq(g, src, amax, cfg.precision, float_type, first, tag)

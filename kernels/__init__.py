@@ -8,7 +8,8 @@ implementation, so torch.compile / torch.export / AOTInductor trace it as one no
 * `attention(q, k, v, *, scale=None)`: the same kernel without RoPE (text cross-attention).
 * `causal_conv3d(x, weight, bias=None, cache=None) -> (y, new_cache)`: VAE causal conv.
 * `rmsnorm_rope(x, weight, cos, sin, eps)`, `layernorm_modulate(x, shift, scale, eps)`.
-* `TRITON_OPS`: a `wan_rt.models.ops.Ops` for `set_ops(model, TRITON_OPS)`.
+* `TRITON_OPS`: a `wan_rt.models.ops.Ops` for `set_ops(model, TRITON_OPS)` (attention, and the
+  blocks' LayerNorm + modulation through `layernorm_modulate`).
 * `install(model)`: put the kernels into an eager DiT or VAE from outside (kernels/integrate.py).
 * `*_ref`: the pure-torch references the tests compare against.
 
@@ -24,6 +25,7 @@ interpreted kernels when first imported (TRITON_INTERPRET=1 runs them on the CPU
 
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import Any
 
@@ -56,12 +58,28 @@ def _import(module: str) -> Any:
         raise
 
 
+def _ops_layernorm_modulate(kernel: Any, x: Any, shift: Any, scale: Any, norm: Any) -> Any:
+    """`Ops.layernorm_modulate` on the fused kernel (`norm` is the block's LayerNorm without
+    affine; the kernel takes its eps). The model's shift/scale are [B, n, C] with row i covering
+    the i-th run of L/n tokens (n = latent frames for TI2V); the kernel takes [B, 1, C], so each
+    run becomes its own batch row (views, no copies)."""
+    assert norm.weight is None and norm.bias is None, "the fused kernel is LayerNorm without affine"
+    B, L, C = x.shape
+    n = shift.shape[1]
+    if n == 1:
+        return kernel(x, shift, scale, norm.eps)
+    y = kernel(x.reshape(B * n, L // n, C), shift.reshape(B * n, 1, C), scale.reshape(B * n, 1, C), norm.eps)
+    return y.reshape(B, L, C)
+
+
 def __getattr__(name: str) -> Any:
     if name == "TRITON_OPS":
         from wan_rt.models.ops import Ops
 
         mod = _import("rope3d_attn")  # fails here, with the message above, without triton
-        ops = Ops(rope_attention=mod.rope3d_attention, attention=mod.attention)
+        norms = _import("fused_norms")
+        ops = Ops(rope_attention=mod.rope3d_attention, attention=mod.attention,
+                  layernorm_modulate=functools.partial(_ops_layernorm_modulate, norms.layernorm_modulate))
         globals()["TRITON_OPS"] = ops
         return ops
     if name in _EXPORTS:

@@ -330,3 +330,22 @@ def test_pipeline_on_ort_matches_eager(built, spec_name):
     assert float(want.frames.std()) > 1e-3, "degenerate video would make the comparison meaningless"
     err = max_abs_error(torch.from_numpy(got.frames), torch.from_numpy(want.frames))
     assert err < TOL, f"{spec_name}: max |ORT - eager| = {err:.2e}"
+
+
+def test_bf16_dit_graphs_export_for_tensorrt(tmp_path):
+    """TensorRT builds bf16 engines from these graphs: they must export in bf16 (ONNX Conv has
+    no bf16 before opset 22, so the patch embedding must not be a Conv) and pass the checker."""
+    from wan_rt.models.dit import WanDiT, cast_dit
+
+    spec = get_spec("tiny-t2v-A14B")
+    dit = cast_dit(WanDiT(spec.dit).eval(), torch.bfloat16)
+    profile = shape_profile(spec, height=32, width=32, frames=9)
+    for graph in ("text", "main"):
+        path = tmp_path / f"{graph}.onnx"
+        export_onnx(graph_module("dit_high_noise", graph, dit), graph_spec(spec, "dit_high_noise", graph), profile,
+                    path, compute_dtype=torch.bfloat16)
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model)
+        assert "Conv" not in {n.op_type for n in model.graph.node}
+        first_input = model.graph.input[0].type.tensor_type.elem_type
+        assert first_input == onnx.TensorProto.BFLOAT16

@@ -16,19 +16,28 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
 from wan_rt.config import ModelSpec, spec_hash
 from wan_rt.loader import ResolvedCheckpoint, resolve_checkpoint
+from wan_rt.precision import QUALITY_TOLERANCE, QUANTIZED_PRECISIONS, quantized_base_dtype
 from wan_rt.runtime.backends import get_backend
 from wan_rt.runtime.graphs import (ShapeProfile, components_of, graph_module, graph_names, graph_spec,
                                    shape_profile)
 from wan_rt.runtime.manifest import (INDEX, EngineManifest, StaleEngineError, device_name, first_difference,
                                      weights_fingerprint)
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+if TYPE_CHECKING:
+    from wan_rt.export.quantize import QuantConfig, QuantPlan
+    from wan_rt.export.trt_build import BuildConfig
+
+CALIBRATION_FILE = "calibration.json"
+# fp8 / int8: the DiTs' linear layers quantized with Q/DQ after a calibration run (export/quantize.py,
+# wan_rt/precision.py); everything else at the backend's base dtype (component_dtype).
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+              "fp8": torch.float32, "int8": torch.float32}
 
 
 def best_backend() -> str:
@@ -44,10 +53,14 @@ def default_precision(backend: str, device: torch.device) -> str:
     return "fp16" if backend == "ort" else "bf16"
 
 
-def component_dtype(component: str, precision: str) -> torch.dtype:
+def component_dtype(component: str, precision: str, backend: Optional[str] = None) -> torch.dtype:
     """The VAE stays fp32 (as the official code runs it): it is a small share of the time and
     the streaming cache accumulates rounding. umT5 is never fp16 (its activations overflow it;
-    bf16 is fine). Everything else follows the requested precision."""
+    bf16 is fine). Everything else follows the requested precision. A quantized precision
+    (fp8, int8) is the base dtype the Q/DQ graph is built in: bf16 under TensorRT, fp32 on
+    ONNX Runtime (wan_rt.precision.quantized_base_dtype)."""
+    if precision in QUANTIZED_PRECISIONS:
+        return quantized_base_dtype(component, backend)
     if component.startswith("vae") or (component == "text_encoder" and precision == "fp16"):
         return torch.float32
     return PRECISIONS[precision]
@@ -95,7 +108,12 @@ def _load_model(resolved: ResolvedCheckpoint, component: str, dtype: torch.dtype
 def build_engines(model: str, backend: str, engines_dir: Path, *, precision: Optional[str] = None,
                   height: Optional[int] = None, width: Optional[int] = None, frames: Optional[int] = None,
                   components: Optional[list[str]] = None, force: bool = False,
-                  device: Optional[str] = None, log: Callable[[str], None] = print) -> list[EngineManifest]:
+                  device: Optional[str] = None, log: Callable[[str], None] = print,
+                  quant_config: Optional["QuantConfig"] = None,
+                  trt_config: Optional["BuildConfig"] = None) -> list[EngineManifest]:
+    """`quant_config` tunes fp8/int8 builds (calibration prompts and steps, FP8 attention,
+    SmoothQuant alpha); `trt_config` the TensorRT builder (optimization level, refit, weight
+    streaming). Both are recorded in the manifests' build_args."""
     backend_mod = get_backend(backend)
     if not backend_mod.is_available():
         why = getattr(backend_mod, "unavailable_reason", lambda: "its libraries are not installed")()
@@ -104,6 +122,8 @@ def build_engines(model: str, backend: str, engines_dir: Path, *, precision: Opt
     precision = precision or default_precision(backend, dev)
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} is not supported yet; choose from {', '.join(PRECISIONS)}")
+    if precision in QUANTIZED_PRECISIONS and backend not in ("ort", "trt"):
+        raise ValueError(f"{precision} engines are Q/DQ ONNX graphs: build them with --backend ort or trt")
     resolved = resolve_checkpoint(model)
     spec = resolved.spec
     height, width = height or spec.height, width or spec.width
@@ -122,19 +142,43 @@ def build_engines(model: str, backend: str, engines_dir: Path, *, precision: Opt
     _check_index(engines_dir, model_id, spec, backend, precision, force)
     _remove_leftovers(engines_dir)
 
+    quantized = precision in QUANTIZED_PRECISIONS
+    if quantized:
+        from wan_rt.export.quantize import QuantConfig
+
+        quant_config = quant_config or QuantConfig(precision)
+        if quant_config.precision != precision:
+            raise ValueError(f"quant_config is for {quant_config.precision}, the build for {precision}")
+    if backend == "trt":
+        from wan_rt.export.trt_build import BuildConfig
+
+        trt_config = trt_config or BuildConfig()
+
     built = []
+    calibration: Optional[dict] = None
     for name in wanted:
         want = expected_manifest(resolved, model_id, name, backend, precision, profile, dev)
         want.tool_versions = backend_mod.versions()
         want.build_args = {"height": height, "width": width, "frames": frames}
+        options: dict = {}
+        if trt_config is not None and backend == "trt":
+            want.build_args.update(trt_config.manifest_args())
+            options.update(config=trt_config, timing_cache=engines_dir / "timing.cache")
+        quantize = quantized and name in spec.dit_components
+        if quantize:
+            want.build_args.update(quant_config.manifest_args(), tolerances=QUALITY_TOLERANCE[precision])
         final = engines_dir / name
         if not force and _up_to_date(final, want, backend_mod):
             log(f"  {name:<16} up to date ({final})")
             built.append(EngineManifest.read(final))
             continue
+        if quantize:
+            if calibration is None:  # once, before the first DiT graph, for every expert
+                calibration = _calibrate(resolved, model, wanted, quant_config, (height, width, frames), dev, log)
+            options["quant"] = _quant_plan(spec, quant_config, calibration[name])
         log(f"  {name:<16} building ({backend}, {precision}) ...")
         start = time.perf_counter()
-        manifest = _build_component(resolved, name, want, backend_mod, profile, dev, engines_dir)
+        manifest = _build_component(resolved, name, want, backend_mod, profile, dev, engines_dir, options)
         log(f"  {name:<16} built in {time.perf_counter() - start:.1f}s -> {final}")
         built.append(manifest)
     _write_index(engines_dir, model_id, spec, backend, precision, [m.component for m in built])
@@ -146,8 +190,35 @@ def _up_to_date(folder: Path, want: EngineManifest, backend_mod) -> bool:
         have = EngineManifest.read(folder)
     except StaleEngineError:
         return False
-    return (first_difference(have, want) is None and version_mismatch(have, backend_mod) is None
+    # Build flags (quantization recipe, TensorRT options) make a different engine too.
+    same_args = all(have.build_args.get(k) == json.loads(json.dumps(v)) for k, v in want.build_args.items())
+    return (first_difference(have, want) is None and version_mismatch(have, backend_mod) is None and same_args
             and all((folder / f).is_file() for f in have.files()))
+
+
+def _calibrate(resolved: ResolvedCheckpoint, model: str, wanted: list[str], config: "QuantConfig",
+               size: tuple[int, int, int], device: torch.device, log: Callable[[str], None]) -> dict:
+    """Activation statistics of every expert to build, from the fp32 eager pipeline's own
+    denoising trajectory at the build's size (export/calibrate.py)."""
+    from wan_rt.export.calibrate import calibrate_experts, record_trajectory
+
+    dits = [c for c in wanted if c in resolved.spec.dit_components]
+    steps = min(config.calib_steps, resolved.spec.sample_steps)
+    log(f"  calibrating {', '.join(dits)}: {len(config.calib_prompts)} prompts x {steps} steps of the fp32 "
+        "eager pipeline ...")
+    start = time.perf_counter()
+    height, width, frames = size
+    trajectory = record_trajectory(model, prompts=config.calib_prompts, steps=steps, height=height, width=width,
+                                   frames=frames, device=device)
+    stats = calibrate_experts(resolved, trajectory, dits, device, log)
+    log(f"  calibrated in {time.perf_counter() - start:.1f}s ({len(trajectory.calls)} DiT calls)")
+    return stats
+
+
+def _quant_plan(spec: ModelSpec, config: "QuantConfig", stats) -> "QuantPlan":
+    from wan_rt.export.quantize import QuantPlan
+
+    return QuantPlan(config, stats, spec.dit.num_layers, spec.dit.head_dim)
 
 
 def version_mismatch(manifest: EngineManifest, backend_mod) -> Optional[str]:
@@ -160,18 +231,24 @@ def version_mismatch(manifest: EngineManifest, backend_mod) -> Optional[str]:
 
 
 def _build_component(resolved: ResolvedCheckpoint, name: str, want: EngineManifest, backend_mod,
-                     profile: ShapeProfile, device: torch.device, engines_dir: Path) -> EngineManifest:
+                     profile: ShapeProfile, device: torch.device, engines_dir: Path,
+                     options: Optional[dict] = None) -> EngineManifest:
+    """`options` go to the backend's build_graph (quant: a QuantPlan; TensorRT's config)."""
     start = time.perf_counter()
-    dtype = component_dtype(name, want.precision)
+    options = options or {}
+    dtype = component_dtype(name, want.precision, want.backend)
     model = _load_model(resolved, name, dtype, device)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=engines_dir))
     try:
+        if "quant" in options:  # the statistics the Q/DQ scales came from, for audits and refits
+            options["quant"].stats.save(tmp / CALIBRATION_FILE)
+            want.build_args["calibration_sha256"] = options["quant"].stats.fingerprint()
         for g in graph_names(name):
             gspec = graph_spec(resolved.spec, name, g)
             sub = tmp / g
             sub.mkdir()
             files = backend_mod.build_graph(graph_module(name, g, model), gspec, profile, sub,
-                                            compute_dtype=dtype, device=device)
+                                            compute_dtype=dtype, device=device, **options)
             want.graphs[g]["files"] = [f"{g}/{f}" for f in files]
         want.created_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
         want.build_seconds = round(time.perf_counter() - start, 2)

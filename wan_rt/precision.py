@@ -44,14 +44,14 @@ _BLOCK = re.compile(r"^blocks\.(\d+)(\.|$)")
 KEEP_FRACTION = 3 / 40
 
 # Quality bounds recorded in each quantized DiT's manifest at build time and checked by
-# `wan-rt parity`: per-step noise-prediction relative L2 (quantized vs the fp32 oracle, same
-# inputs every step), per-graph relative error on random inputs, and decoded-frame PSNR.
-# Measured on the tiny random-weight presets (fp8 ~3e-2 per step, int8 ~1e-2; see the README):
-# the bounds leave ~2-3x headroom. Trained models are smoother (NVIDIA reports FP8 Wan visually
-# lossless); re-measure and tighten them there.
+# `wan-rt parity` on the fp32 oracle's trajectory: per-step noise-prediction relative L2
+# (quantized vs fp32, the same inputs every step) and decoded-frame PSNR. Measured on the three
+# tiny presets (random weights, ONNX Runtime CPU): fp8 0.9-1.5e-2 per step and 43-44 dB, int8
+# 0.9-2.4e-2 and 36-46 dB, so the bounds leave 4x / 10 dB of headroom. Not yet measured on real
+# checkpoints: re-measure there and tighten.
 QUALITY_TOLERANCE: dict[str, dict[str, float]] = {
-    "fp8": {"noise_pred_rel_l2": 0.1, "graph_rel_l2": 0.1, "frame_psnr_db": 25.0},
-    "int8": {"noise_pred_rel_l2": 0.1, "graph_rel_l2": 0.1, "frame_psnr_db": 25.0},
+    "fp8": {"noise_pred_rel_l2": 0.1, "frame_psnr_db": 25.0},
+    "int8": {"noise_pred_rel_l2": 0.1, "frame_psnr_db": 25.0},
 }
 
 

@@ -17,7 +17,9 @@ def add_parser(subparsers) -> None:
                    help="checkpoint folder (diffusers or official layout) or preset name")
     p.add_argument("--backend", default=None, choices=["ort", "aoti", "trt"],
                    help="engine kind (default: the best this machine has: trt, else ort)")
-    p.add_argument("--precision", default=None, help="fp32 | bf16 | fp16 (default: fp32 on CPU, bf16/fp16 on GPU)")
+    p.add_argument("--precision", default=None,
+                   help="fp32 | bf16 | fp16 | fp8 | int8 (default: fp32 on CPU, bf16/fp16 on GPU); fp8 and int8 "
+                        "calibrate on the fp32 pipeline and quantize the DiTs' linear layers (ort, trt)")
     p.add_argument("--height", type=int, default=None, help="largest height the engines serve (default: the model's)")
     p.add_argument("--width", type=int, default=None, help="largest width (default: the model's)")
     p.add_argument("--frames", type=int, default=None, help="largest frame count, 4k+1 (default: the model's)")
@@ -25,6 +27,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--engines-dir", default=DEFAULT_ENGINES_DIR)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     p.add_argument("--force", action="store_true", help="rebuild even if the manifests verify")
+    p.add_argument("--fp8-attention", action="store_true", help="fp8: quantize the attention matmuls too")
+    p.add_argument("--trt-opt-level", type=int, default=3, help="TensorRT builder optimization level (0-5)")
+    p.add_argument("--refittable", action="store_true", help="TensorRT: engines whose weights can be refitted")
+    p.add_argument("--weight-streaming", action="store_true",
+                   help="TensorRT: weights stay in host memory and stream in (experts larger than the GPU)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,9 +41,22 @@ def run(args: argparse.Namespace) -> int:
     components = [c.strip() for c in args.components.split(",")] if args.components else None
     print(f"building {args.model} -> {args.engines_dir} ({backend})")
     start = time.perf_counter()
+    quant_config = trt_config = None
+    if args.fp8_attention:
+        from wan_rt.export.quantize import QuantConfig
+
+        if args.precision != "fp8":
+            raise ValueError("--fp8-attention needs --precision fp8")
+        quant_config = QuantConfig("fp8", fp8_attention=True)
+    if backend == "trt":
+        from wan_rt.export.trt_build import BuildConfig
+
+        trt_config = BuildConfig(opt_level=args.trt_opt_level, refittable=args.refittable,
+                                 weight_streaming=args.weight_streaming)
     manifests = build_engines(args.model, backend, args.engines_dir, precision=args.precision,
                               height=args.height, width=args.width, frames=args.frames,
-                              components=components, force=args.force, device=args.device)
+                              components=components, force=args.force, device=args.device,
+                              quant_config=quant_config, trt_config=trt_config)
     print(f"{len(manifests)} components ready in {time.perf_counter() - start:.1f}s; "
           f"run them with: wan-rt run --engines-dir {args.engines_dir}")
     return 0

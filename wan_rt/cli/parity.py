@@ -13,19 +13,19 @@ def add_parser(subparsers) -> None:
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--engines-dir", default=DEFAULT_ENGINES_DIR)
     p.add_argument("--model", default=None, help="default: the model the engines were built from")
-    p.add_argument("--steps", type=int, default=2, help="steps of the end-to-end check (0 skips it)")
+    p.add_argument("--steps", type=int, default=2,
+                   help="steps of the end-to-end check (0 skips it; fp8/int8 engines: their quality report "
+                        "runs the model's default steps)")
     p.add_argument("--device", default=None)
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from wan_rt.parity import format_rows, graph_parity, video_parity
+    from wan_rt.parity import format_rows, parity_rows
 
     device = torch.device(args.device) if args.device else None
-    rows = graph_parity(Path(args.engines_dir), model=args.model, device=device)
-    if args.steps > 0:
-        rows.append(video_parity(Path(args.engines_dir), model=args.model, steps=args.steps, device=device))
+    rows = parity_rows(Path(args.engines_dir), model=args.model, steps=args.steps, device=device)
     print(format_rows(rows))
     failed = [r for r in rows if not r.ok]
     print(f"{len(rows) - len(failed)} passed, {len(failed)} failed")

@@ -7,8 +7,8 @@ Parameter names are diffusers' state_dict keys, so a diffusers checkpoint loads 
 
 * RoPE tables are computed from the token grid in `forward` (float32, real form, no buffers), so
   they are never in a checkpoint and the exported graph needs no complex or float64 ops.
-* Attention goes through `self.ops` (`wan_rt.models.ops`), so Triton / fused kernels are swapped
-  in from outside with `set_ops`.
+* Attention and the blocks' LayerNorm + modulation go through `self.ops` (`wan_rt.models.ops`),
+  so Triton / fused kernels are swapped in from outside with `set_ops`.
 * The timestep MLP and the 6-way modulation run once per distinct timestep value (per sample,
   or per latent frame for TI2V), never per token: at TI2V 720p a per-token e0 is ~2 GB fp32.
 * Wan 2.1 image cross-attention (CLIP tokens, `add_k_proj`) is not a Wan 2.2 feature; not here.
@@ -236,11 +236,28 @@ def _gated_add(x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
     return out.flatten(1, 2).to(x.dtype)
 
 
+class PatchEmbed(nn.Conv3d):
+    """The patchify Conv3d (kernel == stride), computed as what it is: one linear map per patch.
+
+    Same parameters as nn.Conv3d (key `patch_embedding.weight` [D, C, pt, ph, pw]); written as
+    reshape + linear so exported graphs need no Conv, which ONNX has in bf16 only from opset 22
+    (TensorRT's bf16 engines are built from these graphs). Returns tokens [B, f*h*w, D].
+    """
+
+    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+        b, c = x.shape[0], x.shape[1]
+        pt, ph, pw = self.kernel_size
+        f, h, w = x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw
+        patches = x.reshape(b, c, f, pt, h, ph, w, pw).permute(0, 2, 4, 6, 1, 3, 5, 7)
+        return F.linear(patches.reshape(b, f * h * w, c * pt * ph * pw), self.weight.flatten(1), self.bias)
+
+
 class Block(nn.Module):
     """Wan attention block (official `WanAttentionBlock`, diffusers `WanTransformerBlock`)."""
 
     def __init__(self, cfg: DiTConfig, ops: Ops):
         super().__init__()
+        self.ops = ops  # swapped by `set_ops`: the fused norm + modulation (layernorm_modulate)
         self.norm1 = LayerNorm32(cfg.dim, cfg.eps, elementwise_affine=False)
         self.attn1 = Attention(cfg, ops)
         self.norm2 = LayerNorm32(cfg.dim, cfg.eps, elementwise_affine=True)  # official `norm3`
@@ -258,14 +275,14 @@ class Block(nn.Module):
             self.scale_shift_table.float() + e0).unbind(2)  # each [B, n, D]
 
         # 1. Self-attention, modulated and gated
-        h = _modulate(self.norm1(x), shift_msa, scale_msa).to(dtype)
+        h = self.ops.layernorm_modulate(x, shift_msa, scale_msa, self.norm1)  # = _modulate(norm1(x), ...)
         x = _gated_add(x, self.attn1(h, rope=rope), gate_msa)
 
         # 2. Cross-attention on the text: neither modulated nor gated
         x = x + self.attn2(self.norm2(x).to(dtype), context=context, kv=text_kv)
 
         # 3. Feed-forward, modulated and gated
-        h = _modulate(self.norm3(x), shift_ffn, scale_ffn).to(dtype)
+        h = self.ops.layernorm_modulate(x, shift_ffn, scale_ffn, self.norm3)
         return _gated_add(x, self.ffn(h), gate_ffn)
 
 
@@ -291,7 +308,7 @@ class WanDiT(nn.Module):
         super().__init__()
         self.config = config
         d = config.dim
-        self.patch_embedding = nn.Conv3d(config.in_channels, d, config.patch_size, stride=config.patch_size)
+        self.patch_embedding = PatchEmbed(config.in_channels, d, config.patch_size, stride=config.patch_size)
         self.condition_embedder = ConditionEmbedder(config)
         self.blocks = nn.ModuleList([Block(config, ops) for _ in range(config.num_layers)])
         self.norm_out = LayerNorm32(d, config.eps, elementwise_affine=False)
@@ -313,8 +330,8 @@ class WanDiT(nn.Module):
         pt, ph, pw = self.config.patch_size
         f, h, w = x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw
 
-        # 1. Patch embedding: [B, C_in, F, H, W] -> [B, D, f, h, w] -> tokens [B, L, D]
-        hidden = self.patch_embedding(x.to(dtype)).flatten(2).transpose(1, 2).contiguous()
+        # 1. Patch embedding: [B, C_in, F, H, W] -> tokens [B, L, D], L = f*h*w in (f, h, w) order
+        hidden = self.patch_embedding(x.to(dtype))
         rope = rope_tables(self.config, (f, h, w), hidden.device)  # 2 x [L, Dh/2] float32
 
         # 2. Condition embeddings: one modulation row per distinct timestep (n = 1 or f)

@@ -39,10 +39,24 @@ def rope_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor) ->
     return attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
 
 
+def layernorm_modulate(x: Tensor, shift: Tensor, scale: Tensor, norm: torch.nn.LayerNorm) -> Tensor:
+    """norm(x)·(1 + scale) + shift in float32, returned in x's dtype: the norm + modulation before
+    a block's self-attention and feed-forward (wan_rt.models.dit.Block).
+
+    x: [B, L, D]; shift, scale: float32 [B, n, D], row i covering the i-th run of L/n tokens
+    (n = 1: every token; n = F: one latent frame each); norm: the block's LayerNorm without
+    affine (dit.LayerNorm32, float32 out; a fused kernel reads its `eps`). The module itself is
+    passed, not its width, so the traced ONNX graph keeps a static normalized shape.
+    """
+    h = norm(x).unflatten(1, (shift.shape[1], -1))  # [B, n, L/n, D]
+    return (h * (1 + scale.unsqueeze(2)) + shift.unsqueeze(2)).flatten(1, 2).to(x.dtype)
+
+
 @dataclass(frozen=True)
 class Ops:
     rope_attention: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
     attention: Callable[[Tensor, Tensor, Tensor], Tensor]
+    layernorm_modulate: Callable[[Tensor, Tensor, Tensor, torch.nn.LayerNorm], Tensor] = layernorm_modulate
 
 
 EAGER_OPS = Ops(rope_attention=rope_attention, attention=attention)

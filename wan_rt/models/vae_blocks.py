@@ -149,7 +149,9 @@ class AttentionBlock(nn.Module):
         qkv = self.to_qkv(self.norm(y)).reshape(b * t, 3 * c, h * w).transpose(1, 2)  # [bt, hw, 3c]
         q, k, v = qkv.unsqueeze(1).chunk(3, dim=-1)  # each [bt, 1, hw, c]
         y = F.scaled_dot_product_attention(q, k, v)
-        y = self.proj(y.squeeze(1).transpose(1, 2).reshape(b * t, c, h, w))
+        # The reshape is a channels-last view; made contiguous because torch.export's conv meta
+        # picks a memory format by asking `b*t > 1`, which fixes a dynamic batch (AOTInductor).
+        y = self.proj(y.squeeze(1).transpose(1, 2).reshape(b * t, c, h, w).contiguous())
         return x + y.view(b, t, c, h, w).permute(0, 2, 1, 3, 4)
 
 
@@ -224,7 +226,9 @@ class Resample(nn.Module):
         x = self.resample(x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w))
         x = x.view(b, t, *x.shape[1:]).permute(0, 2, 1, 3, 4)
         if self.mode == "downsample3d":
-            new = (x[:, :, -1:].contiguous(),)
+            # clone, not .contiguous(): the latter's stride check on this permuted view asks
+            # `B != 1` under torch.export and fixes a dynamic batch (same values either way).
+            new = (x[:, :, -1:].clone(memory_format=torch.contiguous_format),)
             if not first_chunk:
                 x = self.time_conv(x, cache[0])  # time = [cached frame, x], stride 2, no zeros
         return x, new
@@ -242,6 +246,9 @@ class AvgDown3D(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         ft, fs = self.ft, self.fs
         x = F.pad(x, (0, 0, 0, 0, (-x.shape[2]) % ft, 0))  # left-pad time to a multiple of ft
+        # x may have a resampler's permuted strides; a view of it makes torch.export ask `B != 1`
+        # and fix a dynamic batch, so copy to contiguous first (same values).
+        x = x.clone(memory_format=torch.contiguous_format)
         b, c, t, h, w = x.shape
         x = x.view(b, c, t // ft, ft, h // fs, fs, w // fs, fs).permute(0, 1, 3, 5, 7, 2, 4, 6)
         return x.reshape(b, self.out_dim, self.group, t // ft, h // fs, w // fs).mean(dim=2)

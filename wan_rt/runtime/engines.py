@@ -89,7 +89,8 @@ def load_engine_components(engines_dir: Path, *, model: Optional[str] = None,
         components[name] = _component(engines_dir / name, manifest, resolved, backend_mod, dev)
     eager = [c for c in components_of(spec) if c not in components]
     if eager:
-        components.update(build_eager_components(resolved, dev, component_dtype("dit", index["precision"]), eager))
+        dtype = component_dtype("dit", index["precision"], index["backend"])
+        components.update(build_eager_components(resolved, dev, dtype, eager))
     return resolved, components
 
 
@@ -112,7 +113,7 @@ def _profile_args(folder: Path) -> dict:
 
 def _component(folder: Path, manifest: EngineManifest, resolved: ResolvedCheckpoint, backend_mod, device):
     name, spec = manifest.component, resolved.spec
-    dtype = component_dtype(name, manifest.precision)
+    dtype = component_dtype(name, manifest.precision, manifest.backend)
 
     def runner(graph: str):
         gspec = graph_spec(spec, name, graph)

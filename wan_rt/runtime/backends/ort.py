@@ -13,8 +13,10 @@ and is the same code with device "cpu".
 Precision: fp32 everywhere (the precision that must work on the CPU; it matches eager within
 1e-6 on the tiny models). fp16 only with a GPU provider: onnxruntime's CPU kernels cover few fp16
 ops, so `build_graph`/`load_graph` refuse it on the CPU. bf16 is refused: onnxruntime has
-almost no bf16 kernels. NOT VERIFIED on a GPU: the CUDA / TensorRT providers and fp16 have never
-run here (no onnxruntime-gpu and no GPU on any machine this was written on).
+almost no bf16 kernels. fp8 / int8 (DiTs only): an fp32 graph with Q/DQ nodes (export/quantize.py),
+which the CPU provider executes, FP8 E4M3 included. NOT VERIFIED on a GPU: the CUDA / TensorRT
+providers and fp16 have never run here (no onnxruntime-gpu and no GPU on any machine this was
+written on).
 """
 
 from __future__ import annotations
@@ -65,15 +67,21 @@ def _check_precision(compute_dtype: torch.dtype, device: torch.device) -> None:
 
 
 def build_graph(module: torch.nn.Module, gspec: GraphSpec, profile: ShapeProfile, out_dir: str | os.PathLike, *,
-                compute_dtype: torch.dtype, device: torch.device | str, **export_args) -> list[str]:
+                compute_dtype: torch.dtype, device: torch.device | str, quant=None, **export_args) -> list[str]:
     """Export one graph module to `out_dir/model.onnx` (+ `model.onnx.data` over 2 GB); returns
-    the file names, relative to out_dir. `export_args` go to export_onnx (opset, threshold)."""
+    the file names, relative to out_dir. `export_args` go to export_onnx (opset, threshold).
+    `quant` (export.quantize.QuantPlan, fp8/int8 DiTs): export at opset 19 and insert Q/DQ."""
     from wan_rt.export.onnx_export import export_onnx
 
     device = torch.device(device)
     _check_precision(compute_dtype, device)
-    return export_onnx(module, gspec, profile, Path(out_dir) / MODEL_FILE, compute_dtype=compute_dtype,
-                       device=device, **export_args)
+    if quant is not None:
+        from wan_rt.export.quantize import QDQ_OPSET
+
+        export_args.setdefault("opset", QDQ_OPSET)
+    files = export_onnx(module, gspec, profile, Path(out_dir) / MODEL_FILE, compute_dtype=compute_dtype,
+                        device=device, **export_args)
+    return files if quant is None else quant.apply(Path(out_dir) / MODEL_FILE, module)
 
 
 # ------------------------------------------------------------------------------------ runtime

@@ -64,7 +64,7 @@ def build_graph(module: torch.nn.Module, gspec: GraphSpec, profile: ShapeProfile
     """Export `module` to ONNX (opset 19 with Q/DQ when `quant` is given), build `model.plan`
     into out_dir; returns the files written (the ONNX only with config.keep_onnx)."""
     from wan_rt.export.onnx_export import DEFAULT_OPSET, export_onnx
-    from wan_rt.export.quantize import QDQ_OPSET
+    from wan_rt.export.quantize import QDQ_OPSET, REPORT_FILE
     from wan_rt.export.trt_build import PLAN_FILE, BuildConfig, build_engine
 
     device = torch.device(device)
@@ -77,13 +77,16 @@ def build_graph(module: torch.nn.Module, gspec: GraphSpec, profile: ShapeProfile
         onnx_path = onnx_dir / "model.onnx"
         files = export_onnx(module, gspec, profile, onnx_path, compute_dtype=compute_dtype, device=device,
                             opset=QDQ_OPSET if quant is not None else DEFAULT_OPSET)
+        kept = [PLAN_FILE]
         if quant is not None:
             files = quant.apply(onnx_path, module)
+            shutil.copy(onnx_dir / REPORT_FILE, out / REPORT_FILE)  # which matmuls are quantized
+            kept.append(REPORT_FILE)
         build_engine(onnx_path, gspec, profile, out / PLAN_FILE, config=config, timing_cache=timing_cache)
     finally:
         if not config.keep_onnx:
             shutil.rmtree(onnx_dir, ignore_errors=True)
-    return [PLAN_FILE, *([f"onnx/{f}" for f in files] if config.keep_onnx else [])]
+    return [*kept, *([f"onnx/{f}" for f in files if f != REPORT_FILE] if config.keep_onnx else [])]
 
 
 def load_graph(out_dir: str | os.PathLike, gspec: GraphSpec, files: Sequence[str], *,

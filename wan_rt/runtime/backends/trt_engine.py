@@ -28,7 +28,7 @@ import contextlib
 import os
 import threading
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional
 
@@ -54,6 +54,10 @@ def torch_dtype(dtype: "trt.DataType") -> torch.dtype:
              trt.DataType.INT64: torch.int64, trt.DataType.BOOL: torch.bool, trt.DataType.UINT8: torch.uint8,
              trt.DataType.FP8: torch.float8_e4m3fn}
     return table[dtype]
+
+
+def _dims(dims: "trt.Dims") -> tuple[int, ...]:
+    return tuple(int(dims[i]) for i in range(len(dims)))
 
 
 def _key(device: torch.device) -> str:
@@ -124,7 +128,6 @@ class _Slot:
     outputs: dict[str, Tensor]
     graph: Optional[Any] = None  # torch.cuda.CUDAGraph
     runs: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class TrtEngine:
@@ -176,7 +179,7 @@ class TrtEngine:
     def profile(self, name: str) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
         """(min, opt, max) shape of an input in the engine's optimization profile."""
         lo, mid, hi = self.engine.get_tensor_profile_shape(name, 0)
-        return tuple(lo), tuple(mid), tuple(hi)
+        return _dims(lo), _dims(mid), _dims(hi)
 
     def _bind_memory(self) -> None:
         if self._generation != self.memory.generation:
@@ -193,7 +196,7 @@ class TrtEngine:
                                  f"profile (min {list(lo)}, max {list(hi)}); rebuild the engines for this size")
         inputs = {n: torch.empty(shapes[n], dtype=torch_dtype(self.engine.get_tensor_dtype(n)), device=self.device)
                   for n in self.input_names}
-        outputs = {n: torch.empty(tuple(self.context.get_tensor_shape(n)),
+        outputs = {n: torch.empty(_dims(self.context.get_tensor_shape(n)),
                                   dtype=torch_dtype(self.engine.get_tensor_dtype(n)), device=self.device)
                    for n in self.output_names}
         for n, t in (*inputs.items(), *outputs.items()):
