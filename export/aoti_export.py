@@ -86,10 +86,36 @@ class AotiExportError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------------ export
+def patch_multiples(module: nn.Module) -> dict[str, int]:
+    """Symbols whose every value is a multiple of a fixed factor the graph relies on: a DiT step
+    graph splits the latent h, w into patches (h = 2 * tokens). torch.export must be told
+    (h = 2 * Dim), or the reshape's `h % 2 == 0` guard cannot be stated on a plain Dim."""
+    cfg = getattr(getattr(module, "dit", None), "config", None)
+    if cfg is None or not hasattr(cfg, "patch_size"):
+        return {}
+    _, ph, pw = cfg.patch_size
+    return {"h": ph, "w": pw}
+
+
+def compiled_profile(module: nn.Module, profile: ShapeProfile) -> ShapeProfile:
+    """The profile the package is compiled for: `profile`, except that a DiT step graph needs at
+    least two tokens per latent axis (h, w >= 2 * patch): at one token, the contiguity checks
+    inside torch.export ask `tokens != 1` and fix the axis at the example size. (torch's
+    `backed_size_oblivious` gets the export through, but AOTInductor then compiled the batch as
+    a constant, silently: measured on torch 2.13, so it is not used.)"""
+    low = dict(profile.min)
+    for sym, k in patch_multiples(module).items():
+        if sym in low:
+            low[sym] = min(max(low[sym], 2 * k), profile.max[sym])
+    return ShapeProfile(min=low, opt=dict(profile.opt), max=dict(profile.max))
+
+
 def dynamic_shapes(module: nn.Module, gspec: GraphSpec, profile: ShapeProfile) -> tuple:
-    """`dynamic_shapes` for torch.export: one Dim per symbol with min < max, `k * Dim` for
-    "k*sym", None (static) for the rest; shaped like `module.forward`'s parameters (the VAE
-    chunk takes its caches as *args, which torch.export wants as one nested tuple)."""
+    """`dynamic_shapes` for torch.export: one Dim per symbol with min < max (`k * Dim` for a
+    symbol in `patch_multiples`), `j * that` for "j*sym", None (static) for the rest; shaped
+    like `module.forward`'s parameters (the VAE chunk takes its caches as *args, which
+    torch.export wants as one nested tuple)."""
+    multiples = patch_multiples(module)
     dims: dict[str, Any] = {}
 
     def dim(sym: str):
@@ -97,7 +123,11 @@ def dynamic_shapes(module: nn.Module, gspec: GraphSpec, profile: ShapeProfile) -
         if lo == hi:
             return None
         if sym not in dims:
-            dims[sym] = torch.export.Dim(sym, min=lo, max=hi)
+            k = multiples.get(sym, 1)
+            if lo % k or hi % k:
+                raise AotiExportError(f"{sym} range [{lo}, {hi}] is not in multiples of {k}")
+            base = torch.export.Dim(sym if k == 1 else f"{sym}_over_{k}", min=lo // k, max=hi // k)
+            dims[sym] = base if k == 1 else k * base
         return dims[sym]
 
     per_input = []
@@ -106,10 +136,10 @@ def dynamic_shapes(module: nn.Module, gspec: GraphSpec, profile: ShapeProfile) -
         for i, d in enumerate(t.dims):
             if isinstance(d, int):
                 continue
-            k, sym = d.split("*") if "*" in d else ("1", d)
+            j, sym = d.split("*") if "*" in d else ("1", d)
             base = dim(sym)
             if base is not None:
-                axes[i] = base if k == "1" else int(k) * base
+                axes[i] = base if j == "1" else int(j) * base
         per_input.append(axes or None)
     params = list(inspect.signature(module.forward).parameters.values())
     fixed = sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
@@ -118,25 +148,14 @@ def dynamic_shapes(module: nn.Module, gspec: GraphSpec, profile: ShapeProfile) -
     return tuple(per_input)
 
 
-@contextlib.contextmanager
-def _size_oblivious() -> Iterator[None]:
-    """backed_size_oblivious (see the module docstring), where this torch has it."""
-    import torch.fx.experimental._config as fx_config
-
-    if not hasattr(fx_config, "backed_size_oblivious"):
-        yield
-        return
-    with fx_config.patch(backed_size_oblivious=True):
-        yield
-
-
 def export_graph(module: nn.Module, gspec: GraphSpec, profile: ShapeProfile, *, compute_dtype: torch.dtype,
                  device: torch.device | str) -> torch.export.ExportedProgram:
+    """torch.export at the profile's max sizes (`profile` as compiled_profile gives it)."""
     where = f"{gspec.component}/{gspec.graph}"
     inputs = sample_inputs(gspec, profile.max, compute_dtype, device=device)
     args = tuple(inputs[n] for n in gspec.input_names)
     try:
-        with _size_oblivious(), torch.no_grad():
+        with torch.no_grad():
             ep = torch.export.export(module, args, dynamic_shapes=dynamic_shapes(module, gspec, profile), strict=False)
     except Exception as exc:  # torch.export's errors are long; keep them, say which graph
         raise AotiExportError(f"{where}: torch.export failed: {exc}") from exc
@@ -289,6 +308,7 @@ def compile_aoti(module: nn.Module, gspec: GraphSpec, profile: ShapeProfile, pat
     device = torch.device(device)
     cache = default_cache_dir() if cache_dir is None else (None if cache_dir is False else Path(cache_dir))
     start = time.perf_counter()
+    profile = compiled_profile(module, profile)
     ep = export_graph(module, gspec, profile, compute_dtype=compute_dtype, device=device)
     configs = inductor_configs(gspec, profile, fast)
     exported, cpu0 = time.perf_counter(), sum(os.times()[:4])

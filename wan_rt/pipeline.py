@@ -252,8 +252,9 @@ class WanPipeline:
 
 
 def _expert_budget(device: torch.device, components: Mapping[str, Component]) -> Optional[int]:
-    """GPU memory the experts may use together: 85% of the card less the other components.
-    None (no limit) off the GPU. WAN_RT_EXPERT_BUDGET_GB overrides, e.g. to force swapping."""
+    """GPU memory the experts may use together: the card less the other components and an
+    activation reserve (the larger of 15% and 24 GiB: A14B at 720p with CFG as a batch of two
+    needs several GiB per block). None (no limit) off the GPU. WAN_RT_EXPERT_BUDGET_GB overrides."""
     import os
 
     if os.environ.get("WAN_RT_EXPERT_BUDGET_GB"):
@@ -261,7 +262,8 @@ def _expert_budget(device: torch.device, components: Mapping[str, Component]) ->
     if device.type != "cuda":
         return None
     others = sum(int(getattr(c, "nbytes", 0) or 0) for n, c in components.items() if not n.startswith("dit"))
-    return int(torch.cuda.get_device_properties(device).total_memory * 0.85) - others
+    total = torch.cuda.get_device_properties(device).total_memory
+    return total - max(int(total * 0.15), 24 * 2**30) - others
 
 
 def _group_by_stage(spec: ModelSpec, timesteps: Tensor) -> list[tuple[Stage, list[int]]]:
