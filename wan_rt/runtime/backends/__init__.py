@@ -24,4 +24,9 @@ BACKENDS = ("ort", "aoti", "trt")
 def get_backend(name: str) -> ModuleType:
     if name not in BACKENDS:
         raise ValueError(f"unknown engine backend {name!r}; choose from {', '.join(BACKENDS)}")
-    return importlib.import_module(f"wan_rt.runtime.backends.{name}")
+    try:
+        return importlib.import_module(f"wan_rt.runtime.backends.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"wan_rt.runtime.backends.{name}":
+            raise
+        raise ValueError(f"engine backend {name!r} is not part of this version of wan_rt") from None
