@@ -19,6 +19,11 @@ Variants, each on a fresh copy of the model (parameters shared, so only FP8 copi
   kernels+int8      + int8 self-attention (q·kᵀ)
   kernels+int8+fp8  + FP8 linears (wan_rt.precision's table keeps the rest in bf16)
   fast              + torch.compile max-autotune per block + CUDA graphs: optimize_dit's defaults
+  aoti              kernels+int8+fp8 compiled ahead of time: each block an AOTInductor package
+                    (wan_rt.export.aoti_export, the Triton kernels inside as custom ops, FP8 GEMMs
+                    through torch._scaled_mm, max-autotune on a GPU) replayed from a CUDA graph
+                    (runtime/cuda_graphs.py): what `wan-rt build --backend aoti --precision fp8
+                    --attention int8` ships. Blocks of one kind share one package (weights apart).
 
 To keep a run short, a forward is estimated from its parts: embeddings + head (a 0-layer model)
 + layers × one block, where an FP8 variant's kept blocks (the table's first/last ones) are timed
@@ -66,7 +71,9 @@ VARIANTS: dict[str, Optional[dict]] = {
     "kernels+int8": dict(kernels=True, attention_quant="int8", fp8_linear=False, compile=None, cuda_graphs=False),
     "kernels+int8+fp8": dict(kernels=True, attention_quant="int8", fp8_linear=True, compile=None, cuda_graphs=False),
     "fast": dict(kernels=True, attention_quant="int8", fp8_linear=True, compile="max-autotune", cuda_graphs=True),
+    "aoti": dict(kernels=True, attention_quant="int8", fp8_linear="scaled_mm", compile=None, cuda_graphs=False),
 }
+AOTI_OPTIONS: dict = {"autotune": True, "quick": False}  # set from the command line
 
 
 @dataclass(frozen=True)
@@ -327,6 +334,8 @@ def variant_calls(name: str, probe: Probe, keep) -> tuple[str, Callable, dict[st
     kv = model.encode_text(context)  # once per prompt, as the runtime does (not timed)
     args_q, args_k = probe.block_args(kv, 1), probe.block_args(kv, 0)
     head = twin_dit(eager, head_cfg)
+    if name == "aoti":
+        description += " -> " + package_blocks(model, args_k)
     blocks = {"q": lambda: (mark_step(graphs), model.blocks[1](*args_q))[1]}
     if opts is not None and opts["fp8_linear"]:
         blocks["k"] = lambda: (mark_step(graphs), model.blocks[0](*args_k))[1]
@@ -334,6 +343,67 @@ def variant_calls(name: str, probe: Probe, keep) -> tuple[str, Callable, dict[st
             lambda: (mark_step(graphs), model(x, t, text_kv=kv))[1],
             blocks,
             lambda: head(x, t, text_kv=kv[:0]))
+
+
+class BlockStep(nn.Module):
+    """One transformer block as a graph of named tensors (what an AOTInductor package takes)."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, hidden: Tensor, e0: Tensor, rope_cos: Tensor, rope_sin: Tensor, text_kv: Tensor) -> Tensor:
+        return self.block(hidden, None, e0, (rope_cos, rope_sin), text_kv)
+
+
+def package_blocks(model: nn.Module, block_args: tuple) -> str:
+    """Compile each block of `model` into an AOTInductor package at the probe's (static) shapes
+    and make the block call it, replayed from a CUDA graph on a GPU. Blocks of the same kind
+    (same ops and shapes: kept or FP8) share one compiled package through aoti_export's cache;
+    each loads its own weights. Returns a description with compile times."""
+    import tempfile
+
+    from wan_rt.export.aoti_export import compile_aoti
+    from wan_rt.runtime.backends import aoti
+    from wan_rt.runtime.graphs import GraphSpec, ShapeProfile, TensorSpec
+
+    hidden, _, e0, (cos, sin), kv = block_args
+    device, dtype = hidden.device, hidden.dtype
+    named = {"hidden": hidden, "e0": e0, "rope_cos": cos, "rope_sin": sin, "text_kv": kv}
+
+    def spec_of(n: str, t: Tensor) -> TensorSpec:
+        return TensorSpec(n, "float32" if t.dtype == torch.float32 and dtype != torch.float32 else "compute",
+                          tuple(t.shape))
+
+    gspec = GraphSpec("dit_block", "main", tuple(spec_of(n, t) for n, t in named.items()),
+                      (spec_of("hidden_out", hidden),))
+    profile = ShapeProfile(min={}, opt={}, max={})
+    out_root = Path(tempfile.mkdtemp(prefix="wan_rt_aoti_blocks_"))
+    configs = {"max_autotune": True} if device.type == "cuda" and AOTI_OPTIONS["autotune"] else {}
+    notes = []
+    pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None  # blocks run in order: one pool
+    for i, block in enumerate(model.blocks):
+        stats: dict = {}
+        folder = out_root / f"block{i}"
+        files = compile_aoti(BlockStep(block), gspec, profile, folder / "model.pt2", compute_dtype=dtype,
+                             device=device, fast=AOTI_OPTIONS["quick"], configs=configs, stats=stats)
+        runner = aoti.load_graph(folder, gspec, files, compute_dtype=dtype, device=device)
+        if device.type == "cuda":
+            from wan_rt.runtime.cuda_graphs import CudaGraphRunner
+
+            runner = CudaGraphRunner(runner, pool=pool)
+        block.forward = _packaged_forward(runner)
+        compiled = "cached" if stats["cached"] else f"compiled in {stats['compile_s']:.0f}s"
+        notes.append(f"block{i} {compiled}")
+    return "AOTInductor packages" + (" + CUDA graphs" if device.type == "cuda" else "") + f" ({', '.join(notes)})"
+
+
+def _packaged_forward(runner: Callable) -> Callable:
+    def forward(hidden, context, e0, rope, text_kv):
+        assert context is None, "packaged blocks take the text K/V, not the context"
+        return runner({"hidden": hidden, "e0": e0, "rope_cos": rope[0], "rope_sin": rope[1],
+                       "text_kv": text_kv})["hidden_out"]
+    return forward
 
 
 def measure_variant(name: str, probe: Probe, keep, cfg, flops, n_kept: int, n_quant: int, repeats: int,
@@ -446,6 +516,9 @@ def full_forward_row(name: str, eager: nn.Module, inputs: dict[str, Tensor], wan
             if VARIANTS[name] is not None:
                 optimize_dit(model, **VARIANTS[name])
             kv = model.encode_text(context)
+            if name == "aoti":
+                args, _ = capture_call(model.blocks[0], lambda: model(x, t, text_kv=kv))
+                row["full_description"] = package_blocks(model, args)
 
             def fn() -> Tensor:
                 return model(x, t, text_kv=kv)
@@ -490,6 +563,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
     VARIANTS["fast"] = dict(VARIANTS["fast"], compile=None if args.compile == "none" else args.compile)
+    AOTI_OPTIONS.update(autotune=args.compile == "max-autotune", quick=args.tiny)
     if not cuda:
         # No compile / CUDA graphs off the GPU: the fastest path there is kernels + int8 + fp8 (EMULATED).
         VARIANTS["fast"] = dict(VARIANTS["fast"], compile=None, cuda_graphs=False)

@@ -300,13 +300,19 @@ def test_dit_step_bench_tiny_writes_json(tmp_path):
     assert [s["name"] for s in data["scenarios"]] == ["tiny-ti2v-5B"]
     for scenario in data["scenarios"]:
         rows = {r["variant"]: r for r in scenario["rows"]}
-        assert list(rows) == ["diffusers", "eager", "kernels", "kernels+int8", "fast"]
+        assert list(rows) == ["diffusers", "eager", "kernels", "kernels+int8", "fast", "aoti"]
         assert rows["eager"]["block_rel_l2_vs_eager"] == 0.0
         assert rows["diffusers"]["forward_rel_l2_vs_eager"] < 1e-5  # same weights, same numbers
         assert rows["kernels"]["block_rel_l2_vs_eager"] < 1e-4
         assert 1e-4 < rows["fast"]["block_rel_l2_vs_eager"] < 0.1  # FP8 (emulated) is a real quantization
         assert all(r["est_forward_ms"] > 0 and r["est_tflops"] > 0 for r in rows.values())
         assert "full_forward_ms" in rows["fast"] and scenario["flops"]["total"] > 0
+        # The same fast path as AOTInductor packages (FP8 through torch._scaled_mm, not emulated):
+        # the same quantization, so the same error up to summation order; blocks share one package.
+        aoti = rows["aoti"]
+        assert abs(aoti["block_rel_l2_vs_eager"] - rows["fast"]["block_rel_l2_vs_eager"]) < 1e-3
+        assert aoti["full_rel_l2_vs_eager"] < 0.1 and "AOTInductor packages" in aoti["description"]
+        assert "block1 cached" in aoti["description"] and "block0 cached" in aoti["full_description"]
 
 
 def test_e2e_bench_tiny_writes_json(tmp_path):

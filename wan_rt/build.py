@@ -53,14 +53,16 @@ def default_precision(backend: str, device: torch.device) -> str:
     return "fp16" if backend == "ort" else "bf16"
 
 
-def component_dtype(component: str, precision: str, backend: Optional[str] = None) -> torch.dtype:
+def component_dtype(component: str, precision: str, backend: Optional[str] = None,
+                    device: Optional[torch.device] = None) -> torch.dtype:
     """The VAE stays fp32 (as the official code runs it): it is a small share of the time and
     the streaming cache accumulates rounding. umT5 is never fp16 (its activations overflow it;
     bf16 is fine). Everything else follows the requested precision. A quantized precision
     (fp8, int8) is the base dtype the Q/DQ graph is built in: bf16 under TensorRT, fp32 on
-    ONNX Runtime (wan_rt.precision.quantized_base_dtype)."""
+    ONNX Runtime (wan_rt.precision.quantized_base_dtype); an AOTInductor fp8 build is bf16 on
+    a GPU and fp32 on a CPU around its FP8 GEMMs."""
     if precision in QUANTIZED_PRECISIONS:
-        return quantized_base_dtype(component, backend)
+        return quantized_base_dtype(component, backend, device.type if device is not None else "cpu")
     if component.startswith("vae") or (component == "text_encoder" and precision == "fp16"):
         return torch.float32
     return PRECISIONS[precision]
@@ -110,10 +112,16 @@ def build_engines(model: str, backend: str, engines_dir: Path, *, precision: Opt
                   components: Optional[list[str]] = None, force: bool = False,
                   device: Optional[str] = None, log: Callable[[str], None] = print,
                   quant_config: Optional["QuantConfig"] = None,
-                  trt_config: Optional["BuildConfig"] = None) -> list[EngineManifest]:
+                  trt_config: Optional["BuildConfig"] = None, quick_compile: bool = False,
+                  kernels: str = "auto", attention: str = "exact") -> list[EngineManifest]:
     """`quant_config` tunes fp8/int8 builds (calibration prompts and steps, FP8 attention,
     SmoothQuant alpha); `trt_config` the TensorRT builder (optimization level, refit, weight
-    streaming). Both are recorded in the manifests' build_args."""
+    streaming); `quick_compile` (aoti) compiles scalar C++ kernels with an -O0 wrapper: about
+    half the compile time on a CPU, slower engines, the same ops. `kernels` ("auto": triton on a
+    GPU, else torch) and `attention` ("exact" | "int8") choose the ops compiled into AOTInductor
+    DiT packages (wan_rt.runtime.fast.dit_variant); with precision fp8 their linear layers are
+    FP8 GEMMs (torch._scaled_mm, dynamic activation scales: no calibration). All are recorded in
+    the manifests' build_args, so changing one rebuilds."""
     backend_mod = get_backend(backend)
     if not backend_mod.is_available():
         why = getattr(backend_mod, "unavailable_reason", lambda: "its libraries are not installed")()
@@ -122,8 +130,19 @@ def build_engines(model: str, backend: str, engines_dir: Path, *, precision: Opt
     precision = precision or default_precision(backend, dev)
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} is not supported yet; choose from {', '.join(PRECISIONS)}")
-    if precision in QUANTIZED_PRECISIONS and backend not in ("ort", "trt"):
-        raise ValueError(f"{precision} engines are Q/DQ ONNX graphs: build them with --backend ort or trt")
+    if backend != "aoti":
+        for flag, value, default in (("--quick-compile", quick_compile, False), ("--kernels", kernels, "auto"),
+                                     ("--attention", attention, "exact")):
+            if value != default:
+                raise ValueError(f"{flag} is an AOTInductor option; the {backend} backend has no such mode")
+    variant = None
+    if backend == "aoti":
+        from wan_rt.runtime.fast import dit_variant
+
+        variant = dit_variant(precision, dev, kernels=kernels, attention=attention)
+    if precision in QUANTIZED_PRECISIONS and not (backend in ("ort", "trt") or (backend, precision) == ("aoti", "fp8")):
+        raise ValueError(f"{precision} engines are Q/DQ ONNX graphs: build them with --backend ort or trt "
+                         "(aoti takes fp8: FP8 GEMMs through torch._scaled_mm)")
     resolved = resolve_checkpoint(model)
     spec = resolved.spec
     height, width = height or spec.height, width or spec.width
@@ -142,7 +161,7 @@ def build_engines(model: str, backend: str, engines_dir: Path, *, precision: Opt
     _check_index(engines_dir, model_id, spec, backend, precision, force)
     _remove_leftovers(engines_dir)
 
-    quantized = precision in QUANTIZED_PRECISIONS
+    quantized = precision in QUANTIZED_PRECISIONS and backend != "aoti"  # aoti fp8: dynamic scales
     if quantized:
         from wan_rt.export.quantize import QuantConfig
 
@@ -157,13 +176,22 @@ def build_engines(model: str, backend: str, engines_dir: Path, *, precision: Opt
     built = []
     calibration: Optional[dict] = None
     for name in wanted:
-        want = expected_manifest(resolved, model_id, name, backend, precision, profile, dev)
+        # Backends that cannot serve the whole profile narrow it (aoti: DiTs need 2+ patches per axis).
+        served = getattr(backend_mod, "build_profile", lambda _s, _n, p: p)(spec, name, profile)
+        want = expected_manifest(resolved, model_id, name, backend, precision, served, dev)
         want.tool_versions = backend_mod.versions()
         want.build_args = {"height": height, "width": width, "frames": frames}
         options: dict = {}
         if trt_config is not None and backend == "trt":
             want.build_args.update(trt_config.manifest_args())
             options.update(config=trt_config, timing_cache=engines_dir / "timing.cache")
+        if backend == "aoti":
+            want.build_args["quick_compile"] = quick_compile
+            options["fast"] = quick_compile
+            if variant is not None and name in spec.dit_components:
+                want.build_args.update(variant.manifest_args())
+                if precision in QUANTIZED_PRECISIONS:
+                    want.build_args["tolerances"] = QUALITY_TOLERANCE[precision]
         quantize = quantized and name in spec.dit_components
         if quantize:
             want.build_args.update(quant_config.manifest_args(), tolerances=QUALITY_TOLERANCE[precision])
@@ -178,7 +206,8 @@ def build_engines(model: str, backend: str, engines_dir: Path, *, precision: Opt
             options["quant"] = _quant_plan(spec, quant_config, calibration[name])
         log(f"  {name:<16} building ({backend}, {precision}) ...")
         start = time.perf_counter()
-        manifest = _build_component(resolved, name, want, backend_mod, profile, dev, engines_dir, options)
+        manifest = _build_component(resolved, name, want, backend_mod, served, dev, engines_dir, options,
+                                    variant if name in spec.dit_components else None)
         log(f"  {name:<16} built in {time.perf_counter() - start:.1f}s -> {final}")
         built.append(manifest)
     _write_index(engines_dir, model_id, spec, backend, precision, [m.component for m in built])
@@ -232,12 +261,15 @@ def version_mismatch(manifest: EngineManifest, backend_mod) -> Optional[str]:
 
 def _build_component(resolved: ResolvedCheckpoint, name: str, want: EngineManifest, backend_mod,
                      profile: ShapeProfile, device: torch.device, engines_dir: Path,
-                     options: Optional[dict] = None) -> EngineManifest:
-    """`options` go to the backend's build_graph (quant: a QuantPlan; TensorRT's config)."""
+                     options: Optional[dict] = None, variant=None) -> EngineManifest:
+    """`options` go to the backend's build_graph (quant: a QuantPlan; TensorRT's config);
+    `variant` (a fast.DiTVariant) is applied to a DiT before its graphs are exported."""
     start = time.perf_counter()
     options = options or {}
-    dtype = component_dtype(name, want.precision, want.backend)
+    dtype = component_dtype(name, want.precision, want.backend, device)
     model = _load_model(resolved, name, dtype, device)
+    if variant is not None:
+        variant.apply(model)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=engines_dir))
     try:
         if "quant" in options:  # the statistics the Q/DQ scales came from, for audits and refits

@@ -62,7 +62,7 @@ def graph_parity(engines_dir: Path, model: Optional[str] = None, device: Optiona
         manifest = verify(engines_dir / name, resolved, index["model"], backend_mod)
         profile = ShapeProfile(**manifest.profile)
         tol = TOLERANCE.get(manifest.precision, 0.1)
-        dtype = component_dtype(name, manifest.precision, manifest.backend)
+        dtype = component_dtype(name, manifest.precision, manifest.backend, dev)
         if manifest.precision in QUANTIZED_PRECISIONS:
             if name.startswith("dit"):
                 continue  # on the trajectory instead: quality_report

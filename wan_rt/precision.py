@@ -81,10 +81,13 @@ def keep_reason(module_path: str, num_layers: int) -> str | None:
     return None
 
 
-def quantized_base_dtype(component: str, backend: str | None) -> torch.dtype:
+def quantized_base_dtype(component: str, backend: str | None, device_type: str = "cpu") -> torch.dtype:
     """The dtype of everything a quantized build does not quantize. The VAE stays float32 as in
     every build. Under TensorRT the rest is bf16 (the Q/DQ graph is built strongly typed); with
-    ONNX Runtime it is float32, since its CPU kernels have almost no bf16 or fp16 coverage."""
-    if component.startswith("vae") or backend != "trt":
+    ONNX Runtime it is float32, since its CPU kernels have almost no bf16 or fp16 coverage; an
+    AOTInductor fp8 build is bf16 on a GPU, float32 on a CPU."""
+    if component.startswith("vae"):
         return torch.float32
-    return torch.bfloat16
+    if backend == "trt" or (backend == "aoti" and device_type == "cuda"):
+        return torch.bfloat16
+    return torch.float32

@@ -19,7 +19,8 @@ def add_parser(subparsers) -> None:
                    help="engine kind (default: the best this machine has: trt, else ort)")
     p.add_argument("--precision", default=None,
                    help="fp32 | bf16 | fp16 | fp8 | int8 (default: fp32 on CPU, bf16/fp16 on GPU); fp8 and int8 "
-                        "calibrate on the fp32 pipeline and quantize the DiTs' linear layers (ort, trt)")
+                        "calibrate on the fp32 pipeline and quantize the DiTs' linear layers as Q/DQ (ort, trt); "
+                        "aoti fp8: FP8 GEMMs with dynamic scales (torch._scaled_mm)")
     p.add_argument("--height", type=int, default=None, help="largest height the engines serve (default: the model's)")
     p.add_argument("--width", type=int, default=None, help="largest width (default: the model's)")
     p.add_argument("--frames", type=int, default=None, help="largest frame count, 4k+1 (default: the model's)")
@@ -27,6 +28,14 @@ def add_parser(subparsers) -> None:
     p.add_argument("--engines-dir", default=DEFAULT_ENGINES_DIR)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     p.add_argument("--force", action="store_true", help="rebuild even if the manifests verify")
+    p.add_argument("--quick-compile", action="store_true",
+                   help="aoti: scalar C++ kernels and an -O0 wrapper (about half the compile time on a CPU, "
+                        "slower engines); for development")
+    p.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton"],
+                   help="aoti: ops compiled into the DiT packages (auto: wan_rt's Triton kernels on a GPU, torch's "
+                        "ops on a CPU)")
+    p.add_argument("--attention", default="exact", choices=["exact", "int8"],
+                   help="aoti: int8 q·kᵀ in self-attention (SageAttention-style; needs the Triton kernels)")
     p.add_argument("--fp8-attention", action="store_true", help="fp8: quantize the attention matmuls too")
     p.add_argument("--trt-opt-level", type=int, default=3, help="TensorRT builder optimization level (0-5)")
     p.add_argument("--refittable", action="store_true", help="TensorRT: engines whose weights can be refitted")
@@ -56,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
     manifests = build_engines(args.model, backend, args.engines_dir, precision=args.precision,
                               height=args.height, width=args.width, frames=args.frames,
                               components=components, force=args.force, device=args.device,
-                              quant_config=quant_config, trt_config=trt_config)
+                              quant_config=quant_config, trt_config=trt_config, quick_compile=args.quick_compile,
+                              kernels=args.kernels, attention=args.attention)
     print(f"{len(manifests)} components ready in {time.perf_counter() - start:.1f}s; "
           f"run them with: wan-rt run --engines-dir {args.engines_dir}")
     return 0

@@ -89,7 +89,7 @@ def load_engine_components(engines_dir: Path, *, model: Optional[str] = None,
         components[name] = _component(engines_dir / name, manifest, resolved, backend_mod, dev)
     eager = [c for c in components_of(spec) if c not in components]
     if eager:
-        dtype = component_dtype("dit", index["precision"], index["backend"])
+        dtype = component_dtype("dit", index["precision"], index["backend"], dev)
         components.update(build_eager_components(resolved, dev, dtype, eager))
     return resolved, components
 
@@ -113,7 +113,7 @@ def _profile_args(folder: Path) -> dict:
 
 def _component(folder: Path, manifest: EngineManifest, resolved: ResolvedCheckpoint, backend_mod, device):
     name, spec = manifest.component, resolved.spec
-    dtype = component_dtype(name, manifest.precision, manifest.backend)
+    dtype = component_dtype(name, manifest.precision, manifest.backend, device)
 
     def runner(graph: str):
         gspec = graph_spec(spec, name, graph)
@@ -127,10 +127,19 @@ def _component(folder: Path, manifest: EngineManifest, resolved: ResolvedCheckpo
         # Experts load lazily: the residency manager decides when (runtime/residency.py).
         nbytes = sum((folder / f).stat().st_size for f in manifest.files())
         return DiTComponent(name, None, None, graph_spec(spec, name, "text"), graph_spec(spec, name, "main"),
-                            dtype, device, factory=lambda: (runner("text")[0], runner("main")[0]), nbytes=nbytes,
-                            files=[folder / f for f in manifest.files()])
+                            dtype, device, nbytes=nbytes, files=[folder / f for f in manifest.files()],
+                            factory=lambda: (runner("text")[0], _graphed(runner("main")[0], backend_mod, device)))
     main, gspec = runner("main")
     return GraphComponent(name, main, gspec, dtype, device)
+
+
+def _graphed(runner, backend_mod, device: torch.device):
+    """The DiT step replayed from a CUDA graph where the backend has none of its own (aoti)."""
+    if device.type == "cuda" and getattr(backend_mod, "CUDA_GRAPHS", False):
+        from wan_rt.runtime.cuda_graphs import CudaGraphRunner
+
+        return CudaGraphRunner(runner)
+    return runner
 
 
 def check_fits(engines_dir: Path, spec, height: int, width: int, frames: int, batch: int = 1) -> None:
@@ -147,8 +156,9 @@ def check_fits(engines_dir: Path, spec, height: int, width: int, frames: int, ba
         for sym in ("T", "h", "w"):
             lo, hi = profile["min"].get(sym), profile["max"].get(sym)
             if lo is not None and not lo <= want[sym] <= hi:
-                built = profile["max"]
+                lo_, hi_ = profile["min"], profile["max"]
                 raise ValueError(
                     f"{width}x{height}x{frames} is outside the shapes the {name} engine was built for "
-                    f"(latent T<={built['T']}, h<={built['h']}, w<={built['w']}); rebuild with "
+                    f"(latent T {lo_['T']}..{hi_['T']}, h {lo_['h']}..{hi_['h']}, w {lo_['w']}..{hi_['w']}); "
+                    f"rebuild with "
                     f"`wan-rt build --height {height} --width {width} --frames {frames} --engines-dir {engines_dir}`")

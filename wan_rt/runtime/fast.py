@@ -250,3 +250,58 @@ def _new_cudagraph_step(_module: nn.Module, _args) -> None:
     # cudagraph trees reuse their output memory on the next replay of a step; each DiT call is
     # one step, so the previous call's noise prediction must be consumed before the next call.
     torch.compiler.cudagraph_mark_step_begin()
+
+
+# ---------------------------------------------------------------------------------------------
+# The fast path as an AOTInductor package (wan-rt build --backend aoti)
+# ---------------------------------------------------------------------------------------------
+
+KERNEL_CHOICES = ("auto", "torch", "triton")
+ATTENTION_CHOICES = ("exact", "int8")
+
+
+@dataclass(frozen=True)
+class DiTVariant:
+    """The ops an AOTInductor DiT package is compiled from: `optimize_dit` without torch.compile
+    or CUDA graphs (the package is the compiled form; the runtime replays it in a CUDA graph,
+    runtime/cuda_graphs.py). The Triton kernels enter the package as wan_rt custom ops."""
+
+    kernels: bool
+    attention_quant: Optional[str]
+    fp8_linear: bool
+
+    def apply(self, model: nn.Module) -> FastPath:
+        dit = getattr(model, "dit", model)
+        return optimize_dit(dit, kernels=self.kernels, attention_quant=self.attention_quant,
+                            fp8_linear="scaled_mm" if self.fp8_linear else False, compile=None, cuda_graphs=False)
+
+    def manifest_args(self) -> dict:
+        return {"kernels": "triton" if self.kernels else "torch", "attention": self.attention_quant or "exact",
+                "fp8_linear": self.fp8_linear}
+
+
+def dit_variant(precision: str, device: torch.device, *, kernels: str = "auto",
+                attention: str = "exact") -> Optional[DiTVariant]:
+    """The DiT variant of an AOTInductor build, or None for the plain oracle ops. `kernels`:
+    "auto" takes the Triton kernels on a GPU and torch's ops on a CPU (Triton runs on a CPU
+    only in its interpreter, a testing tool: "triton" there needs TRITON_INTERPRET=1).
+    `attention`: "int8" quantizes self-attention's q·kᵀ (needs the kernels). `precision` fp8:
+    FP8 linear layers (torch._scaled_mm; wan_rt.precision's table keeps the rest)."""
+    if kernels not in KERNEL_CHOICES:
+        raise ValueError(f"--kernels must be one of {', '.join(KERNEL_CHOICES)}, got {kernels!r}")
+    if attention not in ATTENTION_CHOICES:
+        raise ValueError(f"--attention must be one of {', '.join(ATTENTION_CHOICES)}, got {attention!r}")
+    use_kernels = kernels == "triton" or (kernels == "auto" and device.type == "cuda")
+    if use_kernels and device.type != "cuda":
+        from wan_rt.kernels._util import interpreting
+
+        if not interpreting():
+            raise ValueError("--kernels triton needs a CUDA GPU (on a CPU only under TRITON_INTERPRET=1, for tests)")
+    if attention == "int8" and not use_kernels:
+        raise ValueError("--attention int8 needs the Triton kernels (--kernels triton, or a GPU)")
+    if precision == "int8":
+        raise ValueError("aoti takes fp8 (FP8 GEMMs); int8 engines are Q/DQ graphs for --backend ort or trt")
+    variant = DiTVariant(use_kernels, "int8" if attention == "int8" else None, precision == "fp8")
+    if variant == DiTVariant(False, None, False):
+        return None
+    return variant

@@ -10,6 +10,13 @@
     load_graph(out_dir, gspec, files, *, compute_dtype, device) -> GraphRunner
         # a callable {input name: tensor} -> {output name: tensor} (runtime.engine_component)
 
+and optionally:
+
+    STRICT_VERSIONS: tuple[str, ...]       # versions() keys that must match at load (else stale)
+    build_profile(spec, component, profile) -> ShapeProfile
+        # the part of the requested profile the backend can serve (written into the manifest)
+    CUDA_GRAPHS: bool                      # the runtime replays DiT steps from CUDA graphs
+
 Backends are imported lazily: onnxruntime, torch._inductor and tensorrt load only when used.
 """
 

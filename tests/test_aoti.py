@@ -1,0 +1,455 @@
+"""AOTInductor packages (wan_rt.export.aoti_export, runtime.backends.aoti) against the eager models.
+
+Compiling is what costs here (10-45 s of CPU per tiny graph with `fast`, twice that without), so
+the module fixture compiles every graph once, in two worker processes, with `fast=True` (scalar
+kernels, -O0 wrapper: the same ops) and the package cache on: graphs of one architecture compile
+once (the two A14B experts; umT5 and the DiT text graph of all three presets), which is itself
+under test. Compiled: every graph of tiny T2V; the DiT step graphs of I2V (36 input channels) and
+TI2V (per-token timestep: L its own dim); umT5 and DiT text graphs of all three. I2V's VAE is
+T2V's: same architecture and, in the tiny presets, the same weights (checked), so its packages
+are T2V's. TI2V's Wan 2.2 VAE (4 graphs, ~4 min of CPU) is left out to keep this file under
+5 minutes on 2 cores: TI2V's pipeline test runs its VAE eagerly unless WAN_RT_AOTI_TEST_ALL=1.
+WAN_RT_AOTI_TEST_FAST=0 compiles with the default (vectorised, optimised) options instead.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+import types
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+if not torch.cuda.is_available():  # before any wan_rt.kernels kernel module is imported (the fast package test)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from wan_rt.config import get_spec, latent_shape  # noqa: E402
+from wan_rt.metrics import max_abs_error, relative_error
+from wan_rt.runtime.backends import get_backend
+from wan_rt.runtime.engine_component import (
+    DiTComponent,
+    GraphComponent,
+    StreamingVAEComponent,
+    module_runner,
+)
+from wan_rt.runtime.graphs import (
+    components_of,
+    graph_module,
+    graph_names,
+    graph_spec,
+    sample_inputs,
+    shape_profile,
+)
+
+aoti = get_backend("aoti")
+pytestmark = pytest.mark.skipif(not aoti.is_available(), reason=f"AOTInductor unavailable: {aoti.unavailable_reason()}")
+
+T2V, I2V, TI2V = "tiny-t2v-A14B", "tiny-i2v-A14B", "tiny-ti2v-5B"
+ALL = os.environ.get("WAN_RT_AOTI_TEST_ALL") == "1"
+FAST = os.environ.get("WAN_RT_AOTI_TEST_FAST", "1") != "0"
+T2V_GRAPHS = [(c, g) for c in components_of(get_spec(T2V)) for g in graph_names(c)]
+VAE_GRAPHS = [(c, g) for c in ("vae_encoder", "vae_decoder") for g in ("first", "step")]
+# Compile order: the slow graphs first; graphs whose package an earlier one makes last.
+TASKS = ([(T2V, c, g) for c, g in VAE_GRAPHS] + ([(TI2V, c, g) for c, g in VAE_GRAPHS] if ALL else [])
+         + [(T2V, "dit_high_noise", "main"), (I2V, "dit_high_noise", "main"), (TI2V, "dit", "main"),
+            (T2V, "text_encoder", "main"), (T2V, "dit_high_noise", "text")]
+         + [(T2V, "dit_low_noise", g) for g in ("text", "main")]
+         + [(I2V, "text_encoder", "main"), (I2V, "dit_high_noise", "text")]
+         + [(I2V, "dit_low_noise", g) for g in ("text", "main")]
+         + [(TI2V, "text_encoder", "main"), (TI2V, "dit", "text")])
+VAE_SPECS = [T2V, TI2V] if ALL else [T2V]
+TOL = 1e-4
+CPU = torch.device("cpu")
+
+
+def _profile(spec):
+    """Twice the default size, 9 frames: T in [1, 3], latent h, w in [2, 8] (the DiT: [4, 8],
+    two tokens per axis at least); the pipeline (default size, 5 frames) and the size tests
+    run at sizes other than the export's example (the max)."""
+    return shape_profile(spec, height=2 * spec.height, width=2 * spec.width, frames=9)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """name -> namespace(resolved, spec, profile, models, dirs, files, runners, stats)."""
+    from wan_rt.export.aoti_export import compile_graphs
+
+    from wan_rt.loader import resolve_checkpoint
+    from wan_rt.models import load_dit, load_text_encoder, load_vae
+
+    names = (T2V, I2V, TI2V)
+    resolved = {n: resolve_checkpoint(n) for n in names}  # writes the tiny checkpoints, here, once
+    profiles = {n: _profile(r.spec) for n, r in resolved.items()}
+    start = time.perf_counter()
+    results = compile_graphs(TASKS, tmp_path_factory.mktemp("aoti"), profiles, fast=FAST, workers=2)
+    wall = time.perf_counter() - start
+    out = {}
+    for name, r in resolved.items():
+        models = {"text_encoder": load_text_encoder(r.files, dtype=torch.float32)}
+        for comp in r.spec.dit_components:
+            models[comp] = load_dit(r.files, comp, dtype=torch.float32)
+        models["vae_encoder"] = models["vae_decoder"] = load_vae(r.files)
+        mine = {(c, g): v for (m, c, g), v in results.items() if m == name}
+        if name == I2V:  # T2V's VAE packages, if the weights are T2V's too
+            t2v_vae = out[T2V].models["vae_decoder"].state_dict()
+            assert all(torch.equal(v, t2v_vae[k]) for k, v in models["vae_decoder"].state_dict().items())
+            mine.update({(c, g): results[T2V, c, g] for c, g in VAE_GRAPHS})
+        runners = {key: aoti.load_graph(v["dir"], graph_spec(r.spec, *key), v["files"], compute_dtype=torch.float32,
+                                        device=CPU) for key, v in mine.items()}
+        out[name] = types.SimpleNamespace(resolved=r, spec=r.spec, profile=profiles[name], models=models,
+                                          dirs={k: v["dir"] for k, v in mine.items()},
+                                          files={k: v["files"] for k, v in mine.items()},
+                                          stats={k: v["stats"] for k, v in mine.items()}, runners=runners)
+    print(f"\nAOTI compile of {len(TASKS)} graphs (fast={FAST}), 2 workers: {wall:.0f} s wall")
+    for (m, c, g), v in results.items():
+        s = v["stats"]
+        print(f"  {m:<14} {c + '/' + g:<22} export {s['export_s']:5.1f} s  compile {s['compile_s']:6.1f} s "
+              f"(cpu {s['compile_cpu_s']:6.1f} s){'  cached' if s['cached'] else ''}")
+    return out
+
+
+def _eager(b, comp: str, g: str):
+    return module_runner(graph_module(comp, g, b.models[comp]), graph_spec(b.spec, comp, g))
+
+
+def _compare(b, comp: str, g: str, sizes: dict[str, int], seed: int = 0, runner=None) -> float:
+    gspec = graph_spec(b.spec, comp, g)
+    inputs = sample_inputs(gspec, sizes, torch.float32, seed=seed)
+    if comp == "text_encoder":  # padded prompts: a mask that ends in zeros, as the tokenizer gives
+        inputs["attention_mask"][:, sizes["S"] // 2:] = 0
+    got, want = (runner or b.runners[comp, g])(inputs), _eager(b, comp, g)(inputs)
+    assert list(got) == gspec.output_names
+    errors = []
+    for name in gspec.output_names:
+        assert got[name].shape == want[name].shape, (name, got[name].shape, want[name].shape)
+        if want[name].count_nonzero() == 0:  # a cache slot the first chunk leaves empty
+            assert got[name].count_nonzero() == 0, name
+        else:
+            errors.append(relative_error(got[name], want[name]))
+    assert want[gspec.output_names[0]].count_nonzero() > 0, "an all-zero main output proves nothing"
+    return max(errors)
+
+
+def _sizes(b, batch: int, t: int, h: int, w: int) -> dict[str, int]:
+    _, ph, pw = b.spec.dit.patch_size
+    return {"B": batch, "S": b.spec.dit.text_len, "T": t, "h": h, "w": w, "L": t * (h // ph) * (w // pw)}
+
+
+# ------------------------------------------------------------------------------ every graph
+@pytest.mark.parametrize("comp,g", T2V_GRAPHS, ids=[f"{c}-{g}" for c, g in T2V_GRAPHS])
+def test_t2v_graph_matches_eager(built, comp, g):
+    """At batch 1, T = 2 latent frames, 4x4 latents: none of them the export's example sizes."""
+    b = built[T2V]
+    assert b.files[comp, g] == ["model.pt2", "weights.safetensors"]
+    err = _compare(b, comp, g, _sizes(b, 1, 2, 4, 4))
+    assert err < TOL, f"{comp}/{g}: AOTI vs eager relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("spec_name", [I2V, TI2V])
+def test_dit_step_graph_matches_eager(built, spec_name):
+    b = built[spec_name]
+    comp = b.spec.dit_components[0]
+    err = _compare(b, comp, "main", _sizes(b, 1, 2, 4, 6))
+    assert err < TOL, f"{spec_name} {comp}/main: relative error {err:.2e}"
+
+
+# ------------------------------------------------------------------------------ one package, many
+def test_experts_share_one_package_and_weights_decide(built):
+    """The two A14B experts (same architecture) get the same compiled package from the cache;
+    the weights file alone makes them differ: the low-noise package run with the high-noise
+    weights gives the high-noise expert's numbers (nothing of the compile-time weights is left
+    in the code, e.g. small biases inlined as literals)."""
+    b = built[T2V]
+    hi, lo = b.dirs["dit_high_noise", "main"], b.dirs["dit_low_noise", "main"]
+    assert (hi / "model.pt2").read_bytes() == (lo / "model.pt2").read_bytes()
+    assert (hi / "weights.safetensors").read_bytes() != (lo / "weights.safetensors").read_bytes()
+    assert b.stats["dit_low_noise", "main"]["cached"] and not b.stats["dit_high_noise", "main"]["cached"]
+    # umT5 and the DiT text graph: one architecture in all three presets (the text graph of the
+    # 36- and 48-channel DiTs differs only by patch weights it does not read): compiled once.
+    assert all(built[n].stats["text_encoder", "main"]["cached"] for n in (I2V, TI2V))
+    assert built[I2V].stats["dit_high_noise", "text"]["cached"] and built[TI2V].stats["dit", "text"]["cached"]
+    gspec = graph_spec(b.spec, "dit_low_noise", "main")
+    swapped = aoti.load_graph(lo, gspec, ["model.pt2", str(hi / "weights.safetensors")], compute_dtype=torch.float32,
+                              device=CPU)
+    inputs = sample_inputs(gspec, _sizes(b, 1, 2, 4, 4), torch.float32, seed=3)
+    got = swapped(inputs)["noise_pred"]
+    want_hi = _eager(b, "dit_high_noise", "main")(inputs)["noise_pred"]
+    want_lo = _eager(b, "dit_low_noise", "main")(inputs)["noise_pred"]
+    assert relative_error(want_lo, want_hi) > 1e-2, "the experts must differ for this to mean anything"
+    assert relative_error(got, want_hi) < TOL
+
+
+def test_package_holds_no_weights(built):
+    """The package is code only (no weights file in the archive, and the .so's constants are
+    not packaged); every constant it names is in the weights file, and nothing else is."""
+    import zipfile
+
+    b = built[T2V]
+    folder = b.dirs["dit_high_noise", "main"]
+    with zipfile.ZipFile(folder / "model.pt2") as z:
+        names = z.namelist()
+    assert not any("weights" in n or n.endswith((".bin", ".blob")) for n in names), names
+    fqns = set(aoti.load_package(folder / "model.pt2", CPU).get_constant_fqns())
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "weights.safetensors"), "pt") as f:
+        stored = set(f.keys())
+    assert fqns == stored
+    assert "dit.patch_embedding.weight" in fqns
+
+
+# ------------------------------------------------------------------------------ dynamic shapes
+@pytest.mark.parametrize("spec_name,comp", [(T2V, "dit_high_noise"), (TI2V, "dit")])
+def test_dit_graph_serves_two_sizes(built, spec_name, comp):
+    """Exported at B=2, T=3, 8x8 latents; run at two other grids in the profile, batch 1 and 2
+    (TI2V's per-token timestep: L is its own dim, the hardest dynamic case)."""
+    b = built[spec_name]
+    for batch, t, h, w in ((1, 1, 4, 8), (2, 3, 6, 4)):
+        err = _compare(b, comp, "main", _sizes(b, batch, t, h, w), seed=1)
+        assert err < TOL, f"{comp} at B={batch} T={t} {h}x{w}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("spec_name", VAE_SPECS)
+def test_vae_step_graphs_serve_two_sizes(built, spec_name):
+    b = built[spec_name]
+    for comp in ("vae_decoder", "vae_encoder"):
+        for batch, h, w in ((1, 2, 7), (2, 5, 3)):
+            err = _compare(b, comp, "step", _sizes(b, batch, 1, h, w), seed=2)
+            assert err < TOL, f"{comp}/step at B={batch} {h}x{w}: relative error {err:.2e}"
+
+
+def test_runner_rejects_shapes_outside_the_package(built):
+    """AOTInductor does not check its inputs; the runner does, before the .so reads them."""
+    b = built[T2V]
+    gspec = graph_spec(b.spec, "dit_high_noise", "main")
+    runner = b.runners["dit_high_noise", "main"]
+    with pytest.raises(ValueError, match=r"h = 2 is outside .*\[4, 8\]"):  # one token per axis
+        runner(sample_inputs(gspec, _sizes(b, 1, 1, 2, 4), torch.float32))
+    with pytest.raises(ValueError, match=r"B = 3 is outside"):
+        runner(sample_inputs(gspec, _sizes(b, 3, 1, 4, 4), torch.float32))
+    vae = graph_spec(b.spec, "vae_decoder", "step")
+    inputs = sample_inputs(vae, _sizes(b, 1, 1, 2, 2), torch.float32)
+    inputs["cache_in_3"] = inputs["cache_in_3"][..., :1]  # width no longer the latent's
+    with pytest.raises(ValueError, match="cache_in_3"):
+        b.runners["vae_decoder", "step"](inputs)
+    with pytest.raises(TypeError, match="float64"):
+        runner({k: v.double() for k, v in sample_inputs(gspec, _sizes(b, 1, 1, 4, 4), torch.float32).items()})
+
+
+# ------------------------------------------------------------------------------ contract, interface
+def test_export_refuses_module_that_breaks_the_contract(built, tmp_path):
+    """A module whose outputs are not the GraphSpec's fails at export, before compiling."""
+    from wan_rt.export.aoti_export import AotiExportError, compile_aoti
+
+    b = built[T2V]
+    gspec = graph_spec(b.spec, "dit_high_noise", "main")
+
+    class Int(torch.nn.Module):
+        def forward(self, latents, timestep, text_kv):
+            return latents.long()
+
+    with pytest.raises(AotiExportError, match="noise_pred"):
+        compile_aoti(Int(), gspec, b.profile, tmp_path / "model.pt2", compute_dtype=torch.float32, device=CPU)
+    assert not (tmp_path / "model.pt2").exists()
+
+
+def test_backend_interface():
+    assert aoti.NAME == "aoti" and aoti.FILE_SUFFIX == ".pt2"
+    assert aoti.is_available() and aoti.unavailable_reason() == ""
+    v = aoti.versions()
+    assert v["torch"] == torch.__version__ and v["device"].startswith("cpu-")
+    assert set(aoti.STRICT_VERSIONS) <= set(v)
+
+
+# ------------------------------------------------------------------------------ streaming VAE
+def _vae_components(b) -> dict[str, StreamingVAEComponent]:
+    out = {}
+    for comp in ("vae_encoder", "vae_decoder"):
+        first, step = graph_spec(b.spec, comp, "first"), graph_spec(b.spec, comp, "step")
+        out[comp] = StreamingVAEComponent(comp, b.spec, b.runners[comp, "first"], b.runners[comp, "step"],
+                                          first, step, CPU)
+    return out
+
+
+@pytest.mark.parametrize("spec_name", VAE_SPECS)
+def test_streaming_vae_through_aoti_equals_eager(built, spec_name):
+    b = built[spec_name]
+    vae = b.models["vae_decoder"]
+    comps = _vae_components(b)
+    gen = torch.Generator().manual_seed(5)
+    video = torch.rand(1, 3, 9, b.spec.height, b.spec.width, generator=gen) * 2 - 1
+    with torch.inference_mode():
+        want_z = vae.encode(video)
+    got_z = comps["vae_encoder"](video=video)["latents"]
+    assert got_z.shape == want_z.shape and got_z.shape[2] == 3
+    assert relative_error(got_z, want_z) < TOL
+    with torch.inference_mode():
+        want_v = vae.decode(want_z)
+    got_v = comps["vae_decoder"](latents=want_z)["video"]
+    assert got_v.shape == want_v.shape == video.shape
+    assert max_abs_error(got_v, want_v) < TOL
+
+
+# ------------------------------------------------------------------------------ full pipeline
+def _image(seed: int = 0, size=(40, 36)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("spec_name", [T2V, I2V, TI2V])
+def test_pipeline_on_aoti_matches_eager(built, spec_name):
+    """Every component on AOTI packages (TI2V's VAE eager unless WAN_RT_AOTI_TEST_ALL=1), 4 steps
+    with CFG, against the eager pipeline from the same latents."""
+    from wan_rt.loader import build_eager_components
+    from wan_rt.models.text_encoder import load_tokenizer
+    from wan_rt.pipeline import WanPipeline
+
+    b = built[spec_name]
+    spec, resolved = b.spec, b.resolved
+    eager = build_eager_components(resolved, CPU, torch.float32)
+    components = {"text_encoder": GraphComponent("text_encoder", b.runners["text_encoder", "main"],
+                                                 graph_spec(spec, "text_encoder"), torch.float32, CPU)}
+    for comp in spec.dit_components:
+        components[comp] = DiTComponent(comp, b.runners[comp, "text"], b.runners[comp, "main"],
+                                        graph_spec(spec, comp, "text"), graph_spec(spec, comp, "main"),
+                                        torch.float32, CPU)
+    vae_on_aoti = ("vae_decoder", "first") in b.runners
+    assert vae_on_aoti == (spec_name in VAE_SPECS or spec_name == I2V)
+    components.update(_vae_components(b) if vae_on_aoti else {c: eager[c] for c in ("vae_encoder", "vae_decoder")})
+    tokenizer = load_tokenizer(resolved.files.tokenizer)
+    ours = WanPipeline(spec, components, tokenizer, resolved.defaults, "cpu")
+    reference = WanPipeline(spec, eager, tokenizer, resolved.defaults, "cpu")
+    frames = 5
+    latents = torch.randn((1, *latent_shape(spec, spec.height, spec.width, frames)),
+                          generator=torch.Generator().manual_seed(7))
+    kwargs = dict(prompt="a fox running in the snow", negative_prompt="blurry dark", height=spec.height,
+                  width=spec.width, num_frames=frames, num_inference_steps=4, guidance_scale=4.0,
+                  guidance_scale_2=3.0, output_type="np")
+    if spec.task != "t2v":
+        kwargs["image"] = _image()
+    results = []
+    for pipe in (ours, reference):
+        pipe.set_progress_bar_config(disable=True)
+        results.append(pipe(latents=latents.clone(), **kwargs))
+    got, want = results
+    assert got.steps_per_stage == want.steps_per_stage
+    assert len(want.steps_per_stage) == len(spec.stages), "every expert ran"
+    assert float(want.frames.std()) > 1e-3, "degenerate video would make the comparison meaningless"
+    err = max_abs_error(torch.from_numpy(got.frames), torch.from_numpy(want.frames))
+    assert err < TOL, f"{spec_name}: max |AOTI - eager| = {err:.2e}"
+
+
+# ------------------------------------------------------------------------------ the commands
+def test_build_run_parity_commands_on_aoti(built, tmp_path, capsys):
+    """`wan-rt build --backend aoti` at the fixture's profile: every package comes from the cache
+    the fixture filled (same graphs, options, torch), so this checks the cache end to end and
+    costs exports only. Then `wan-rt parity` and `wan-rt run` on the engines dir, and a manifest
+    from another torch is refused in one line naming the component."""
+    import imageio.v3 as iio
+
+    from wan_rt.cli import main
+
+    b = built[T2V]
+    spec, engines = b.spec, tmp_path / "engines"
+    args = ["build", "--model", T2V, "--backend", "aoti", "--height", str(2 * spec.height), "--width",
+            str(2 * spec.width), "--frames", "9", "--engines-dir", str(engines), "--device", "cpu"]
+    assert main(args + (["--quick-compile"] if FAST else [])) == 0
+    for comp in components_of(spec):
+        manifest = json.loads((engines / comp / "manifest.json").read_text())
+        assert manifest["backend"] == "aoti" and manifest["build_args"]["quick_compile"] == FAST
+        for g in graph_names(comp):
+            assert manifest["graphs"][g]["files"] == [f"{g}/model.pt2", f"{g}/weights.safetensors"]
+            assert ((engines / comp / g / "model.pt2").read_bytes()
+                    == (b.dirs[comp, g] / "model.pt2").read_bytes()), f"{comp}/{g} was not the cached package"
+    capsys.readouterr()
+    assert main(["parity", "--engines-dir", str(engines)]) == 0
+    report = capsys.readouterr().out
+    assert all(comp in report for comp in components_of(spec))
+
+    out = tmp_path / "aoti.mp4"
+    assert main(["run", "--engines-dir", str(engines), "--steps", "2", "--frames", "9", "--output", str(out)]) == 0
+    frames = iio.imread(out, plugin="pyav")
+    assert frames.shape == (9, spec.height, spec.width, 3) and frames.std() > 0
+
+    path = engines / "vae_decoder" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["tool_versions"]["torch"] = "2.0.0"
+    path.write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert main(["run", "--engines-dir", str(engines), "--steps", "2", "--output", str(tmp_path / "stale.mp4")]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "vae_decoder" in err[0] and "torch" in err[0] and "wan-rt build" in err[0], err
+    assert not (tmp_path / "stale.mp4").exists()
+
+
+def test_quick_compile_is_an_aoti_option(tmp_path, capsys):
+    from wan_rt.cli import main
+
+    assert main(["build", "--backend", "ort", "--quick-compile", "--engines-dir", str(tmp_path / "e")]) != 0
+    assert "--quick-compile is an AOTInductor option" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ the fast path as a package
+def test_fast_dit_package_fp8_int8_attention_triton(built, tmp_path, monkeypatch):
+    """`wan-rt build --backend aoti --precision fp8 --kernels triton --attention int8`: each expert
+    is one package holding the fast path (FP8 GEMMs through torch._scaled_mm, wan_rt's Triton
+    attention with int8 q·kᵀ and fused LayerNorm-modulate, called as custom ops). On this CPU the
+    Triton kernels run in the interpreter, so the package's calls are spied on. The package
+    must compute what the same variant computes eagerly (1e-4), and its FP8 error against the
+    fp32 oracle must be visible and bounded (the quantization budget, 0.1)."""
+    from wan_rt.build import build_engines
+    from wan_rt.runtime.fast import DiTVariant
+
+    import wan_rt.kernels.rope3d_attn as attn_mod
+
+    b = built[T2V]
+    spec, engines = b.spec, tmp_path / "fast"
+    dits = list(spec.dit_components)
+    build_engines(T2V, "aoti", engines, precision="fp8", kernels="triton", attention="int8", components=dits,
+                  height=2 * spec.height, width=2 * spec.width, frames=9, device="cpu", quick_compile=FAST,
+                  log=lambda s: None)
+    variant = DiTVariant(kernels=True, attention_quant="int8", fp8_linear=True)
+    for comp in dits:
+        manifest = json.loads((engines / comp / "manifest.json").read_text())
+        assert manifest["precision"] == "fp8"
+        assert {k: manifest["build_args"][k] for k in variant.manifest_args()} == variant.manifest_args()
+        assert "tolerances" in manifest["build_args"]  # wan-rt parity's quality report reads them
+        ops = aoti.package_metadata(engines / comp / "main" / "model.pt2")["wan_rt.custom_ops"].split(",")
+        assert {"rope3d_attention", "attention", "layernorm_modulate"} <= set(ops), ops
+    assert (engines / dits[0] / "main" / "model.pt2").read_bytes() == (engines / dits[1] / "main" / "model.pt2").read_bytes()
+
+    launches: list[str] = []
+    real_launch = attn_mod._launch_attention
+    monkeypatch.setattr(attn_mod, "_launch_attention", lambda *a: (launches.append(a[-1]), real_launch(*a))[1])
+    for comp in dits:
+        gspec = graph_spec(spec, comp, "main")
+        runner = aoti.load_graph(engines / comp, gspec, ["main/model.pt2", "main/weights.safetensors"],
+                                 compute_dtype=torch.float32, device=CPU)
+        fast_model = copy.deepcopy(b.models[comp])
+        variant.apply(fast_model)
+        inputs = sample_inputs(gspec, _sizes(b, 1, 2, 4, 6), torch.float32, seed=4)
+        launches.clear()
+        got = runner(inputs)["noise_pred"]
+        assert launches.count("int8") == spec.dit.num_layers, launches  # self-attention, int8, every block
+        assert launches.count("none") == spec.dit.num_layers, launches  # cross-attention, same kernel
+        want_fast = module_runner(graph_module(comp, "main", fast_model), gspec)(inputs)["noise_pred"]
+        want_fp32 = _eager(b, comp, "main")(inputs)["noise_pred"]
+        assert relative_error(got, want_fast) < TOL, comp
+        assert 1e-4 < relative_error(got, want_fp32) < 0.1, (comp, relative_error(got, want_fp32))
+
+
+def test_fast_options_are_refused_where_they_cannot_run(tmp_path):
+    from wan_rt.build import build_engines
+
+    with pytest.raises(ValueError, match="--attention int8 needs the Triton kernels"):
+        build_engines(T2V, "aoti", tmp_path, attention="int8", kernels="torch", device="cpu")
+    with pytest.raises(ValueError, match="aoti takes fp8"):
+        build_engines(T2V, "aoti", tmp_path, precision="int8", device="cpu")
+    with pytest.raises(ValueError, match="--kernels is an AOTInductor option"):
+        build_engines(T2V, "ort", tmp_path, kernels="triton", device="cpu")
+    assert not any(tmp_path.iterdir()), "a refused build leaves nothing behind"
