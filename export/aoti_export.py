@@ -231,7 +231,9 @@ def custom_ops(ep: torch.export.ExportedProgram) -> list[str]:
 
 def inductor_configs(gspec: GraphSpec, profile: ShapeProfile, fast: bool = False,
                      ops: Sequence[str] = (), extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    metadata = {METADATA_KEY: contract_metadata(gspec, profile)}
+    # The contract as JSON for Python, and the I/O names as plain lists for C++ (wan_rt/cpp).
+    metadata = {METADATA_KEY: contract_metadata(gspec, profile), "wan_rt.input_names": ",".join(gspec.input_names),
+                "wan_rt.output_names": ",".join(gspec.output_names)}
     if ops:
         metadata[CUSTOM_OPS_KEY] = ",".join(ops)
     return {**INDUCTOR_CONFIGS, **(FAST_CONFIGS if fast else {}), **(extra or {}), "aot_inductor.metadata": metadata}

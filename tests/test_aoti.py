@@ -453,3 +453,35 @@ def test_fast_options_are_refused_where_they_cannot_run(tmp_path):
     with pytest.raises(ValueError, match="--kernels is an AOTInductor option"):
         build_engines(T2V, "ort", tmp_path, kernels="triton", device="cpu")
     assert not any(tmp_path.iterdir()), "a refused build leaves nothing behind"
+
+
+# ------------------------------------------------------------------------------ C++ services
+def test_cpp_service_runs_a_package_like_python(built, tmp_path):
+    """wan_rt/cpp: the example program, built with g++ against the installed torch's libtorch,
+    loads an engine graph folder (package + weights.safetensors) and reproduces the Python
+    runner's output bit for bit; bad input is one line and exit 2."""
+    import subprocess
+
+    from safetensors.torch import load_file, save_file
+
+    from wan_rt.cpp import EXAMPLES, compile_command
+
+    b = built[T2V]
+    exe = tmp_path / "run_graph"
+    proc = subprocess.run(compile_command(EXAMPLES["run_graph"], exe), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    gspec = graph_spec(b.spec, "dit_high_noise", "main")
+    inputs = sample_inputs(gspec, _sizes(b, 2, 2, 4, 6), torch.float32, seed=6)
+    save_file(inputs, str(tmp_path / "in.safetensors"))
+    folder = b.dirs["dit_high_noise", "main"]
+    proc = subprocess.run([str(exe), str(folder), str(tmp_path / "in.safetensors"), str(tmp_path / "out.safetensors")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = load_file(str(tmp_path / "out.safetensors"))
+    want = b.runners["dit_high_noise", "main"](inputs)
+    assert list(got) == ["noise_pred"] and torch.equal(got["noise_pred"], want["noise_pred"])
+
+    proc = subprocess.run([str(exe), str(tmp_path / "nowhere"), str(tmp_path / "in.safetensors"),
+                           str(tmp_path / "bad.safetensors")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith("run_graph: error:") and not (tmp_path / "bad.safetensors").exists()
