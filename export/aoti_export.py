@@ -10,7 +10,7 @@ Dynamic shapes. Every contract symbol whose profile min < max is one `torch.expo
 [min, max]; "k*h" is the derived dim `k * Dim("h")`; a symbol with min == max (the text length S:
 the pipeline pads to one length) is static. Example inputs are the profile's max (batch 2: a
 size-1 example would be specialised). Two DiT-specific points (`patch_multiples`,
-`compiled_profile`):
+`compiled_profile`, the backend's `at_least_two_patches`):
 * the DiT step graph splits latent h, w into 2x2 patches; a plain Dim("h") fails export (the
   reshape's `h % 2 == 0` cannot be stated on it), so h is declared `2 * Dim("h_over_2")`;
 * one token per axis (the profile's min: h = 2 latents) cannot be exported: the contiguity
@@ -73,10 +73,9 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from wan_rt.runtime.graphs import GraphSpec, ShapeProfile, sample_inputs
+from wan_rt.runtime.backends.aoti import PACKAGE_FILE, WEIGHTS_FILE, at_least_two_patches, device_key, load_package
+from wan_rt.runtime.graphs import GraphSpec, ShapeProfile, sample_inputs, torch_dtype
 
-PACKAGE_FILE = "model.pt2"
-WEIGHTS_FILE = "weights.safetensors"
 # Bump when what goes into a cached package changes in a way the key does not see.
 CACHE_FORMAT = 1
 
@@ -94,8 +93,6 @@ METADATA_KEY = "wan_rt.contract"
 # wan_rt's Triton kernels enter a package as custom ops, called through AOTInductor's proxy
 # executor; the loader must register them (import their modules) before the package loads.
 CUSTOM_OPS_KEY = "wan_rt.custom_ops"
-
-_DTYPES = {"float32": torch.float32, "int64": torch.int64}
 
 
 class AotiExportError(RuntimeError):
@@ -115,16 +112,9 @@ def patch_multiples(module: nn.Module) -> dict[str, int]:
 
 
 def compiled_profile(module: nn.Module, profile: ShapeProfile) -> ShapeProfile:
-    """The profile the package is compiled for: `profile`, except that a DiT step graph needs at
-    least two tokens per latent axis (h, w >= 2 * patch): at one token, the contiguity checks
-    inside torch.export ask `tokens != 1` and fix the axis at the example size. (torch's
-    `backed_size_oblivious` gets the export through, but AOTInductor then compiled the batch as
-    a constant, silently: measured on torch 2.13, so it is not used.)"""
-    low = dict(profile.min)
-    for sym, k in patch_multiples(module).items():
-        if sym in low:
-            low[sym] = min(max(low[sym], 2 * k), profile.max[sym])
-    return ShapeProfile(min=low, opt=dict(profile.opt), max=dict(profile.max))
+    """The profile the package is compiled for: a DiT step graph needs two tokens per latent
+    axis at least (h, w >= 2 * patch; backends.aoti.at_least_two_patches)."""
+    return at_least_two_patches(profile, patch_multiples(module))
 
 
 def dynamic_shapes(module: nn.Module, gspec: GraphSpec, profile: ShapeProfile) -> tuple:
@@ -202,7 +192,7 @@ def _check_outputs(ep: torch.export.ExportedProgram, gspec: GraphSpec, compute_d
     if len(vals) != len(gspec.outputs):
         raise AotiExportError(f"{where}: module returns {len(vals)} outputs, the contract has {len(gspec.outputs)}")
     for t, v in zip(gspec.outputs, vals):
-        want = _DTYPES.get(t.dtype, compute_dtype)
+        want = torch_dtype(t, compute_dtype)
         if v is None or v.dtype != want or v.dim() != len(t.dims):
             got = "?" if v is None else f"{v.dtype} rank {v.dim()}"
             raise AotiExportError(f"{where}: output {t.name} is {got}, the contract says {want} {list(t.dims)}")
@@ -239,17 +229,6 @@ def inductor_configs(gspec: GraphSpec, profile: ShapeProfile, fast: bool = False
     return {**INDUCTOR_CONFIGS, **(FAST_CONFIGS if fast else {}), **(extra or {}), "aot_inductor.metadata": metadata}
 
 
-def _device_key(device: torch.device) -> str:
-    """What a compiled package is tied to besides torch: the CPU's vector ISA (-march flags)
-    or the GPU's compute capability (the embedded cubins)."""
-    if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        return f"cuda-sm{major}{minor}"
-    from torch._inductor.cpu_vec_isa import pick_vec_isa
-
-    return f"cpu-{pick_vec_isa()}"
-
-
 def _describe(value: Any) -> str:
     if isinstance(value, torch.Tensor):
         return f"{value.dtype}{list(value.shape)}{list(value.stride())}@{value.device}"
@@ -280,7 +259,8 @@ def graph_text(ep: torch.export.ExportedProgram) -> str:
 def package_key(ep: torch.export.ExportedProgram, configs: dict[str, Any], device: torch.device) -> str:
     """Identity of the compiled code: the graph without weight values, options, torch, device."""
     ranges = sorted(f"{k}: {v}" for k, v in ep.range_constraints.items())
-    blob = json.dumps([CACHE_FORMAT, torch.__version__, _device_key(device), configs, graph_text(ep), ranges,
+    # device_key: the CPU's vector ISA (-march flags) and the GPU's compute capability (cubins).
+    blob = json.dumps([CACHE_FORMAT, torch.__version__, device.type, device_key(), configs, graph_text(ep), ranges,
                        str(ep.call_spec)], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -342,8 +322,6 @@ def write_weights(ep: torch.export.ExportedProgram, package: Path, path: Path, d
                   where: str = "") -> list[str]:
     """Every constant the compiled package names, by FQN, from the exported program's state."""
     from safetensors.torch import save_file
-
-    from wan_rt.runtime.backends.aoti import load_package
 
     names = load_package(package, device).get_constant_fqns()
     known = {**ep.state_dict, **ep.constants}

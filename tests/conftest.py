@@ -74,6 +74,47 @@ def diffusers_checkpoint(tmp_path_factory):
     return make
 
 
+# ---- shared fixtures ---------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def engine_checks():
+    """tests/engine_checks.py (the checks every engine backend's tests share), loaded by path:
+    the tests folder stays off sys.path (its kernels/ would shadow a package of that name)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("wan_rt_tests_engine_checks",
+                                                  Path(__file__).with_name("engine_checks.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def spy_launches(monkeypatch):
+    """Count launches of a module's @triton.jit kernel: `counts = spy(module, "_kernel_name")`,
+    then `counts["_kernel_name"]`. Replaces the module global with a proxy whose
+    `kernel[grid](...)` records and forwards, so a test can assert the Triton kernel itself ran
+    (not a torch fallback). Callers set TRITON_INTERPRET before the kernel modules import."""
+    from collections import Counter
+
+    import triton
+
+    counts: Counter = Counter()
+
+    def spy(module: object, name: str) -> Counter:
+        kernel = getattr(module, name)
+        assert isinstance(kernel, triton.runtime.jit.KernelInterface), f"{name} is not a Triton kernel"
+
+        class _Proxy:
+            def __getitem__(self, grid):
+                counts[name] += 1
+                return kernel[grid]
+
+        monkeypatch.setattr(module, name, _Proxy())
+        return counts
+
+    return spy
+
+
 # ---- mypy against tensorrt-stubs (tests/test_trt.py, tests/kernels/test_trt_plugin.py) ----------
 @pytest.fixture(scope="session")
 def trt_mypy(tmp_path_factory):

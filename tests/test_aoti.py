@@ -20,31 +20,18 @@ import os
 import time
 import types
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 if not torch.cuda.is_available():  # before any wan_rt.kernels kernel module is imported (the fast package test)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from wan_rt.config import get_spec, latent_shape  # noqa: E402
-from wan_rt.metrics import max_abs_error, relative_error
-from wan_rt.runtime.backends import get_backend
-from wan_rt.runtime.engine_component import (
-    DiTComponent,
-    GraphComponent,
-    StreamingVAEComponent,
-    module_runner,
-)
-from wan_rt.runtime.graphs import (
-    components_of,
-    graph_module,
-    graph_names,
-    graph_spec,
-    sample_inputs,
-    shape_profile,
-)
+from wan_rt.config import get_spec  # noqa: E402
+from wan_rt.metrics import relative_error  # noqa: E402
+from wan_rt.runtime.backends import get_backend  # noqa: E402
+from wan_rt.runtime.engine_component import module_runner  # noqa: E402
+from wan_rt.runtime.graphs import (components_of, graph_module, graph_names, graph_spec, sample_inputs,  # noqa: E402
+                                   shape_profile)
 
 aoti = get_backend("aoti")
 pytestmark = pytest.mark.skipif(not aoti.is_available(), reason=f"AOTInductor unavailable: {aoti.unavailable_reason()}")
@@ -75,12 +62,11 @@ def _profile(spec):
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
+def built(tmp_path_factory, engine_checks):
     """name -> namespace(resolved, spec, profile, models, dirs, files, runners, stats)."""
     from wan_rt.export.aoti_export import compile_graphs
 
     from wan_rt.loader import resolve_checkpoint
-    from wan_rt.models import load_dit, load_text_encoder, load_vae
 
     names = (T2V, I2V, TI2V)
     resolved = {n: resolve_checkpoint(n) for n in names}  # writes the tiny checkpoints, here, once
@@ -90,10 +76,7 @@ def built(tmp_path_factory):
     wall = time.perf_counter() - start
     out = {}
     for name, r in resolved.items():
-        models = {"text_encoder": load_text_encoder(r.files, dtype=torch.float32)}
-        for comp in r.spec.dit_components:
-            models[comp] = load_dit(r.files, comp, dtype=torch.float32)
-        models["vae_encoder"] = models["vae_decoder"] = load_vae(r.files)
+        models = engine_checks.load_models(r)
         mine = {(c, g): v for (m, c, g), v in results.items() if m == name}
         if name == I2V:  # T2V's VAE packages, if the weights are T2V's too
             t2v_vae = out[T2V].models["vae_decoder"].state_dict()
@@ -113,53 +96,26 @@ def built(tmp_path_factory):
     return out
 
 
-def _eager(b, comp: str, g: str):
-    return module_runner(graph_module(comp, g, b.models[comp]), graph_spec(b.spec, comp, g))
-
-
-def _compare(b, comp: str, g: str, sizes: dict[str, int], seed: int = 0, runner=None) -> float:
-    gspec = graph_spec(b.spec, comp, g)
-    inputs = sample_inputs(gspec, sizes, torch.float32, seed=seed)
-    if comp == "text_encoder":  # padded prompts: a mask that ends in zeros, as the tokenizer gives
-        inputs["attention_mask"][:, sizes["S"] // 2:] = 0
-    got, want = (runner or b.runners[comp, g])(inputs), _eager(b, comp, g)(inputs)
-    assert list(got) == gspec.output_names
-    errors = []
-    for name in gspec.output_names:
-        assert got[name].shape == want[name].shape, (name, got[name].shape, want[name].shape)
-        if want[name].count_nonzero() == 0:  # a cache slot the first chunk leaves empty
-            assert got[name].count_nonzero() == 0, name
-        else:
-            errors.append(relative_error(got[name], want[name]))
-    assert want[gspec.output_names[0]].count_nonzero() > 0, "an all-zero main output proves nothing"
-    return max(errors)
-
-
-def _sizes(b, batch: int, t: int, h: int, w: int) -> dict[str, int]:
-    _, ph, pw = b.spec.dit.patch_size
-    return {"B": batch, "S": b.spec.dit.text_len, "T": t, "h": h, "w": w, "L": t * (h // ph) * (w // pw)}
-
-
 # ------------------------------------------------------------------------------ every graph
 @pytest.mark.parametrize("comp,g", T2V_GRAPHS, ids=[f"{c}-{g}" for c, g in T2V_GRAPHS])
-def test_t2v_graph_matches_eager(built, comp, g):
+def test_t2v_graph_matches_eager(built, comp, g, engine_checks):
     """At batch 1, T = 2 latent frames, 4x4 latents: none of them the export's example sizes."""
     b = built[T2V]
     assert b.files[comp, g] == ["model.pt2", "weights.safetensors"]
-    err = _compare(b, comp, g, _sizes(b, 1, 2, 4, 4))
+    err = engine_checks.compare_graph(b, comp, g, engine_checks.grid_sizes(b, 1, 2, 4, 4))
     assert err < TOL, f"{comp}/{g}: AOTI vs eager relative error {err:.2e}"
 
 
 @pytest.mark.parametrize("spec_name", [I2V, TI2V])
-def test_dit_step_graph_matches_eager(built, spec_name):
+def test_dit_step_graph_matches_eager(built, spec_name, engine_checks):
     b = built[spec_name]
     comp = b.spec.dit_components[0]
-    err = _compare(b, comp, "main", _sizes(b, 1, 2, 4, 6))
+    err = engine_checks.compare_graph(b, comp, "main", engine_checks.grid_sizes(b, 1, 2, 4, 6))
     assert err < TOL, f"{spec_name} {comp}/main: relative error {err:.2e}"
 
 
 # ------------------------------------------------------------------------------ one package, many
-def test_experts_share_one_package_and_weights_decide(built):
+def test_experts_share_one_package_and_weights_decide(built, engine_checks):
     """The two A14B experts (same architecture) get the same compiled package from the cache;
     the weights file alone makes them differ: the low-noise package run with the high-noise
     weights gives the high-noise expert's numbers (nothing of the compile-time weights is left
@@ -176,10 +132,10 @@ def test_experts_share_one_package_and_weights_decide(built):
     gspec = graph_spec(b.spec, "dit_low_noise", "main")
     swapped = aoti.load_graph(lo, gspec, ["model.pt2", str(hi / "weights.safetensors")], compute_dtype=torch.float32,
                               device=CPU)
-    inputs = sample_inputs(gspec, _sizes(b, 1, 2, 4, 4), torch.float32, seed=3)
+    inputs = sample_inputs(gspec, engine_checks.grid_sizes(b, 1, 2, 4, 4), torch.float32, seed=3)
     got = swapped(inputs)["noise_pred"]
-    want_hi = _eager(b, "dit_high_noise", "main")(inputs)["noise_pred"]
-    want_lo = _eager(b, "dit_low_noise", "main")(inputs)["noise_pred"]
+    want_hi = engine_checks.eager_runner(b, "dit_high_noise", "main")(inputs)["noise_pred"]
+    want_lo = engine_checks.eager_runner(b, "dit_low_noise", "main")(inputs)["noise_pred"]
     assert relative_error(want_lo, want_hi) > 1e-2, "the experts must differ for this to mean anything"
     assert relative_error(got, want_hi) < TOL
 
@@ -205,40 +161,41 @@ def test_package_holds_no_weights(built):
 
 # ------------------------------------------------------------------------------ dynamic shapes
 @pytest.mark.parametrize("spec_name,comp", [(T2V, "dit_high_noise"), (TI2V, "dit")])
-def test_dit_graph_serves_two_sizes(built, spec_name, comp):
+def test_dit_graph_serves_two_sizes(built, spec_name, comp, engine_checks):
     """Exported at B=2, T=3, 8x8 latents; run at two other grids in the profile, batch 1 and 2
     (TI2V's per-token timestep: L is its own dim, the hardest dynamic case)."""
     b = built[spec_name]
     for batch, t, h, w in ((1, 1, 4, 8), (2, 3, 6, 4)):
-        err = _compare(b, comp, "main", _sizes(b, batch, t, h, w), seed=1)
+        err = engine_checks.compare_graph(b, comp, "main", engine_checks.grid_sizes(b, batch, t, h, w), seed=1)
         assert err < TOL, f"{comp} at B={batch} T={t} {h}x{w}: relative error {err:.2e}"
 
 
 @pytest.mark.parametrize("spec_name", VAE_SPECS)
-def test_vae_step_graphs_serve_two_sizes(built, spec_name):
+def test_vae_step_graphs_serve_two_sizes(built, spec_name, engine_checks):
     b = built[spec_name]
     for comp in ("vae_decoder", "vae_encoder"):
         for batch, h, w in ((1, 2, 7), (2, 5, 3)):
-            err = _compare(b, comp, "step", _sizes(b, batch, 1, h, w), seed=2)
+            err = engine_checks.compare_graph(b, comp, "step", engine_checks.grid_sizes(b, batch, 1, h, w), seed=2)
             assert err < TOL, f"{comp}/step at B={batch} {h}x{w}: relative error {err:.2e}"
 
 
-def test_runner_rejects_shapes_outside_the_package(built):
+def test_runner_rejects_shapes_outside_the_package(built, engine_checks):
     """AOTInductor does not check its inputs; the runner does, before the .so reads them."""
     b = built[T2V]
     gspec = graph_spec(b.spec, "dit_high_noise", "main")
     runner = b.runners["dit_high_noise", "main"]
     with pytest.raises(ValueError, match=r"h = 2 is outside .*\[4, 8\]"):  # one token per axis
-        runner(sample_inputs(gspec, _sizes(b, 1, 1, 2, 4), torch.float32))
+        runner(sample_inputs(gspec, engine_checks.grid_sizes(b, 1, 1, 2, 4), torch.float32))
     with pytest.raises(ValueError, match=r"B = 3 is outside"):
-        runner(sample_inputs(gspec, _sizes(b, 3, 1, 4, 4), torch.float32))
+        runner(sample_inputs(gspec, engine_checks.grid_sizes(b, 3, 1, 4, 4), torch.float32))
     vae = graph_spec(b.spec, "vae_decoder", "step")
-    inputs = sample_inputs(vae, _sizes(b, 1, 1, 2, 2), torch.float32)
+    inputs = sample_inputs(vae, engine_checks.grid_sizes(b, 1, 1, 2, 2), torch.float32)
     inputs["cache_in_3"] = inputs["cache_in_3"][..., :1]  # width no longer the latent's
     with pytest.raises(ValueError, match="cache_in_3"):
         b.runners["vae_decoder", "step"](inputs)
+    inputs = sample_inputs(gspec, engine_checks.grid_sizes(b, 1, 1, 4, 4), torch.float32)
     with pytest.raises(TypeError, match="float64"):
-        runner({k: v.double() for k, v in sample_inputs(gspec, _sizes(b, 1, 1, 4, 4), torch.float32).items()})
+        runner({k: v.double() for k, v in inputs.items()})
 
 
 # ------------------------------------------------------------------------------ contract, interface
@@ -267,81 +224,25 @@ def test_backend_interface():
 
 
 # ------------------------------------------------------------------------------ streaming VAE
-def _vae_components(b) -> dict[str, StreamingVAEComponent]:
-    out = {}
-    for comp in ("vae_encoder", "vae_decoder"):
-        first, step = graph_spec(b.spec, comp, "first"), graph_spec(b.spec, comp, "step")
-        out[comp] = StreamingVAEComponent(comp, b.spec, b.runners[comp, "first"], b.runners[comp, "step"],
-                                          first, step, CPU)
-    return out
-
-
 @pytest.mark.parametrize("spec_name", VAE_SPECS)
-def test_streaming_vae_through_aoti_equals_eager(built, spec_name):
-    b = built[spec_name]
-    vae = b.models["vae_decoder"]
-    comps = _vae_components(b)
-    gen = torch.Generator().manual_seed(5)
-    video = torch.rand(1, 3, 9, b.spec.height, b.spec.width, generator=gen) * 2 - 1
-    with torch.inference_mode():
-        want_z = vae.encode(video)
-    got_z = comps["vae_encoder"](video=video)["latents"]
-    assert got_z.shape == want_z.shape and got_z.shape[2] == 3
-    assert relative_error(got_z, want_z) < TOL
-    with torch.inference_mode():
-        want_v = vae.decode(want_z)
-    got_v = comps["vae_decoder"](latents=want_z)["video"]
-    assert got_v.shape == want_v.shape == video.shape
-    assert max_abs_error(got_v, want_v) < TOL
+def test_streaming_vae_through_aoti_equals_eager(built, spec_name, engine_checks):
+    engine_checks.check_streaming_vae(built[spec_name])
 
 
 # ------------------------------------------------------------------------------ full pipeline
-def _image(seed: int = 0, size=(40, 36)) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8))
-
-
 @pytest.mark.parametrize("spec_name", [T2V, I2V, TI2V])
-def test_pipeline_on_aoti_matches_eager(built, spec_name):
+def test_pipeline_on_aoti_matches_eager(built, spec_name, engine_checks):
     """Every component on AOTI packages (TI2V's VAE eager unless WAN_RT_AOTI_TEST_ALL=1), 4 steps
     with CFG, against the eager pipeline from the same latents."""
     from wan_rt.loader import build_eager_components
-    from wan_rt.models.text_encoder import load_tokenizer
-    from wan_rt.pipeline import WanPipeline
 
     b = built[spec_name]
-    spec, resolved = b.spec, b.resolved
-    eager = build_eager_components(resolved, CPU, torch.float32)
-    components = {"text_encoder": GraphComponent("text_encoder", b.runners["text_encoder", "main"],
-                                                 graph_spec(spec, "text_encoder"), torch.float32, CPU)}
-    for comp in spec.dit_components:
-        components[comp] = DiTComponent(comp, b.runners[comp, "text"], b.runners[comp, "main"],
-                                        graph_spec(spec, comp, "text"), graph_spec(spec, comp, "main"),
-                                        torch.float32, CPU)
+    components = engine_checks.engine_components(b)
     vae_on_aoti = ("vae_decoder", "first") in b.runners
     assert vae_on_aoti == (spec_name in VAE_SPECS or spec_name == I2V)
-    components.update(_vae_components(b) if vae_on_aoti else {c: eager[c] for c in ("vae_encoder", "vae_decoder")})
-    tokenizer = load_tokenizer(resolved.files.tokenizer)
-    ours = WanPipeline(spec, components, tokenizer, resolved.defaults, "cpu")
-    reference = WanPipeline(spec, eager, tokenizer, resolved.defaults, "cpu")
-    frames = 5
-    latents = torch.randn((1, *latent_shape(spec, spec.height, spec.width, frames)),
-                          generator=torch.Generator().manual_seed(7))
-    kwargs = dict(prompt="a fox running in the snow", negative_prompt="blurry dark", height=spec.height,
-                  width=spec.width, num_frames=frames, num_inference_steps=4, guidance_scale=4.0,
-                  guidance_scale_2=3.0, output_type="np")
-    if spec.task != "t2v":
-        kwargs["image"] = _image()
-    results = []
-    for pipe in (ours, reference):
-        pipe.set_progress_bar_config(disable=True)
-        results.append(pipe(latents=latents.clone(), **kwargs))
-    got, want = results
-    assert got.steps_per_stage == want.steps_per_stage
-    assert len(want.steps_per_stage) == len(spec.stages), "every expert ran"
-    assert float(want.frames.std()) > 1e-3, "degenerate video would make the comparison meaningless"
-    err = max_abs_error(torch.from_numpy(got.frames), torch.from_numpy(want.frames))
-    assert err < TOL, f"{spec_name}: max |AOTI - eager| = {err:.2e}"
+    components.update(engine_checks.vae_components(b) if vae_on_aoti else
+                      build_eager_components(b.resolved, CPU, torch.float32, ["vae_encoder", "vae_decoder"]))
+    engine_checks.check_pipeline(b, components, "AOTI")
 
 
 # ------------------------------------------------------------------------------ the commands
@@ -397,7 +298,7 @@ def test_quick_compile_is_an_aoti_option(tmp_path, capsys):
 # ------------------------------------------------------------------------------ the fast path as a package
 @pytest.mark.skipif(torch.cuda.is_available(), reason="builds CPU packages with the Triton kernels interpreted; on a "
                     "GPU machine the kernels compile for CUDA instead (bench/dit_step.py's aoti variant covers that)")
-def test_fast_dit_package_fp8_int8_attention_triton(built, tmp_path, monkeypatch):
+def test_fast_dit_package_fp8_int8_attention_triton(built, tmp_path, monkeypatch, engine_checks):
     """`wan-rt build --backend aoti --precision fp8 --kernels triton --attention int8`: each expert
     is one package holding the fast path (FP8 GEMMs through torch._scaled_mm, wan_rt's Triton
     attention with int8 q·kᵀ and fused LayerNorm-modulate, called as custom ops). On this CPU the
@@ -434,13 +335,13 @@ def test_fast_dit_package_fp8_int8_attention_triton(built, tmp_path, monkeypatch
                                  compute_dtype=torch.float32, device=CPU)
         fast_model = copy.deepcopy(b.models[comp])
         variant.apply(fast_model)
-        inputs = sample_inputs(gspec, _sizes(b, 1, 2, 4, 6), torch.float32, seed=4)
+        inputs = sample_inputs(gspec, engine_checks.grid_sizes(b, 1, 2, 4, 6), torch.float32, seed=4)
         launches.clear()
         got = runner(inputs)["noise_pred"]
         assert launches.count("int8") == spec.dit.num_layers, launches  # self-attention, int8, every block
         assert launches.count("none") == spec.dit.num_layers, launches  # cross-attention, same kernel
         want_fast = module_runner(graph_module(comp, "main", fast_model), gspec)(inputs)["noise_pred"]
-        want_fp32 = _eager(b, comp, "main")(inputs)["noise_pred"]
+        want_fp32 = engine_checks.eager_runner(b, comp, "main")(inputs)["noise_pred"]
         assert relative_error(got, want_fast) < TOL, comp
         assert 1e-4 < relative_error(got, want_fp32) < 0.1, (comp, relative_error(got, want_fp32))
 
@@ -458,7 +359,7 @@ def test_fast_options_are_refused_where_they_cannot_run(tmp_path):
 
 
 # ------------------------------------------------------------------------------ C++ services
-def test_cpp_service_runs_a_package_like_python(built, tmp_path):
+def test_cpp_service_runs_a_package_like_python(built, tmp_path, engine_checks):
     """wan_rt/cpp: the example program, built with g++ against the installed torch's libtorch,
     loads an engine graph folder (package + weights.safetensors) and reproduces the Python
     runner's output bit for bit; bad input is one line and exit 2."""
@@ -473,7 +374,7 @@ def test_cpp_service_runs_a_package_like_python(built, tmp_path):
     proc = subprocess.run(compile_command(EXAMPLES["run_graph"], exe), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     gspec = graph_spec(b.spec, "dit_high_noise", "main")
-    inputs = sample_inputs(gspec, _sizes(b, 2, 2, 4, 6), torch.float32, seed=6)
+    inputs = sample_inputs(gspec, engine_checks.grid_sizes(b, 2, 2, 4, 6), torch.float32, seed=6)
     save_file(inputs, str(tmp_path / "in.safetensors"))
     folder = b.dirs["dit_high_noise", "main"]
     proc = subprocess.run([str(exe), str(folder), str(tmp_path / "in.safetensors"), str(tmp_path / "out.safetensors")],

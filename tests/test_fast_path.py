@@ -63,17 +63,6 @@ def _inputs(cfg, seed: int = 1):
     return x, t, context
 
 
-class _Spy:
-    """Stands in for a @triton.jit kernel and counts launches (kernel[grid](...))."""
-
-    def __init__(self, kernel):
-        self.kernel, self.launches = kernel, 0
-
-    def __getitem__(self, grid):
-        self.launches += 1
-        return self.kernel[grid]
-
-
 # ------------------------------------------------------------------------------------- FLOPs
 def test_flop_formula_reproduces_the_perf_anchors():
     """docs/perf-anchors.md: per layer at A14B 720p q/k/v/o 15.9, cross q/o 7.9, FFN 21.4,
@@ -126,7 +115,7 @@ def test_block_norm_modulation_goes_through_ops():
 # ------------------------------------------------------------------------------- kernels
 @pytest.mark.parametrize("name", TINY)
 @torch.no_grad()
-def test_kernels_match_eager_fp32(name, monkeypatch):
+def test_kernels_match_eager_fp32(name, spy_launches):
     """Triton attention + fused LayerNorm-modulate (interpreter on a CPU) == eager at fp32."""
     from wan_rt.kernels import fused_norms, rope3d_attn
 
@@ -136,17 +125,16 @@ def test_kernels_match_eager_fp32(name, monkeypatch):
     expected = model(x, t, context)
     report = optimize_dit(model, **dict(OFF, kernels=True))
     assert report.kernels and report.quantized == ()
-    norm_spy = _Spy(fused_norms._layernorm_modulate_kernel)
-    attn_spy = _Spy(rope3d_attn._rope3d_attn_fwd_kernel)
-    monkeypatch.setattr(fused_norms, "_layernorm_modulate_kernel", norm_spy)
-    monkeypatch.setattr(rope3d_attn, "_rope3d_attn_fwd_kernel", attn_spy)
+    spy_launches(fused_norms, "_layernorm_modulate_kernel")
+    launches = spy_launches(rope3d_attn, "_rope3d_attn_fwd_kernel")
     got = model(x, t, context)
-    assert norm_spy.launches == 2 * cfg.num_layers and attn_spy.launches == 2 * cfg.num_layers
+    assert launches["_layernorm_modulate_kernel"] == 2 * cfg.num_layers
+    assert launches["_rope3d_attn_fwd_kernel"] == 2 * cfg.num_layers
     assert relative_error(got, expected) <= 1e-4
 
 
 @torch.no_grad()
-def test_int8_attention_ratio_rule(monkeypatch):
+def test_int8_attention_ratio_rule(spy_launches):
     """int8 self-attention: error vs the fp32 model <= 2x a bf16 eager model's, and > 0."""
     from wan_rt.kernels import rope3d_attn
 
@@ -157,10 +145,9 @@ def test_int8_attention_ratio_rule(monkeypatch):
     bf16 = cast_dit(copy.deepcopy(model), torch.bfloat16)
     bf16_err = relative_error(bf16(x.bfloat16(), t, context.bfloat16()), reference)
     optimize_dit(model, **dict(OFF, kernels=True, attention_quant="int8"))
-    quant_spy = _Spy(rope3d_attn._rope_smooth_quant_k_kernel)
-    monkeypatch.setattr(rope3d_attn, "_rope_smooth_quant_k_kernel", quant_spy)
+    launches = spy_launches(rope3d_attn, "_rope_smooth_quant_k_kernel")
     err = relative_error(model(x, t, context), reference)
-    assert quant_spy.launches > 0, "self-attention must take the int8 path"
+    assert launches["_rope_smooth_quant_k_kernel"] > 0, "self-attention must take the int8 path"
     assert 0 < err <= 2 * bf16_err, (err, bf16_err)
 
 

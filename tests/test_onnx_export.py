@@ -10,20 +10,16 @@ from __future__ import annotations
 
 import types
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from wan_rt.config import get_spec, latent_shape  # noqa: E402
+from wan_rt.config import get_spec  # noqa: E402
 from wan_rt.export.onnx_export import OnnxExportError, check_trt_compatible, export_onnx  # noqa: E402
-from wan_rt.metrics import max_abs_error, relative_error  # noqa: E402
+from wan_rt.metrics import relative_error  # noqa: E402
 from wan_rt.runtime.backends import get_backend  # noqa: E402
-from wan_rt.runtime.engine_component import (DiTComponent, GraphComponent, StreamingVAEComponent,  # noqa: E402
-                                             module_runner)
 from wan_rt.runtime.graphs import (components_of, graph_module, graph_names, graph_spec, sample_inputs,  # noqa: E402
                                    shape_profile)
 
@@ -34,18 +30,8 @@ TOL = 1e-4
 CPU = torch.device("cpu")
 
 
-def _load_models(resolved) -> dict[str, torch.nn.Module]:
-    from wan_rt.models import load_dit, load_text_encoder, load_vae
-
-    models = {"text_encoder": load_text_encoder(resolved.files, dtype=torch.float32)}
-    for name in resolved.spec.dit_components:
-        models[name] = load_dit(resolved.files, name, dtype=torch.float32)
-    models["vae_encoder"] = models["vae_decoder"] = load_vae(resolved.files)
-    return models
-
-
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
+def built(tmp_path_factory, engine_checks):
     """built(spec name) -> namespace(resolved, spec, profile, models, dirs, files, runners), every
     graph exported with the ORT backend into a temporary engines folder (once per module)."""
     from wan_rt.loader import resolve_checkpoint
@@ -60,7 +46,7 @@ def built(tmp_path_factory):
         # 9 frames: traced at T=3 latent frames, so the 5-frame pipeline (T=2) and the size tests
         # run at T the trace never saw (a frozen T > 1 hides at T=1 behind broadcasting).
         profile = shape_profile(spec, height=spec.height, width=spec.width, frames=9)
-        models = _load_models(resolved)
+        models = engine_checks.load_models(resolved)
         root = tmp_path_factory.mktemp(name)
         dirs, files, runners = {}, {}, {}
         for comp in components_of(spec):
@@ -80,28 +66,6 @@ def built(tmp_path_factory):
     return make
 
 
-def _eager(b, comp: str, g: str):
-    return module_runner(graph_module(comp, g, b.models[comp]), graph_spec(b.spec, comp, g))
-
-
-def _compare(b, comp: str, g: str, sizes: dict[str, int], seed: int = 0) -> float:
-    gspec = graph_spec(b.spec, comp, g)
-    inputs = sample_inputs(gspec, sizes, torch.float32, seed=seed)
-    if comp == "text_encoder":  # padded prompts: a mask that ends in zeros, as the tokenizer gives
-        inputs["attention_mask"][:, sizes["S"] // 2:] = 0
-    got, want = b.runners[comp, g](inputs), _eager(b, comp, g)(inputs)
-    assert list(got) == gspec.output_names
-    errors = []
-    for name in gspec.output_names:
-        assert got[name].shape == want[name].shape, (name, got[name].shape, want[name].shape)
-        if want[name].count_nonzero() == 0:  # a cache slot the first chunk leaves empty
-            assert got[name].count_nonzero() == 0, name
-        else:
-            errors.append(relative_error(got[name], want[name]))
-    assert want[gspec.output_names[0]].count_nonzero() > 0, "an all-zero main output proves nothing"
-    return max(errors)
-
-
 def _unsupported(model) -> list[str]:
     """Written independently of check_trt_compatible: ops and dtypes TensorRT cannot parse."""
     from onnx import TensorProto
@@ -118,7 +82,7 @@ def _unsupported(model) -> list[str]:
 
 # ------------------------------------------------------------------------------ every graph
 @pytest.mark.parametrize("spec_name,comp,g", GRAPHS, ids=[f"{s}-{c}-{g}" for s, c, g in GRAPHS])
-def test_graph_exports_and_matches_eager(built, spec_name, comp, g):
+def test_graph_exports_and_matches_eager(built, spec_name, comp, g, engine_checks):
     b = built(spec_name)
     gspec = graph_spec(b.spec, comp, g)
     assert b.files[comp, g] == ["model.onnx"]
@@ -135,56 +99,51 @@ def test_graph_exports_and_matches_eager(built, spec_name, comp, g):
         dims = v.type.tensor_type.shape.dim
         assert [d.dim_param or d.dim_value for d in dims] == [d.removeprefix("1*") if isinstance(d, str) else d
                                                              for d in t.dims]
-    err = _compare(b, comp, g, b.profile.opt)
+    err = engine_checks.compare_graph(b, comp, g, b.profile.opt)
     assert err < TOL, f"{spec_name} {comp}/{g}: ORT vs eager relative error {err:.2e}"
 
 
 # ------------------------------------------------------------------------------ dynamic shapes
-def _sizes(b, batch: int, t: int, h: int, w: int) -> dict[str, int]:
-    _, ph, pw = b.spec.dit.patch_size
-    return {"B": batch, "S": b.spec.dit.text_len, "T": t, "h": h, "w": w, "L": t * (h // ph) * (w // pw)}
-
-
 @pytest.mark.parametrize("spec_name,comp", [("tiny-t2v-A14B", "dit_high_noise"), ("tiny-ti2v-5B", "dit")])
-def test_dit_graph_serves_two_sizes(built, spec_name, comp):
+def test_dit_graph_serves_two_sizes(built, spec_name, comp, engine_checks):
     """Traced at B=2, T=3, 4x4 latents; run at two other grids in the profile, batch 1 and 2
     (TI2V's per-token timestep makes L a product of T, h and w: the hardest dynamic case)."""
     b = built(spec_name)
     lo, hi = b.profile.min, b.profile.max
     for batch, t, h, w in ((1, lo["T"], lo["h"], hi["w"]), (2, 2, hi["h"], lo["w"])):
-        err = _compare(b, comp, "main", _sizes(b, batch, t, h, w), seed=1)
+        err = engine_checks.compare_graph(b, comp, "main", engine_checks.grid_sizes(b, batch, t, h, w), seed=1)
         assert err < TOL, f"{comp} at B={batch} T={t} {h}x{w}: relative error {err:.2e}"
 
 
 @pytest.mark.parametrize("spec_name", ["tiny-t2v-A14B", "tiny-ti2v-5B"])
-def test_vae_step_graphs_serve_two_sizes(built, spec_name):
+def test_vae_step_graphs_serve_two_sizes(built, spec_name, engine_checks):
     b = built(spec_name)
     for comp in ("vae_decoder", "vae_encoder"):
         for batch, h, w in ((1, 2, 3), (2, 3, 1)):
-            err = _compare(b, comp, "step", _sizes(b, batch, 1, h, w), seed=2)
+            err = engine_checks.compare_graph(b, comp, "step", engine_checks.grid_sizes(b, batch, 1, h, w), seed=2)
             assert err < TOL, f"{comp}/step at B={batch} {h}x{w}: relative error {err:.2e}"
 
 
-def test_text_encoder_graph_has_dynamic_text_length(built):
+def test_text_encoder_graph_has_dynamic_text_length(built, engine_checks):
     """The profile pins S (the pipeline pads to one length), but the umT5 graph itself is dynamic
     in S: relative-position buckets and the padding mask are computed from the runtime length."""
     b = built("tiny-t2v-A14B")
     for batch, s in ((1, 7), (2, 23)):
-        err = _compare(b, "text_encoder", "main", {"B": batch, "S": s}, seed=4)
+        err = engine_checks.compare_graph(b, "text_encoder", "main", {"B": batch, "S": s}, seed=4)
         assert err < TOL, f"text_encoder at B={batch} S={s}: relative error {err:.2e}"
 
 
-def test_runner_rejects_shapes_that_fit_no_sizes(built):
+def test_runner_rejects_shapes_that_fit_no_sizes(built, engine_checks):
     b = built("tiny-t2v-A14B")
     gspec = graph_spec(b.spec, "vae_decoder", "step")
-    inputs = sample_inputs(gspec, _sizes(b, 1, 1, 2, 2), torch.float32)
+    inputs = sample_inputs(gspec, engine_checks.grid_sizes(b, 1, 1, 2, 2), torch.float32)
     inputs["cache_in_3"] = inputs["cache_in_3"][..., :1]  # width no longer the latent's
     with pytest.raises(ValueError, match="cache_in_3"):
         b.runners["vae_decoder", "step"](inputs)
 
 
 # ------------------------------------------------------------------------------ external data
-def test_external_data_when_over_threshold(built, tmp_path):
+def test_external_data_when_over_threshold(built, tmp_path, engine_checks):
     b = built("tiny-ti2v-5B")
     gspec = graph_spec(b.spec, "dit", "main")
     module = graph_module("dit", "main", b.models["dit"])
@@ -206,7 +165,8 @@ def test_external_data_when_over_threshold(built, tmp_path):
     tmp_path.rename(moved)
     runner = ort_backend.load_graph(moved, gspec, files, compute_dtype=torch.float32, device=CPU)
     inputs = sample_inputs(gspec, b.profile.opt, torch.float32, seed=3)
-    err = relative_error(runner(inputs)["noise_pred"], _eager(b, "dit", "main")(inputs)["noise_pred"])
+    want = engine_checks.eager_runner(b, "dit", "main")(inputs)["noise_pred"]
+    err = relative_error(runner(inputs)["noise_pred"], want)
     assert err < TOL, err
 
 
@@ -258,78 +218,18 @@ def test_backend_interface_and_precision_policy(tmp_path):
 
 
 # ------------------------------------------------------------------------------ streaming VAE
-def _vae_components(b) -> dict[str, StreamingVAEComponent]:
-    out = {}
-    for comp in ("vae_encoder", "vae_decoder"):
-        first, step = graph_spec(b.spec, comp, "first"), graph_spec(b.spec, comp, "step")
-        out[comp] = StreamingVAEComponent(comp, b.spec, b.runners[comp, "first"], b.runners[comp, "step"],
-                                          first, step, CPU)
-    return out
-
-
 @pytest.mark.parametrize("spec_name", ["tiny-t2v-A14B", "tiny-ti2v-5B"])
-def test_streaming_vae_through_ort_equals_eager(built, spec_name):
-    b = built(spec_name)
-    vae = b.models["vae_decoder"]
-    comps = _vae_components(b)
-    gen = torch.Generator().manual_seed(5)
-    video = torch.rand(1, 3, 9, b.spec.height, b.spec.width, generator=gen) * 2 - 1
-    with torch.inference_mode():
-        want_z = vae.encode(video)
-    got_z = comps["vae_encoder"](video=video)["latents"]
-    assert got_z.shape == want_z.shape and got_z.shape[2] == 3
-    assert relative_error(got_z, want_z) < TOL
-    with torch.inference_mode():
-        want_v = vae.decode(want_z)
-    got_v = comps["vae_decoder"](latents=want_z)["video"]
-    assert got_v.shape == want_v.shape == video.shape
-    assert max_abs_error(got_v, want_v) < TOL
+def test_streaming_vae_through_ort_equals_eager(built, spec_name, engine_checks):
+    engine_checks.check_streaming_vae(built(spec_name))
 
 
 # ------------------------------------------------------------------------------ full pipeline
-def _image(seed: int = 0, size=(40, 36)) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8))
-
-
 @pytest.mark.parametrize("spec_name", SPEC_NAMES)
-def test_pipeline_on_ort_matches_eager(built, spec_name):
-    from wan_rt.loader import build_eager_components
-    from wan_rt.models.text_encoder import load_tokenizer
-    from wan_rt.pipeline import WanPipeline
-
+def test_pipeline_on_ort_matches_eager(built, spec_name, engine_checks):
     b = built(spec_name)
-    spec, resolved = b.spec, b.resolved
-    components = {}
-    for comp in ("text_encoder", *spec.dit_components):
-        if comp.startswith("dit"):
-            components[comp] = DiTComponent(comp, b.runners[comp, "text"], b.runners[comp, "main"],
-                                            graph_spec(spec, comp, "text"), graph_spec(spec, comp, "main"),
-                                            torch.float32, CPU)
-        else:
-            components[comp] = GraphComponent(comp, b.runners[comp, "main"], graph_spec(spec, comp), torch.float32, CPU)
-    components.update(_vae_components(b))
-    tokenizer = load_tokenizer(resolved.files.tokenizer)
-    ours = WanPipeline(spec, components, tokenizer, resolved.defaults, "cpu")
-    eager = WanPipeline(spec, build_eager_components(resolved, CPU, torch.float32), tokenizer, resolved.defaults, "cpu")
-    frames = 5
-    latents = torch.randn((1, *latent_shape(spec, spec.height, spec.width, frames)),
-                          generator=torch.Generator().manual_seed(7))
-    kwargs = dict(prompt="a fox running in the snow", negative_prompt="blurry dark", height=spec.height,
-                  width=spec.width, num_frames=frames, num_inference_steps=4, guidance_scale=4.0,
-                  guidance_scale_2=3.0, output_type="np")
-    if spec.task != "t2v":
-        kwargs["image"] = _image()
-    results = []
-    for pipe in (ours, eager):
-        pipe.set_progress_bar_config(disable=True)
-        results.append(pipe(latents=latents.clone(), **kwargs))
-    got, want = results
-    assert got.steps_per_stage == want.steps_per_stage
-    assert len(want.steps_per_stage) == len(spec.stages), "every expert ran"
-    assert float(want.frames.std()) > 1e-3, "degenerate video would make the comparison meaningless"
-    err = max_abs_error(torch.from_numpy(got.frames), torch.from_numpy(want.frames))
-    assert err < TOL, f"{spec_name}: max |ORT - eager| = {err:.2e}"
+    components = engine_checks.engine_components(b)
+    components.update(engine_checks.vae_components(b))
+    engine_checks.check_pipeline(b, components, "ORT")
 
 
 def test_bf16_dit_graphs_export_for_tensorrt(tmp_path):

@@ -1,4 +1,5 @@
-"""Kernel-test setup: Triton's CPU interpreter when there is no GPU, Wan RoPE tables, launch spies.
+"""Kernel-test setup: Triton's CPU interpreter when there is no GPU, Wan RoPE tables (launch
+spies: `spy_launches` in tests/conftest.py).
 
 TRITON_INTERPRET must be set before `@triton.jit` runs, i.e. before any wan_rt.kernels kernel
 module is imported; this conftest is loaded before the test modules of this directory import
@@ -9,16 +10,12 @@ from __future__ import annotations
 
 import math
 import os
-from collections import Counter
-from typing import Callable
 
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import triton  # noqa: E402  (after the interpreter switch)
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 GPU = torch.cuda.is_available() and not INTERPRETING
@@ -53,27 +50,3 @@ def wan_rope_tables(grid: tuple[int, int, int], head_dim: int, theta: float = 10
     ], dim=-1).reshape(f * h * w, c)
     assert math.isclose(float(ang[-1, 0]), (f - 1) * 1.0)  # frame pair 0 rotates by the frame index
     return ang.cos().float(), ang.sin().float()
-
-
-@pytest.fixture
-def spy_launches(monkeypatch) -> Callable[[object, str], Counter]:
-    """Count launches of a module's @triton.jit kernel: `n = spy(module, "_kernel_name")`.
-
-    Replaces the module global with a proxy whose `kernel[grid](...)` records and forwards, so a
-    test can assert the Triton kernel itself ran (not a torch fallback).
-    """
-    counts: Counter = Counter()
-
-    def spy(module: object, name: str) -> Counter:
-        kernel = getattr(module, name)
-        assert isinstance(kernel, triton.runtime.jit.KernelInterface), f"{name} is not a Triton kernel"
-
-        class _Proxy:
-            def __getitem__(self, grid):
-                counts[name] += 1
-                return kernel[grid]
-
-        monkeypatch.setattr(module, name, _Proxy())
-        return counts
-
-    return spy

@@ -6,18 +6,7 @@ from wan_rt.config import get_spec
 from wan_rt.metrics import relative_error
 
 
-class _Spy:
-    """Stands in for a @triton.jit kernel and counts launches (kernel[grid](...))."""
-
-    def __init__(self, kernel):
-        self.kernel, self.launches = kernel, 0
-
-    def __getitem__(self, grid):
-        self.launches += 1
-        return self.kernel[grid]
-
-
-def test_install_puts_conv_kernel_into_the_vae_stream(monkeypatch):
+def test_install_puts_conv_kernel_into_the_vae_stream(spy_launches):
     from wan_rt.kernels import causal_conv, install
     from wan_rt.models.vae import WanVAE
 
@@ -27,11 +16,10 @@ def test_install_puts_conv_kernel_into_the_vae_stream(monkeypatch):
     fast = WanVAE(spec.vae).eval()
     fast.load_state_dict(reference.state_dict())
     assert install(fast) > 0
-    spy = _Spy(causal_conv._causal_conv3d_kernel)
-    monkeypatch.setattr(causal_conv, "_causal_conv3d_kernel", spy)
+    launches = spy_launches(causal_conv, "_causal_conv3d_kernel")
     z = torch.randn(1, spec.vae.z_dim, 2, 2, 2)  # two latent frames: the first chunk and a steady one
     with torch.no_grad():
         want, got = reference.decode(z), fast.decode(z)
     assert got.shape == want.shape == (1, 3, 5, 16, 16)
-    assert spy.launches > 10, "the decoder's convs must run on the Triton kernel"
+    assert launches["_causal_conv3d_kernel"] > 10, "the decoder's convs must run on the Triton kernel"
     assert relative_error(got, want) < 1e-4

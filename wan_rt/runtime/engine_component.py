@@ -15,10 +15,9 @@ from torch import Tensor, nn
 
 from wan_rt.config import ModelSpec
 from wan_rt.runtime.component import OUTPUT_NAMES, HostSwappable
-from wan_rt.runtime.graphs import GraphSpec, resolve_dim
+from wan_rt.runtime.graphs import GraphSpec, resolve_dim, torch_dtype
 
 GraphRunner = Callable[[Mapping[str, Tensor]], dict[str, Tensor]]
-_DTYPES = {"float32": torch.float32, "int64": torch.int64}
 
 
 def module_runner(module: nn.Module, gspec: GraphSpec) -> GraphRunner:
@@ -38,7 +37,7 @@ def _cast(inputs: Mapping[str, Tensor], gspec: GraphSpec, compute: torch.dtype, 
     for t in gspec.inputs:
         if t.name not in inputs:
             raise ValueError(f"{gspec.component}: missing input {t.name!r}")
-        out[t.name] = inputs[t.name].to(device=device, dtype=_DTYPES.get(t.dtype, compute))
+        out[t.name] = inputs[t.name].to(device=device, dtype=torch_dtype(t, compute))
     return out
 
 

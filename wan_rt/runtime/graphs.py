@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Literal, Mapping, Union
 
 import torch
 from torch import Tensor, nn
@@ -67,6 +67,45 @@ def resolve_dim(dim: Dim, sizes: dict[str, int]) -> int:
         return dim
     m = _SCALED.match(dim)
     return int(m.group(1)) * sizes[m.group(2)] if m else sizes[dim]
+
+
+def torch_dtype(t: TensorSpec, compute_dtype: torch.dtype) -> torch.dtype:
+    return {"compute": compute_dtype, "float32": torch.float32, "int64": torch.int64}[t.dtype]
+
+
+def read_sizes(gspec: GraphSpec, inputs: Mapping[str, Tensor]) -> dict[str, int]:
+    """The symbols' values read off the inputs; a shape that fits no sizes is an error here,
+    rather than a confusing one from inside an engine."""
+    sizes: dict[str, int] = {}
+    for t in gspec.inputs:
+        shape = tuple(inputs[t.name].shape)
+        ok = len(shape) == len(t.dims)
+        for dim, n in zip(t.dims, shape) if ok else ():
+            if isinstance(dim, int):
+                ok = ok and dim == n
+                continue
+            k, sym = dim.split("*") if "*" in dim else ("1", dim)
+            ok = ok and n % int(k) == 0 and sizes.setdefault(sym, n // int(k)) == n // int(k)
+        if not ok:
+            raise ValueError(f"{gspec.component}/{gspec.graph}: {t.name} has shape {list(shape)}, which does not fit "
+                             f"{list(t.dims)} (sizes from the inputs before it: {sizes})")
+    return sizes
+
+
+def engine_inputs(gspec: GraphSpec, inputs: Mapping[str, Tensor], compute_dtype: torch.dtype,
+                  device: torch.device) -> dict[str, Tensor]:
+    """The contract's inputs, in its order, each checked for presence and dtype (an engine
+    does not convert) and made contiguous on `device`."""
+    where = f"{gspec.component}/{gspec.graph}"
+    out = {}
+    for t in gspec.inputs:
+        if t.name not in inputs:
+            raise ValueError(f"{where}: missing input {t.name!r}")
+        x, want = inputs[t.name], torch_dtype(t, compute_dtype)
+        if x.dtype != want:
+            raise TypeError(f"{where}: {t.name} is {x.dtype}, the graph takes {want}")
+        out[t.name] = x.to(device).contiguous()
+    return out
 
 
 # ------------------------------------------------------------------------------------ specs
@@ -175,8 +214,7 @@ def sample_inputs(gspec: GraphSpec, sizes: dict[str, int], compute_dtype: torch.
             value = torch.randint(0, 1000, shape, generator=gen).float()
         else:
             value = torch.randn(shape, generator=gen) * (0.5 if t.name.startswith("cache") else 1.0)
-        dtype = {"compute": compute_dtype, "float32": torch.float32, "int64": torch.int64}[t.dtype]
-        out[t.name] = value.to(device=device, dtype=dtype)
+        out[t.name] = value.to(device=device, dtype=torch_dtype(t, compute_dtype))
     return out
 
 

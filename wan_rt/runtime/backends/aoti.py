@@ -28,7 +28,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from wan_rt.runtime.graphs import GraphSpec, ShapeProfile
+from wan_rt.runtime.graphs import GraphSpec, ShapeProfile, engine_inputs, read_sizes
 
 NAME = "aoti"
 FILE_SUFFIX = ".pt2"
@@ -39,7 +39,6 @@ STRICT_VERSIONS = ("torch", "device")
 # The runtime replays DiT step graphs from CUDA graphs on a GPU (runtime/cuda_graphs.py): the
 # package has no graphs of its own, unlike a TensorRT engine.
 CUDA_GRAPHS = True
-_DTYPES = {"float32": torch.float32, "int64": torch.int64}
 
 
 def cxx_compiler() -> str | None:
@@ -93,17 +92,25 @@ def versions() -> dict[str, str]:
     return out
 
 
+def at_least_two_patches(profile: ShapeProfile, patch: dict[str, int]) -> ShapeProfile:
+    """`profile` with each patched axis (symbol -> patch size) raised to two patches at least:
+    at one token per axis the contiguity checks inside torch.export ask `tokens != 1` and fix
+    the axis at the example size. (torch's `backed_size_oblivious` gets the export through, but
+    AOTInductor then compiled the batch as a constant, silently: measured on torch 2.13.)"""
+    low = dict(profile.min)
+    for sym, k in patch.items():
+        if sym in low:
+            low[sym] = min(max(low[sym], 2 * k), profile.max[sym])
+    return ShapeProfile(min=low, opt=dict(profile.opt), max=dict(profile.max))
+
+
 def build_profile(spec, component: str, profile: ShapeProfile) -> ShapeProfile:
-    """The profile a component's packages serve: `profile`, except that a DiT needs two patches
-    per latent axis at least (torch.export pins an axis of one token; aoti_export.compiled_profile).
-    The build writes this one into the manifest, so requests below it are refused up front."""
+    """The profile a component's packages serve (at_least_two_patches for a DiT). The build
+    writes this one into the manifest, so requests below it are refused up front."""
     if component not in spec.dit_components:
         return profile
     _, ph, pw = spec.dit.patch_size
-    low = dict(profile.min)
-    for sym, k in (("h", ph), ("w", pw)):
-        low[sym] = min(max(low[sym], 2 * k), profile.max[sym])
-    return ShapeProfile(min=low, opt=dict(profile.opt), max=dict(profile.max))
+    return at_least_two_patches(profile, {"h": ph, "w": pw})
 
 
 def build_graph(module: torch.nn.Module, gspec: GraphSpec, profile: ShapeProfile, out_dir: str | os.PathLike, *,
@@ -173,8 +180,8 @@ class AotiRunner:
     def __init__(self, model, constants: dict[str, Tensor], gspec: GraphSpec, compute_dtype: torch.dtype,
                  device: torch.device):
         self.model, self.constants, self.gspec, self.device = model, constants, gspec, device
+        self.compute_dtype = compute_dtype
         self.where = f"{gspec.component}/{gspec.graph}"
-        self.dtypes = {t.name: _DTYPES.get(t.dtype, compute_dtype) for t in (*gspec.inputs, *gspec.outputs)}
         meta = model.get_metadata().get("wan_rt.contract")
         if meta is None:
             raise ValueError(f"{self.where}: the package has no wan_rt contract metadata; rebuild it")
@@ -187,19 +194,7 @@ class AotiRunner:
 
     def sizes(self, inputs: Mapping[str, Tensor]) -> dict[str, int]:
         """The symbols' values read off the inputs, each checked against the compiled range."""
-        sizes: dict[str, int] = {}
-        for t in self.gspec.inputs:
-            shape = tuple(inputs[t.name].shape)
-            ok = len(shape) == len(t.dims)
-            for dim, n in zip(t.dims, shape) if ok else ():
-                if isinstance(dim, int):
-                    ok = ok and dim == n
-                    continue
-                k, sym = dim.split("*") if "*" in dim else ("1", dim)
-                ok = ok and n % int(k) == 0 and sizes.setdefault(sym, n // int(k)) == n // int(k)
-            if not ok:
-                raise ValueError(f"{self.where}: {t.name} has shape {list(shape)}, which does not fit "
-                                 f"{list(t.dims)} (sizes from the inputs before it: {sizes})")
+        sizes = read_sizes(self.gspec, inputs)
         for sym, n in sizes.items():
             if not self.min[sym] <= n <= self.max[sym]:
                 raise ValueError(f"{self.where}: {sym} = {n} is outside the range this package was compiled "
@@ -207,17 +202,10 @@ class AotiRunner:
         return sizes
 
     def __call__(self, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        args = []
-        for name in self.gspec.input_names:
-            if name not in inputs:
-                raise ValueError(f"{self.where}: missing input {name!r}")
-            x = inputs[name]
-            if x.dtype != self.dtypes[name]:
-                raise TypeError(f"{self.where}: {name} is {x.dtype}, the graph takes {self.dtypes[name]}")
-            args.append(x.to(self.device).contiguous())
-        self.sizes(dict(zip(self.gspec.input_names, args)))
+        feed = engine_inputs(self.gspec, inputs, self.compute_dtype, self.device)
+        self.sizes(feed)
         with torch.inference_mode():
-            out = self.model(*args)
+            out = self.model(*feed.values())
         out = tuple(out) if isinstance(out, (tuple, list)) else (out,)
         if len(out) != len(self.gspec.outputs):
             raise RuntimeError(f"{self.where}: package returned {len(out)} outputs, expected {len(self.gspec.outputs)}")

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from wan_rt.runtime.graphs import GraphSpec, ShapeProfile, resolve_dim
+from wan_rt.runtime.graphs import GraphSpec, ShapeProfile, engine_inputs, read_sizes, resolve_dim, torch_dtype
 
 NAME = "ort"
 FILE_SUFFIX = ".onnx"
@@ -125,49 +125,21 @@ class OrtRunner:
     """GraphRunner over an InferenceSession: {input name: tensor} -> {output name: tensor}."""
 
     def __init__(self, session, gspec: GraphSpec, compute_dtype: torch.dtype, device: torch.device):
-        self.session, self.gspec = session, gspec
+        self.session, self.gspec, self.compute_dtype = session, gspec, compute_dtype
         self.device = device
         # onnxruntime names memory by (kind, index); "cuda" without an index is torch's current GPU.
         self.kind = "cuda" if device.type == "cuda" else "cpu"
         self.index = (device.index if device.index is not None else torch.cuda.current_device()) \
             if self.kind == "cuda" else 0
-        self.dtypes = {t.name: {"float32": torch.float32, "int64": torch.int64}.get(t.dtype, compute_dtype)
-                       for t in (*gspec.inputs, *gspec.outputs)}
+        self.dtypes = {t.name: torch_dtype(t, compute_dtype) for t in gspec.outputs}
         names = [i.name for i in session.get_inputs()]
         if names != gspec.input_names:
             raise ValueError(f"{gspec.component}/{gspec.graph}: the ONNX file's inputs {names} are not the "
                              f"contract's {gspec.input_names}; rebuild it")
 
-    def sizes(self, inputs: Mapping[str, Tensor]) -> dict[str, int]:
-        """The symbols' values, read off the inputs; a shape that fits no sizes is an error here
-        rather than a confusing one from inside onnxruntime."""
-        sizes: dict[str, int] = {}
-        where = f"{self.gspec.component}/{self.gspec.graph}"
-        for t in self.gspec.inputs:
-            shape = tuple(inputs[t.name].shape)
-            ok = len(shape) == len(t.dims)
-            for dim, n in zip(t.dims, shape) if ok else ():
-                if isinstance(dim, int):
-                    ok = ok and dim == n
-                    continue
-                k, sym = dim.split("*") if "*" in dim else ("1", dim)
-                ok = ok and n % int(k) == 0 and sizes.setdefault(sym, n // int(k)) == n // int(k)
-            if not ok:
-                raise ValueError(f"{where}: {t.name} has shape {list(shape)}, which does not fit {list(t.dims)} "
-                                 f"(sizes from the inputs before it: {sizes})")
-        return sizes
-
     def __call__(self, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        feed = {}
-        for name in self.gspec.input_names:
-            if name not in inputs:
-                raise ValueError(f"{self.gspec.component}/{self.gspec.graph}: missing input {name!r}")
-            x = inputs[name]
-            if x.dtype != self.dtypes[name]:
-                raise TypeError(f"{self.gspec.component}/{self.gspec.graph}: {name} is {x.dtype}, "
-                                f"the graph takes {self.dtypes[name]}")
-            feed[name] = x.to(self.device).contiguous()  # kept alive until the run returns
-        sizes = self.sizes(feed)
+        feed = engine_inputs(self.gspec, inputs, self.compute_dtype, self.device)  # alive until the run returns
+        sizes = read_sizes(self.gspec, feed)
         outputs = {t.name: torch.empty([resolve_dim(d, sizes) for d in t.dims], dtype=self.dtypes[t.name],
                                        device=self.device) for t in self.gspec.outputs}
         binding = self.session.io_binding()

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional
 import torch
 from torch import Tensor
 
-from wan_rt.runtime.graphs import GraphSpec
+from wan_rt.runtime.graphs import GraphSpec, engine_inputs
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -274,19 +274,10 @@ class TrtRunner:
         if engine.input_names != gspec.input_names or not set(gspec.output_names) <= set(engine.output_names):
             raise ValueError(f"{where}: the engine's I/O {engine.input_names} -> {engine.output_names} is not the "
                              f"contract's {gspec.input_names} -> {gspec.output_names}; rebuild it")
-        self.dtypes = {t.name: {"float32": torch.float32, "int64": torch.int64}.get(t.dtype, compute_dtype)
-                       for t in gspec.inputs}
+        self.compute_dtype = compute_dtype
 
     def __call__(self, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        where = f"{self.gspec.component}/{self.gspec.graph}"
-        feed = {}
-        for name in self.gspec.input_names:
-            if name not in inputs:
-                raise ValueError(f"{where}: missing input {name!r}")
-            x = inputs[name]
-            if x.dtype != self.dtypes[name]:
-                raise TypeError(f"{where}: {name} is {x.dtype}, the graph takes {self.dtypes[name]}")
-            feed[name] = x.to(self.engine.device).contiguous()
+        feed = engine_inputs(self.gspec, inputs, self.compute_dtype, self.engine.device)
         out = self.engine.infer(feed)
         return {n: out[n] for n in self.gspec.output_names}
 
