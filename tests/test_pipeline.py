@@ -165,3 +165,43 @@ def test_bad_requests_raise_one_clear_error(bad, match):
     pipe = _fake_pipeline([])
     with pytest.raises(ValueError, match=match):
         pipe("a cat", **bad)
+
+
+def test_step_callback_sees_every_step_and_can_replace_latents():
+    calls: list = []
+    pipe = _fake_pipeline(calls)
+    pipe.set_progress_bar_config(disable=True)
+    seen: list = []
+
+    def on_step(p, i, t, tensors):
+        assert p is pipe and set(tensors) == {"latents"}
+        seen.append((i, float(t), p.num_timesteps))
+        return {"latents": torch.zeros_like(tensors["latents"])} if i == 5 else None
+
+    out = pipe("a cat", num_inference_steps=6, output_type="latent", max_sequence_length=8,
+               generator=torch.Generator().manual_seed(0), callback_on_step_end=on_step)
+    assert [s[0] for s in seen] == list(range(6)) and all(s[2] == 6 for s in seen)
+    assert seen[0][1] > seen[-1][1]  # timesteps decrease
+    assert torch.count_nonzero(out.frames) == 0  # the last step's replacement is what came out
+    with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):
+        pipe("a cat", callback_on_step_end=on_step, callback_on_step_end_tensor_inputs=["noise"])
+
+
+def test_interrupt_stops_at_the_next_step_and_the_pipeline_runs_again():
+    from wan_rt.pipeline import GenerationInterrupted
+
+    calls: list = []
+    pipe = _fake_pipeline(calls)
+    pipe.set_progress_bar_config(disable=True)
+
+    def stop_after_two(p, i, t, tensors):
+        if i == 1:
+            p.interrupt = True
+
+    with pytest.raises(GenerationInterrupted, match="after step 2 of 8"):
+        pipe("a cat", num_inference_steps=8, output_type="latent", max_sequence_length=8,
+             callback_on_step_end=stop_after_two)
+    assert len(calls) == 2  # no DiT call after the interrupt
+    calls.clear()
+    out = pipe("a cat", num_inference_steps=8, output_type="latent", max_sequence_length=8)
+    assert len(calls) == 8 and out.frames.shape[0] == 1  # interrupt is cleared by the next call

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Literal, Mapping, Optional, Union
+from typing import Any, Callable, Iterator, Literal, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -33,6 +33,30 @@ class SamplingDefaults:
     shift: float
     negative_prompt: str
     scheduler_config: Optional[Mapping[str, Any]] = None  # a diffusers folder's scheduler_config.json
+
+
+class GenerationInterrupted(Exception):
+    """Raised at a step boundary when `pipe.interrupt` was set or a step callback raised it:
+    the generation stops there, nothing is decoded, and the pipeline is ready for the next call."""
+
+
+# The diffusers step-callback signature: (pipe, step_index, timestep, callback_kwargs) -> dict.
+# callback_kwargs holds the tensors named in `callback_on_step_end_tensor_inputs`; a returned
+# "latents" replaces the loop's latents.
+StepCallback = Callable[["WanPipeline", int, Tensor, dict[str, Tensor]], Optional[dict[str, Tensor]]]
+CALLBACK_TENSORS = ("latents",)
+
+
+@dataclass
+class _Conditions:
+    """What every denoising step is conditioned on, fixed for the whole call."""
+
+    context: Tensor                      # [B, S, D]
+    context_null: Optional[Tensor]       # the negative prompt's, when some stage uses CFG
+    context_pair: Optional[Tensor]       # [context; context_null]: CFG as one batch of two
+    image: Optional[Tensor]              # I2V: mask + image latents channels; TI2V: frame-0 latent
+    first_frame_mask: Optional[Tensor]   # TI2V: 0 on the clean first latent frame
+    guide: dict[str, float]              # CFG scale per DiT component
 
 
 @dataclass
@@ -66,6 +90,10 @@ class WanPipeline:
         # are built for batch 1-2, so this applies to single-prompt generations).
         self.cfg_batch = True
         self.residency = ExpertResidency(self.components, spec.dit_components, _expert_budget(self.device, components))
+        # Set from any thread to stop the current generation at its next step boundary
+        # (GenerationInterrupted); cleared when a call starts.
+        self.interrupt = False
+        self.num_timesteps = 0  # steps of the current (or last) call, as diffusers exposes it
 
     @classmethod
     def from_pretrained(cls, path: Optional[str], backend: str = "eager", device: Optional[str] = None,
@@ -99,8 +127,17 @@ class WanPipeline:
                  guidance_scale: Optional[float] = None, guidance_scale_2: Optional[float] = None,
                  generator: Optional[torch.Generator] = None, latents: Optional[Tensor] = None,
                  max_sequence_length: Optional[int] = None, output_type: str = "np",
-                 shift: Optional[float] = None, solver: Optional[str] = None) -> WanPipelineOutput:
+                 shift: Optional[float] = None, solver: Optional[str] = None,
+                 callback_on_step_end: Optional[StepCallback] = None,
+                 callback_on_step_end_tensor_inputs: Sequence[str] = CALLBACK_TENSORS) -> WanPipelineOutput:
+        """`callback_on_step_end` follows diffusers: called after every denoising step with
+        (pipe, step_index, timestep, {name: tensor}); it may return {"latents": ...} to replace
+        them, and may raise GenerationInterrupted (or set `pipe.interrupt`) to stop the run."""
         spec = self.spec
+        unknown = [n for n in callback_on_step_end_tensor_inputs if n not in CALLBACK_TENSORS]
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs: {unknown[0]!r} is not one of {list(CALLBACK_TENSORS)}")
+        self.interrupt = False
         height = spec.height if height is None else height
         width = spec.width if width is None else width
         num_frames = spec.num_frames if num_frames is None else num_frames
@@ -143,36 +180,17 @@ class WanPipeline:
         # 3. Denoise: the stages run in order (timesteps decrease), each expert exactly once.
         sched = self._scheduler(steps, shift, solver)
         steps_per_stage: dict[str, int] = {}
-        batched = self.cfg_batch and batch == 1 and context_null is not None
         # One tensor for the whole loop, so components can cache per-prompt work on it.
+        batched = self.cfg_batch and batch == 1 and context_null is not None
         context_pair = torch.cat([context, context_null]) if batched else None
         groups = _group_by_stage(spec, sched.timesteps)
-        for n_stage, (stage, indices) in enumerate(groups):
-            upcoming = groups[n_stage + 1][0].component if n_stage + 1 < len(groups) else None
-            dit = self.components[stage.component]
-            g = guide[stage.component]
-            steps_per_stage[stage.component] = len(indices)
-            # Making the first expert resident is loading; waiting for the next one is the swap stall.
-            with _timed(timings, "swap_stall" if n_stage else "expert_load"):
-                self.residency.enter(stage.component)
-            with _timed(timings, stage.component):
-                for k, i in enumerate(self._progress(indices, stage.component)):
-                    t = sched.timesteps[i]
-                    model_in, timestep = self._model_input(latents, condition, first_frame_mask, t)
-                    if g > 1.0 and batched:
-                        v, v_null = dit(latents=model_in.expand(2, *model_in.shape[1:]),
-                                        timestep=timestep.expand(2, *timestep.shape[1:]),
-                                        context=context_pair)["noise_pred"].chunk(2)
-                        v = v_null + g * (v - v_null)
-                    else:
-                        v = dit(latents=model_in, timestep=timestep, context=context)["noise_pred"]
-                        if g > 1.0:
-                            v_null = dit(latents=model_in, timestep=timestep, context=context_null)["noise_pred"]
-                            v = v_null + g * (v - v_null)
-                    latents = sched.step(v, i, latents)
-                    self.residency.progress(stage.component, len(indices) - k - 1, upcoming)
-            self.residency.leave(stage.component)
-        self.residency.finish()
+        self.num_timesteps = len(sched.timesteps)
+        cond = _Conditions(context, context_null, context_pair, condition, first_frame_mask, guide)
+        try:
+            latents = self._denoise(groups, sched, latents, cond, steps_per_stage, timings,
+                                    callback_on_step_end, callback_on_step_end_tensor_inputs)
+        finally:
+            self.residency.finish()  # no background load outlives the call, interrupted or not
         if first_frame_mask is not None and condition is not None:  # TI2V: frame 0 is the image latent
             latents = (1 - first_frame_mask) * condition + first_frame_mask * latents
 
@@ -182,6 +200,43 @@ class WanPipeline:
         with _timed(timings, "vae_decoder"):
             video = self.components["vae_decoder"](latents=latents)["video"]
         return WanPipelineOutput(video_to_output(video, output_type), timings, steps_per_stage)
+
+    def _denoise(self, groups: list[tuple[Stage, list[int]]], sched, latents: Tensor, cond: _Conditions,
+                 steps_per_stage: dict[str, int], timings: dict[str, float], callback: Optional[StepCallback],
+                 callback_tensors: Sequence[str]) -> Tensor:
+        """The stages in order (timesteps decrease), each expert exactly once."""
+        for n_stage, (stage, indices) in enumerate(groups):
+            upcoming = groups[n_stage + 1][0].component if n_stage + 1 < len(groups) else None
+            dit = self.components[stage.component]
+            g = cond.guide[stage.component]
+            steps_per_stage[stage.component] = len(indices)
+            # Making the first expert resident is loading; waiting for the next one is the swap stall.
+            with _timed(timings, "swap_stall" if n_stage else "expert_load"):
+                self.residency.enter(stage.component)
+            with _timed(timings, stage.component):
+                for k, i in enumerate(self._progress(indices, stage.component)):
+                    t = sched.timesteps[i]
+                    model_in, timestep = self._model_input(latents, cond.image, cond.first_frame_mask, t)
+                    if g > 1.0 and cond.context_pair is not None:
+                        v, v_null = dit(latents=model_in.expand(2, *model_in.shape[1:]),
+                                        timestep=timestep.expand(2, *timestep.shape[1:]),
+                                        context=cond.context_pair)["noise_pred"].chunk(2)
+                        v = v_null + g * (v - v_null)
+                    else:
+                        v = dit(latents=model_in, timestep=timestep, context=cond.context)["noise_pred"]
+                        if g > 1.0:
+                            v_null = dit(latents=model_in, timestep=timestep, context=cond.context_null)["noise_pred"]
+                            v = v_null + g * (v - v_null)
+                    latents = sched.step(v, i, latents)
+                    self.residency.progress(stage.component, len(indices) - k - 1, upcoming)
+                    if callback is not None:
+                        local = {"latents": latents}
+                        returned = callback(self, i, t, {n: local[n] for n in callback_tensors}) or {}
+                        latents = returned.get("latents", latents)
+                    if self.interrupt:
+                        raise GenerationInterrupted(f"interrupted after step {i + 1} of {len(sched.timesteps)}")
+            self.residency.leave(stage.component)
+        return latents
 
     # ------------------------------------------------------------------ helpers
     def _scheduler(self, steps: int, shift: Optional[float], solver: Optional[str]):
