@@ -47,7 +47,7 @@ def main() -> int:
 
     from wan_rt.build import build_engines
     from wan_rt.metrics import max_abs_error
-    from wan_rt.pipeline import WanPipeline
+    from wan_rt.loader import WanPipeline
     from wan_rt.runtime.backends import get_backend
     from wan_rt.tiny import write_tiny_checkpoint
 

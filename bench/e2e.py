@@ -81,7 +81,8 @@ def build_pipeline(spec: ModelSpec, device: torch.device, dtype: torch.dtype, wo
     from wan_rt.models.checkpoint import meta_parameters
     from wan_rt.models.text_encoder import TextEncoder, build_umt5_encoder, load_tokenizer
     from wan_rt.models.vae import WanVAE
-    from wan_rt.pipeline import SamplingDefaults, WanPipeline
+    from wan_rt.loader import WanPipeline
+    from wan_rt.scheduler import SamplingDefaults
     from wan_rt.runtime.component import EagerComponent, VAEDecodeGraph
     from wan_rt.runtime.engine_component import EagerDiTComponent
     from wan_rt.tiny import _write_tokenizer

@@ -10,7 +10,7 @@ Dynamic shapes. Every contract symbol whose profile min < max is one `torch.expo
 [min, max]; "k*h" is the derived dim `k * Dim("h")`; a symbol with min == max (the text length S:
 the pipeline pads to one length) is static. Example inputs are the profile's max (batch 2: a
 size-1 example would be specialised). Two DiT-specific points (`patch_multiples`,
-`compiled_profile`, the backend's `at_least_two_patches`):
+`compiled_profile`, `at_least_two_patches`):
 * the DiT step graph splits latent h, w into 2x2 patches; a plain Dim("h") fails export (the
   reshape's `h % 2 == 0` cannot be stated on it), so h is declared `2 * Dim("h_over_2")`;
 * one token per axis (the profile's min: h = 2 latents) cannot be exported: the contiguity
@@ -73,7 +73,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from wan_rt.runtime.backends.aoti import PACKAGE_FILE, WEIGHTS_FILE, at_least_two_patches, device_key, load_package
+from wan_rt.runtime.backends.aoti import PACKAGE_FILE, WEIGHTS_FILE, device_key, load_package, unavailable_reason
 from wan_rt.runtime.graphs import GraphSpec, ShapeProfile, sample_inputs, torch_dtype
 
 # Bump when what goes into a cached package changes in a way the key does not see.
@@ -113,7 +113,7 @@ def patch_multiples(module: nn.Module) -> dict[str, int]:
 
 def compiled_profile(module: nn.Module, profile: ShapeProfile) -> ShapeProfile:
     """The profile the package is compiled for: a DiT step graph needs two tokens per latent
-    axis at least (h, w >= 2 * patch; backends.aoti.at_least_two_patches)."""
+    axis at least (h, w >= 2 * patch; at_least_two_patches)."""
     return at_least_two_patches(profile, patch_multiples(module))
 
 
@@ -374,30 +374,56 @@ def compile_aoti(module: nn.Module, gspec: GraphSpec, profile: ShapeProfile, pat
     return [path.name, weights.name]
 
 
+def at_least_two_patches(profile: ShapeProfile, patch: dict[str, int]) -> ShapeProfile:
+    """`profile` with each patched axis (symbol -> patch size) raised to two patches at least:
+    at one token per axis the contiguity checks inside torch.export ask `tokens != 1` and fix
+    the axis at the example size. (torch's `backed_size_oblivious` gets the export through, but
+    AOTInductor then compiled the batch as a constant, silently: measured on torch 2.13.)"""
+    low = dict(profile.min)
+    for sym, k in patch.items():
+        if sym in low:
+            low[sym] = min(max(low[sym], 2 * k), profile.max[sym])
+    return ShapeProfile(min=low, opt=dict(profile.opt), max=dict(profile.max))
+
+
+def build_profile(spec, component: str, profile: ShapeProfile) -> ShapeProfile:
+    """The profile a component's packages serve (at_least_two_patches for a DiT). The build
+    writes this one into the manifest, so requests below it are refused up front."""
+    if component not in spec.dit_components:
+        return profile
+    _, ph, pw = spec.dit.patch_size
+    return at_least_two_patches(profile, {"h": ph, "w": pw})
+
+
+def build_graph(module: torch.nn.Module, gspec: GraphSpec, profile: ShapeProfile, out_dir: str | os.PathLike, *,
+                compute_dtype: torch.dtype, device: torch.device | str, **compile_args) -> list[str]:
+    """Compile one graph module into `out_dir/model.pt2` + `out_dir/weights.safetensors`;
+    returns those names. `compile_args` go to compile_aoti (fast, cache_dir)."""
+    why = unavailable_reason(device)
+    if why:
+        raise RuntimeError(f"AOTInductor backend unavailable: {why}")
+    return compile_aoti(module, gspec, profile, Path(out_dir) / PACKAGE_FILE, compute_dtype=compute_dtype,
+                        device=device, **compile_args)
+
+
 # ------------------------------------------------------------------------------ many graphs
 _MODELS: dict[tuple[str, str, torch.dtype], nn.Module] = {}
 
 
 def _component_model(model: str, component: str, dtype: torch.dtype) -> nn.Module:
     """The eager model a component's graphs are made of, loaded once per process."""
-    from wan_rt.loader import resolve_checkpoint
-    from wan_rt.models import load_dit, load_text_encoder, load_vae
+    from wan_rt.models import load_component
+    from wan_rt.resolve import resolve_checkpoint
 
     key = (model, "vae" if component.startswith("vae") else component, dtype)
     if key not in _MODELS:
-        files = resolve_checkpoint(model).files
-        if component == "text_encoder":
-            _MODELS[key] = load_text_encoder(files, dtype=dtype)
-        elif component.startswith("vae"):
-            _MODELS[key] = load_vae(files, dtype=dtype)
-        else:
-            _MODELS[key] = load_dit(files, component, dtype=dtype)
+        _MODELS[key] = load_component(resolve_checkpoint(model).files, component, dtype=dtype)
     return _MODELS[key]
 
 
 def _compile_task(task: tuple) -> tuple:
     """One graph, in a worker process: (model, component, graph, out_dir, profile, dtype, options)."""
-    from wan_rt.loader import resolve_checkpoint
+    from wan_rt.resolve import resolve_checkpoint
     from wan_rt.runtime.graphs import graph_module, graph_spec
 
     model, component, graph, out_dir, profile, dtype, options = task

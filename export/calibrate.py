@@ -80,9 +80,14 @@ def record_trajectory(model: str, *, prompts: Sequence[str] = DEFAULT_PROMPTS, s
                       dtype: torch.dtype = torch.float32) -> Trajectory:
     """Run the eager pipeline once per prompt (seeded noise) and record every DiT call."""
     from wan_rt.config import latent_shape
-    from wan_rt.pipeline import WanPipeline
+    from wan_rt.eager import build_eager_components
+    from wan_rt.models.text_encoder import load_tokenizer
+    from wan_rt.pipeline import Pipeline
+    from wan_rt.resolve import resolve_checkpoint
 
-    pipe = WanPipeline.from_pretrained(model, backend="eager", device=str(device), dtype=dtype, kernels="torch")
+    resolved, device = resolve_checkpoint(model), torch.device(device)
+    pipe = Pipeline(resolved.spec, build_eager_components(resolved, device, dtype, kernels="torch"),
+                    load_tokenizer(resolved.files.tokenizer), resolved.defaults, device)
     pipe.set_progress_bar_config(disable=True)
     spec = pipe.spec
     calls: list[DiTCall] = []

@@ -28,14 +28,22 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
+import torch
+
+from wan_rt.runtime.backends.trt import gpu_identity, trt_version  # noqa: F401  (re-exported)
 from wan_rt.runtime.graphs import GraphSpec, ShapeProfile
 
 if TYPE_CHECKING:
     import tensorrt as trt
+
+    from wan_rt.export.quantize import QuantPlan
+    from wan_rt.runtime.backends.trt_engine import TrtRunner
 
 PLAN_FILE = "model.plan"
 TIMING_CACHE = "timing.cache"
@@ -80,28 +88,6 @@ def profile_shapes(gspec: GraphSpec, profile: ShapeProfile) -> dict[str, tuple[S
                              f"opt {mid}, max {hi}: each dim needs min <= opt <= max")
         out[t.name] = (lo, mid, hi)
     return out
-
-
-# ------------------------------------------------------------------------------------ identity
-def trt_version() -> Optional[str]:
-    """The installed TensorRT's version, or None when it cannot be imported."""
-    try:
-        import tensorrt
-    except (ImportError, OSError):
-        return None
-    return str(tensorrt.__version__)
-
-
-def gpu_identity(device: Any = None) -> Optional[str]:
-    """"<name> (sm<major><minor>)" of a CUDA device (a plan runs only on the GPU kind it was
-    built for), or None without one. Same format as runtime.manifest.device_name."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return None
-    dev = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
-    major, minor = torch.cuda.get_device_capability(dev)
-    return f"{torch.cuda.get_device_name(dev)} (sm{major}{minor})"
 
 
 # ------------------------------------------------------------------------------------ build
@@ -183,3 +169,58 @@ def build_engine(onnx_path: Path, gspec: GraphSpec, profile: ShapeProfile, plan_
     if timing_cache is not None:
         _save_timing_cache(cache, Path(timing_cache))
     return {"plan_bytes": plan_path.stat().st_size, "tensorrt": trt.__version__, "gpu": gpu_identity()}
+
+
+# ------------------------------------------------------------------ the builder interface
+def build_graph(module: torch.nn.Module, gspec: GraphSpec, profile: ShapeProfile, out_dir: str | os.PathLike, *,
+                compute_dtype: torch.dtype, device: torch.device | str, quant: Optional["QuantPlan"] = None,
+                config: Optional["BuildConfig"] = None, timing_cache: Optional[Path] = None) -> list[str]:
+    """Export `module` to ONNX (opset 19 with Q/DQ when `quant` is given), build `model.plan`
+    into out_dir; returns the files written (the ONNX only with config.keep_onnx)."""
+    from wan_rt.export.onnx_export import DEFAULT_OPSET, export_onnx
+    from wan_rt.export.quantize import QDQ_OPSET, REPORT_FILE
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError("TensorRT engines are built on a CUDA device")
+    config = config or BuildConfig()
+    out = Path(out_dir)
+    onnx_dir = out / "onnx" if config.keep_onnx else Path(tempfile.mkdtemp(prefix=".onnx-", dir=out))
+    try:
+        onnx_path = onnx_dir / "model.onnx"
+        files = export_onnx(module, gspec, profile, onnx_path, compute_dtype=compute_dtype, device=device,
+                            opset=QDQ_OPSET if quant is not None else DEFAULT_OPSET)
+        kept = [PLAN_FILE]
+        if quant is not None:
+            files = quant.apply(onnx_path, module)
+            shutil.copy(onnx_dir / REPORT_FILE, out / REPORT_FILE)  # which matmuls are quantized
+            kept.append(REPORT_FILE)
+        build_engine(onnx_path, gspec, profile, out / PLAN_FILE, config=config, timing_cache=timing_cache)
+    finally:
+        if not config.keep_onnx:
+            shutil.rmtree(onnx_dir, ignore_errors=True)
+    return [*kept, *([f"onnx/{f}" for f in files if f != REPORT_FILE] if config.keep_onnx else [])]
+
+
+def refit_from_module(runner: "TrtRunner", module: torch.nn.Module, gspec: GraphSpec, profile: ShapeProfile, *,
+                      compute_dtype: torch.dtype, quant: Optional["QuantPlan"] = None) -> int:
+    """Refit a refittable engine with new weights: `module` is the graph module
+    (runtime.graphs.graph_module) holding them, e.g. after `model.load_state_dict(new)`. The graph
+    is re-exported exactly as the build did (and re-quantized with `quant`), and TensorRT takes the
+    new initializers by name. Returns the number of weights in the engine."""
+    from wan_rt.export.onnx_export import DEFAULT_OPSET, export_onnx
+    from wan_rt.export.quantize import QDQ_OPSET
+    from wan_rt.runtime.backends.trt_engine import refit_from_onnx
+
+    work = Path(tempfile.mkdtemp(prefix="wan-rt-refit-"))
+    try:
+        path = work / "model.onnx"
+        export_onnx(module, gspec, profile, path, compute_dtype=compute_dtype, device=runner.engine.device,
+                    opset=QDQ_OPSET if quant is not None else DEFAULT_OPSET)
+        if quant is not None:
+            quant.apply(path, module)
+        count = refit_from_onnx(runner.engine.engine, path)
+        runner.engine.invalidate_graphs()  # weights may have moved
+        return count
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

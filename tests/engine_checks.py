@@ -106,9 +106,9 @@ def engine_components(b) -> dict:
 
 def check_pipeline(b, components: dict, label: str) -> None:
     """4 steps with CFG on `components` against the eager pipeline, from the same latents."""
-    from wan_rt.loader import build_eager_components
+    from wan_rt.eager import build_eager_components
     from wan_rt.models.text_encoder import load_tokenizer
-    from wan_rt.pipeline import WanPipeline
+    from wan_rt.loader import WanPipeline
 
     spec, resolved = b.spec, b.resolved
     tokenizer = load_tokenizer(resolved.files.tokenizer)

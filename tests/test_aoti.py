@@ -66,7 +66,7 @@ def built(tmp_path_factory, engine_checks):
     """name -> namespace(resolved, spec, profile, models, dirs, files, runners, stats)."""
     from wan_rt.export.aoti_export import compile_graphs
 
-    from wan_rt.loader import resolve_checkpoint
+    from wan_rt.resolve import resolve_checkpoint
 
     names = (T2V, I2V, TI2V)
     resolved = {n: resolve_checkpoint(n) for n in names}  # writes the tiny checkpoints, here, once
@@ -234,7 +234,7 @@ def test_streaming_vae_through_aoti_equals_eager(built, spec_name, engine_checks
 def test_pipeline_on_aoti_matches_eager(built, spec_name, engine_checks):
     """Every component on AOTI packages (TI2V's VAE eager unless WAN_RT_AOTI_TEST_ALL=1), 4 steps
     with CFG, against the eager pipeline from the same latents."""
-    from wan_rt.loader import build_eager_components
+    from wan_rt.eager import build_eager_components
 
     b = built[spec_name]
     components = engine_checks.engine_components(b)

@@ -14,8 +14,8 @@ pytest.importorskip("onnxruntime")
 from wan_rt.build import build_engines  # noqa: E402
 from wan_rt.cli import main  # noqa: E402
 from wan_rt.metrics import max_abs_error  # noqa: E402
-from wan_rt.pipeline import WanPipeline  # noqa: E402
-from wan_rt.runtime.manifest import EngineManifest, StaleEngineError  # noqa: E402
+from wan_rt.loader import WanPipeline  # noqa: E402
+from wan_rt.runtime.engines_dir import EngineManifest, StaleEngineError  # noqa: E402
 from wan_rt.tiny import ensure_tiny_checkpoint  # noqa: E402
 
 SPEC = "tiny-t2v-A14B"
@@ -66,6 +66,24 @@ def test_one_build_serves_two_sizes_and_matches_eager(checkpoint, engines):
         assert max_abs_error(torch.from_numpy(got), torch.from_numpy(want)) < 1e-4
 
 
+def test_engines_dir_alone_means_its_engines_and_its_model(checkpoint, engines):
+    """from_pretrained(engines_dir=...) runs the engines on their own backend (no backend needed),
+    and with no path it loads the model the engines were built from."""
+    from wan_rt.runtime.engine_component import DiTComponent, EagerDiTComponent
+
+    for pipe in (WanPipeline.from_pretrained(engines_dir=str(engines)),
+                 WanPipeline.from_pretrained(str(checkpoint), engines_dir=str(engines))):
+        dit = pipe.components["dit_high_noise"]
+        assert isinstance(dit, DiTComponent) and not isinstance(dit, EagerDiTComponent)
+        assert pipe.spec.name == SPEC
+    eager = WanPipeline.from_pretrained(engines_dir=str(engines), backend="eager")
+    assert isinstance(eager.components["dit_high_noise"], EagerDiTComponent)
+    with pytest.raises(ValueError, match="holds ort engines, not aoti"):
+        WanPipeline.from_pretrained(engines_dir=str(engines), backend="aoti")
+    with pytest.raises(ValueError, match="needs a checkpoint path"):
+        WanPipeline.from_pretrained()
+
+
 def test_request_outside_profile_is_refused(engines, capsys):
     assert main(["run", "--engines-dir", str(engines), "--height", "64", "--output", str(engines / "x.mp4")]) == 2
     err = capsys.readouterr().err
@@ -94,10 +112,10 @@ def test_stale_weights_are_refused_then_rebuilt(checkpoint, tmp_path):
 
 
 def test_interrupted_build_leaves_nothing_that_loads(checkpoint, tmp_path, monkeypatch):
-    from wan_rt.runtime.backends import ort
+    from wan_rt.export import ort_build
 
     engines = tmp_path / "engines"
-    real = ort.build_graph
+    real = ort_build.build_graph
     calls = []
 
     def failing(module, gspec, *args, **kwargs):
@@ -106,7 +124,7 @@ def test_interrupted_build_leaves_nothing_that_loads(checkpoint, tmp_path, monke
             raise KeyboardInterrupt  # the user pressed Ctrl-C halfway through the VAE
         return real(module, gspec, *args, **kwargs)
 
-    monkeypatch.setattr(ort, "build_graph", failing)
+    monkeypatch.setattr(ort_build, "build_graph", failing)
     with pytest.raises(KeyboardInterrupt):
         build_engines(str(checkpoint), "ort", engines, log=lambda s: None)
     assert not (engines / "vae_decoder").exists()
@@ -114,7 +132,7 @@ def test_interrupted_build_leaves_nothing_that_loads(checkpoint, tmp_path, monke
     assert not (engines / "engines.json").exists()
     with pytest.raises(FileNotFoundError, match="run `wan-rt build` first"):
         WanPipeline.from_pretrained(str(checkpoint), backend="ort", engines_dir=str(engines))
-    monkeypatch.setattr(ort, "build_graph", real)
+    monkeypatch.setattr(ort_build, "build_graph", real)
     logs = []
     build_engines(str(checkpoint), "ort", engines, log=logs.append)
     assert sum("up to date" in line for line in logs) == 4  # only the VAE decoder is built again

@@ -15,7 +15,7 @@ from wan_rt.metrics import max_abs_error
 from wan_rt.models import hf_config
 from wan_rt.models.checkpoint import (diffusers_dit_to_official, diffusers_vae_to_official, hf_t5_to_official,
                                       read_state_dict)
-from wan_rt.pipeline import WanPipeline
+from wan_rt.loader import WanPipeline
 
 
 def to_official(diffusers_folder, out, spec_name):

@@ -19,6 +19,7 @@ pytest.importorskip("onnxruntime")
 from wan_rt.config import get_spec  # noqa: E402
 from wan_rt.export.onnx_export import OnnxExportError, check_trt_compatible, export_onnx  # noqa: E402
 from wan_rt.metrics import relative_error  # noqa: E402
+from wan_rt.export import ort_build  # noqa: E402
 from wan_rt.runtime.backends import get_backend  # noqa: E402
 from wan_rt.runtime.graphs import (components_of, graph_module, graph_names, graph_spec, sample_inputs,  # noqa: E402
                                    shape_profile)
@@ -34,7 +35,7 @@ CPU = torch.device("cpu")
 def built(tmp_path_factory, engine_checks):
     """built(spec name) -> namespace(resolved, spec, profile, models, dirs, files, runners), every
     graph exported with the ORT backend into a temporary engines folder (once per module)."""
-    from wan_rt.loader import resolve_checkpoint
+    from wan_rt.resolve import resolve_checkpoint
 
     cache: dict[str, types.SimpleNamespace] = {}
 
@@ -54,7 +55,7 @@ def built(tmp_path_factory, engine_checks):
                 gspec = graph_spec(spec, comp, g)
                 out_dir = root / comp / g
                 out_dir.mkdir(parents=True)
-                files[comp, g] = ort_backend.build_graph(graph_module(comp, g, models[comp]), gspec, profile, out_dir,
+                files[comp, g] = ort_build.build_graph(graph_module(comp, g, models[comp]), gspec, profile, out_dir,
                                                          compute_dtype=torch.float32, device=CPU)
                 dirs[comp, g] = out_dir
                 runners[comp, g] = ort_backend.load_graph(out_dir, gspec, files[comp, g],
@@ -147,7 +148,7 @@ def test_external_data_when_over_threshold(built, tmp_path, engine_checks):
     b = built("tiny-ti2v-5B")
     gspec = graph_spec(b.spec, "dit", "main")
     module = graph_module("dit", "main", b.models["dit"])
-    files = ort_backend.build_graph(module, gspec, b.profile, tmp_path, compute_dtype=torch.float32, device=CPU,
+    files = ort_build.build_graph(module, gspec, b.profile, tmp_path, compute_dtype=torch.float32, device=CPU,
                                     external_data_threshold=0)
     assert files == ["model.onnx", "model.onnx.data"]
     # The main graph holds every weight but the text side's (text embedder, cross-attention K/V),
@@ -214,7 +215,7 @@ def test_backend_interface_and_precision_policy(tmp_path):
     gspec = graph_spec(get_spec("tiny-t2v-A14B"), "dit_high_noise")
     for dtype, device in ((torch.bfloat16, "cpu"), (torch.float16, "cpu")):
         with pytest.raises(ValueError, match="fp16|bf16"):
-            ort_backend.build_graph(torch.nn.Identity(), gspec, None, tmp_path, compute_dtype=dtype, device=device)
+            ort_build.build_graph(torch.nn.Identity(), gspec, None, tmp_path, compute_dtype=dtype, device=device)
 
 
 # ------------------------------------------------------------------------------ streaming VAE

@@ -8,7 +8,9 @@ from PIL import Image
 
 from wan_rt.config import get_spec, latent_shape
 from wan_rt.metrics import max_abs_error
-from wan_rt.pipeline import SamplingDefaults, WanPipeline, _group_by_stage
+from wan_rt.loader import WanPipeline
+from wan_rt.pipeline import _group_by_stage
+from wan_rt.scheduler import SamplingDefaults
 
 
 def _image(seed: int = 0, size=(52, 40)) -> Image.Image:

@@ -254,7 +254,7 @@ def test_onnxruntime_fp8_rounding_is_torch_e4m3():
 def tiny(tmp_path_factory):
     """The tiny DiT's fp32 graphs (opset 19), its calibration on a 1-prompt, 4-step trajectory."""
     from wan_rt.export.onnx_export import export_onnx
-    from wan_rt.loader import resolve_checkpoint
+    from wan_rt.resolve import resolve_checkpoint
     from wan_rt.models import load_dit
     from wan_rt.runtime.graphs import graph_module, graph_spec, shape_profile
 
@@ -379,7 +379,7 @@ def test_quantized_tiny_dit_runs_in_onnxruntime_with_small_real_error(tiny, tmp_
 @pytest.mark.parametrize("precision", ["int8", "fp8"])
 def test_build_then_parity_reports_quality(precision, tmp_path, capsys):
     from wan_rt.cli import main
-    from wan_rt.runtime.manifest import EngineManifest
+    from wan_rt.runtime.engines_dir import EngineManifest
 
     engines = tmp_path / "engines"
     assert main(["build", "--backend", "ort", "--precision", precision, "--engines-dir", str(engines)]) == 0

@@ -5,7 +5,8 @@ import time
 import torch
 
 from wan_rt.config import get_spec
-from wan_rt.pipeline import SamplingDefaults, WanPipeline
+from wan_rt.loader import WanPipeline
+from wan_rt.scheduler import SamplingDefaults
 from wan_rt.runtime.residency import ExpertResidency
 
 

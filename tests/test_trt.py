@@ -117,8 +117,8 @@ def test_build_config_validates_and_goes_to_the_manifest():
 @pytest.fixture
 def trt_manifest(tmp_path):
     """An engines-dir folder whose manifest says TensorRT 10.13.0.35 on an H100, plan present."""
-    from wan_rt.build import expected_manifest
-    from wan_rt.loader import resolve_checkpoint
+    from wan_rt.runtime.engines_dir import expected_manifest
+    from wan_rt.resolve import resolve_checkpoint
 
     resolved = resolve_checkpoint(SPEC)
     profile = shape_profile(resolved.spec, height=32, width=32, frames=9)
@@ -142,8 +142,8 @@ def trt_manifest(tmp_path):
      f"built with tensorrt 10.13.0.35, this machine has {trt_backend.NO_TENSORRT}"),
 ])
 def test_engine_for_another_tensorrt_or_gpu_is_refused(trt_manifest, monkeypatch, here, refusal):
-    from wan_rt.runtime.engines import verify
-    from wan_rt.runtime.manifest import StaleEngineError
+    from wan_rt.runtime.engines_dir import verify
+    from wan_rt.runtime.engines_dir import StaleEngineError
 
     folder, resolved = trt_manifest
     monkeypatch.setattr(trt_backend, "versions", lambda: {**here, "torch": "2.13"})
@@ -155,7 +155,7 @@ def test_engine_for_another_tensorrt_or_gpu_is_refused(trt_manifest, monkeypatch
 
 
 def test_engine_for_this_tensorrt_and_gpu_verifies(trt_manifest, monkeypatch):
-    from wan_rt.runtime.engines import verify
+    from wan_rt.runtime.engines_dir import verify
 
     folder, resolved = trt_manifest
     monkeypatch.setattr(trt_backend, "versions", lambda: {"tensorrt": "10.13.0.35", "torch": "2.13",
@@ -400,12 +400,13 @@ def test_real_tensorrt_engine(tmp_path):
     """Build bf16 (and, on sm89+, fp8) engines of the tiny DiT, run them against eager, check
     shared memory, CUDA-graph replay and refit. Never run: no machine here has TensorRT."""
     from wan_rt.build import build_engines
+    from wan_rt.export import trt_build
     from wan_rt.export.trt_build import BuildConfig
-    from wan_rt.loader import resolve_checkpoint
+    from wan_rt.resolve import resolve_checkpoint
     from wan_rt.metrics import relative_error
     from wan_rt.models import load_dit
     from wan_rt.runtime.graphs import graph_module, sample_inputs
-    from wan_rt.runtime.manifest import EngineManifest
+    from wan_rt.runtime.engines_dir import EngineManifest
 
     name = "dit_high_noise"
     engines = tmp_path / "bf16"
@@ -430,8 +431,8 @@ def test_real_tensorrt_engine(tmp_path):
 
     with torch.no_grad():
         dit.proj_out.bias.add_(1.0)
-    trt_backend.refit_from_module(runners["main"], graph_module(name, "main", dit), gspec, profile,
-                                  compute_dtype=torch.bfloat16)
+    trt_build.refit_from_module(runners["main"], graph_module(name, "main", dit), gspec, profile,
+                                compute_dtype=torch.bfloat16)
     want = graph_module(name, "main", dit)(*(inputs[n] for n in gspec.input_names))
     got = runners["main"](inputs)["noise_pred"]
     assert relative_error(got.float().cpu(), want.float().cpu()) < 3e-2, "refit took the new weights"

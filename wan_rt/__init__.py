@@ -7,11 +7,11 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from wan_rt.pipeline import WanPipeline
+    from wan_rt.loader import WanPipeline
     from wan_rt.video import export_to_video
 
 # Heavy modules (torch, transformers) load on first use, so `wan-rt --help` stays fast.
-_LAZY = {"WanPipeline": "wan_rt.pipeline", "export_to_video": "wan_rt.video"}
+_LAZY = {"WanPipeline": "wan_rt.loader", "export_to_video": "wan_rt.video"}
 
 
 def __getattr__(name: str) -> Any:

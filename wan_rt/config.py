@@ -222,6 +222,17 @@ def latent_shape(spec: ModelSpec, height: int, width: int, num_frames: int) -> t
     return (spec.vae.z_dim, (num_frames - 1) // st + 1, height // sh, width // sw)
 
 
+def check_request(spec: ModelSpec, height: int, width: int, num_frames: int, steps: int) -> None:
+    """One clear ValueError per bad argument (the CLI prints it as one line, the server as a 400)."""
+    m = spec.spatial_multiple
+    if height <= 0 or width <= 0 or height % m or width % m:
+        raise ValueError(f"height and width must be positive multiples of {m} for {spec.name}; got {height}x{width}")
+    if num_frames < 1 or (num_frames - 1) % spec.vae.stride[0]:
+        raise ValueError(f"num_frames must be 4k+1 (1, 5, 9, ..., 81); got {num_frames}")
+    if steps < 1:
+        raise ValueError(f"num_inference_steps must be >= 1; got {steps}")
+
+
 def token_grid(spec: ModelSpec, height: int, width: int, num_frames: int) -> tuple[int, int, int]:
     _, t, h, w = latent_shape(spec, height, width, num_frames)
     pt, ph, pw = spec.dit.patch_size

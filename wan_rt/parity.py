@@ -20,10 +20,13 @@ from typing import Optional
 
 import torch
 
-from wan_rt.build import _load_model, read_index
+from wan_rt.loader import WanPipeline
 from wan_rt.metrics import max_abs_error, psnr, relative_error
-from wan_rt.precision import QUALITY_TOLERANCE, QUANTIZED_PRECISIONS
+from wan_rt.models import load_component
+from wan_rt.precision import QUALITY_TOLERANCE, QUANTIZED_PRECISIONS, component_dtype
+from wan_rt.resolve import resolve_checkpoint
 from wan_rt.runtime.backends import get_backend
+from wan_rt.runtime.engines_dir import EngineManifest, read_index, verify
 from wan_rt.runtime.engine_component import module_runner
 from wan_rt.runtime.graphs import ShapeProfile, graph_module, graph_spec, sample_inputs
 
@@ -47,10 +50,6 @@ class ParityRow:
 
 def graph_parity(engines_dir: Path, model: Optional[str] = None, device: Optional[torch.device] = None,
                  seed: int = 0) -> list[ParityRow]:
-    from wan_rt.build import component_dtype
-    from wan_rt.loader import resolve_checkpoint
-    from wan_rt.runtime.engines import verify
-
     engines_dir = Path(engines_dir)
     index = read_index(engines_dir)
     model = model or index["model"]
@@ -67,7 +66,7 @@ def graph_parity(engines_dir: Path, model: Optional[str] = None, device: Optiona
             if name.startswith("dit"):
                 continue  # on the trajectory instead: quality_report
             tol = TOLERANCE[{torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]]
-        reference_model = _load_model(resolved, name, torch.float32, dev)
+        reference_model = load_component(resolved.files, name, dtype=torch.float32, device=dev)
         for graph, info in manifest.graphs.items():
             gspec = graph_spec(resolved.spec, name, graph)
             engine = backend_mod.load_graph(engines_dir / name, gspec, info["files"], compute_dtype=dtype, device=dev)
@@ -91,12 +90,11 @@ def video_parity(engines_dir: Path, model: Optional[str] = None, steps: int = 2,
                  device: Optional[torch.device] = None) -> ParityRow:
     """The same short generation through the engines and through eager fp32, same latents."""
     from wan_rt.config import latent_shape
-    from wan_rt.pipeline import WanPipeline
 
     index = read_index(Path(engines_dir))
     model = model or index["model"]
     dev = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    engine_pipe = WanPipeline.from_pretrained(model, backend=index["backend"], engines_dir=str(engines_dir), device=dev)
+    engine_pipe = WanPipeline.from_pretrained(model, engines_dir=str(engines_dir), device=dev)
     eager_pipe = WanPipeline.from_pretrained(model, backend="eager", device=dev, dtype=torch.float32)
     spec = engine_pipe.spec
     manifest_profile = ShapeProfile(**_first_manifest(Path(engines_dir), index).profile)
@@ -117,8 +115,6 @@ def video_parity(engines_dir: Path, model: Optional[str] = None, steps: int = 2,
 
 
 def _first_manifest(engines_dir: Path, index: dict):
-    from wan_rt.runtime.manifest import EngineManifest
-
     dits = [c for c in index["components"] if c.startswith("dit")]
     return EngineManifest.read(engines_dir / (dits[0] if dits else index["components"][0]))
 
@@ -137,8 +133,6 @@ def quality_report(engines_dir: Path, model: Optional[str] = None, steps: Option
     denoising step (noise_pred relative L2, worst of the step's calls) and one decoded-frame PSNR
     row. `steps`: the schedule length (default: the model's, which calibration used too)."""
     from wan_rt.export.calibrate import record_trajectory, synthetic_image
-    from wan_rt.pipeline import WanPipeline
-    from wan_rt.runtime.manifest import EngineManifest
 
     engines_dir = Path(engines_dir)
     index = read_index(engines_dir)
@@ -149,7 +143,7 @@ def quality_report(engines_dir: Path, model: Optional[str] = None, steps: Option
         return []
     manifest = EngineManifest.read(engines_dir / dits[0])
     tol = manifest.build_args.get("tolerances") or QUALITY_TOLERANCE[index["precision"]]
-    pipe = WanPipeline.from_pretrained(model, backend=index["backend"], engines_dir=str(engines_dir), device=dev)
+    pipe = WanPipeline.from_pretrained(model, engines_dir=str(engines_dir), device=dev)
     pipe.set_progress_bar_config(disable=True)
     spec, profile = pipe.spec, ShapeProfile(**manifest.profile)
     st, sh, sw = spec.vae.stride

@@ -1,4 +1,4 @@
-"""WanPipeline: encode text -> denoise through the expert stages (CFG) -> decode.
+"""The pipeline: encode text -> denoise through the expert stages (CFG) -> decode.
 
 Mirrors the official `wan/text2video.py`, `image2video.py`, `textimage2video.py` and diffusers'
 `WanPipeline` / `WanImageToVideoPipeline` (same keywords, same meaning). The loop talks to
@@ -11,28 +11,17 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Literal, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
-from wan_rt.config import ModelSpec, Stage, latent_shape
+from wan_rt.config import ModelSpec, Stage, check_request, latent_shape
 from wan_rt.models.text_encoder import tokenize
 from wan_rt.runtime.component import Component
 from wan_rt.runtime.residency import ExpertResidency
-from wan_rt.scheduler import make_scheduler, scheduler_from_diffusers_config
+from wan_rt.scheduler import SamplingDefaults, make_scheduler, scheduler_from_diffusers_config
 from wan_rt.video import ImageInput, image_to_tensor, video_to_output
-
-
-@dataclass(frozen=True)
-class SamplingDefaults:
-    """How a checkpoint is sampled when the caller does not say: each layout keeps its own."""
-
-    solver: Literal["unipc", "dpm++", "euler"]
-    grid: Literal["official", "diffusers"]  # official: sigmas 0.999 -> 0; diffusers: 1 -> 1/1000
-    shift: float
-    negative_prompt: str
-    scheduler_config: Optional[Mapping[str, Any]] = None  # a diffusers folder's scheduler_config.json
 
 
 class GenerationInterrupted(Exception):
@@ -43,7 +32,7 @@ class GenerationInterrupted(Exception):
 # The diffusers step-callback signature: (pipe, step_index, timestep, callback_kwargs) -> dict.
 # callback_kwargs holds the tensors named in `callback_on_step_end_tensor_inputs`; a returned
 # "latents" replaces the loop's latents.
-StepCallback = Callable[["WanPipeline", int, Tensor, dict[str, Tensor]], Optional[dict[str, Tensor]]]
+StepCallback = Callable[["Pipeline", int, Tensor, dict[str, Tensor]], Optional[dict[str, Tensor]]]
 CALLBACK_TENSORS = ("latents",)
 
 
@@ -66,18 +55,11 @@ class WanPipelineOutput:
     steps_per_stage: dict[str, int] = field(default_factory=dict)
 
 
-def check_request(spec: ModelSpec, height: int, width: int, num_frames: int, steps: int) -> None:
-    """One clear ValueError per bad argument (the CLI prints it as one line)."""
-    m = spec.spatial_multiple
-    if height <= 0 or width <= 0 or height % m or width % m:
-        raise ValueError(f"height and width must be positive multiples of {m} for {spec.name}; got {height}x{width}")
-    if num_frames < 1 or (num_frames - 1) % spec.vae.stride[0]:
-        raise ValueError(f"num_frames must be 4k+1 (1, 5, 9, ..., 81); got {num_frames}")
-    if steps < 1:
-        raise ValueError(f"num_inference_steps must be >= 1; got {steps}")
+class Pipeline:
+    """The denoise loop over ready components (named tensors in and out, any backend). It loads
+    nothing: `wan_rt.WanPipeline.from_pretrained` (wan_rt/loader.py) assembles one from a
+    checkpoint or an engines dir."""
 
-
-class WanPipeline:
     def __init__(self, spec: ModelSpec, components: Mapping[str, Component], tokenizer,
                  defaults: SamplingDefaults, device: Union[str, torch.device] = "cpu"):
         self.spec = spec
@@ -94,20 +76,6 @@ class WanPipeline:
         # (GenerationInterrupted); cleared when a call starts.
         self.interrupt = False
         self.num_timesteps = 0  # steps of the current (or last) call, as diffusers exposes it
-
-    @classmethod
-    def from_pretrained(cls, path: Optional[str], backend: str = "eager", device: Optional[str] = None,
-                        dtype: Optional[torch.dtype] = None, engines_dir: Optional[str] = None,
-                        backend_for: Optional[Mapping[str, str]] = None, rebuild: bool = False,
-                        kernels: str = "auto") -> "WanPipeline":
-        """path: a diffusers-layout folder, an official Wan2.2 folder, or a preset name (None with
-        engines_dir: the model the engines were built from). backend: "eager", or the backend of
-        the engines in engines_dir ("ort", "aoti", "trt"); backend_for pins components to eager.
-        kernels: "auto" (Triton kernels in eager components on a CUDA GPU), "triton" or "torch"."""
-        from wan_rt.loader import load_pipeline
-
-        return load_pipeline(cls, path, backend=backend, device=device, dtype=dtype,
-                             engines_dir=engines_dir, backend_for=backend_for, rebuild=rebuild, kernels=kernels)
 
     def set_progress_bar_config(self, disable: bool = False) -> None:
         self.progress = not disable

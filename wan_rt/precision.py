@@ -91,3 +91,23 @@ def quantized_base_dtype(component: str, backend: str | None, device_type: str =
     if backend == "trt" or (backend == "aoti" and device_type == "cuda"):
         return torch.bfloat16
     return torch.float32
+
+
+# Every precision an engine can be built at. fp8 / int8: the DiTs' linear layers quantized
+# (Q/DQ after calibration, or FP8 GEMMs); everything else at the backend's base dtype.
+PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+                                      "fp8": torch.float32, "int8": torch.float32}
+
+
+def component_dtype(component: str, precision: str, backend: str | None = None,
+                    device: torch.device | None = None) -> torch.dtype:
+    """The dtype a component computes in at `precision`. The VAE stays fp32 (as the official code
+    runs it): it is a small share of the time and the streaming cache accumulates rounding. umT5
+    is never fp16 (its activations overflow it; bf16 is fine). Everything else follows the
+    requested precision. A quantized precision (fp8, int8) is the base dtype the Q/DQ graph is
+    built in (quantized_base_dtype)."""
+    if precision in QUANTIZED_PRECISIONS:
+        return quantized_base_dtype(component, backend, device.type if device is not None else "cpu")
+    if component.startswith("vae") or (component == "text_encoder" and precision == "fp16"):
+        return torch.float32
+    return PRECISIONS[precision]

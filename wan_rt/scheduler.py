@@ -18,7 +18,8 @@ timestep up (the references pick the *second* match on duplicate integer timeste
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, Literal, Optional
 
 import numpy as np
 import torch
@@ -29,6 +30,17 @@ from wan_rt.config import NUM_TRAIN_TIMESTEPS
 Solver = Literal["unipc", "dpm++", "euler"]
 Grid = Literal["official", "diffusers"]
 GridFn = Callable[[int, float], tuple[Tensor, Tensor]]
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """How a checkpoint is sampled when the caller does not say: each layout keeps its own."""
+
+    solver: Solver
+    grid: Grid  # official: sigmas 0.999 -> 0; diffusers: 1 -> 1/1000
+    shift: float
+    negative_prompt: str
+    scheduler_config: Optional[Mapping[str, Any]] = None  # a diffusers folder's scheduler_config.json
 
 
 # 1. Sigma grids. Each returns (sigmas float32 [steps+1] ending in 0, timesteps int64 [steps]).

@@ -49,7 +49,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _is_user_error(exc: Exception) -> bool:
     from wan_rt.models.checkpoint import CheckpointError
-    from wan_rt.runtime.manifest import StaleEngineError
+    from wan_rt.runtime.engines_dir import StaleEngineError
 
     return isinstance(exc, (UsageError, ValueError, FileNotFoundError, CheckpointError, StaleEngineError))
 

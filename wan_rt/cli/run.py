@@ -47,12 +47,12 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from wan_rt.build import read_index
     from wan_rt.cli import UsageError
-    from wan_rt.loader import build_eager_components, resolve_checkpoint, use_triton_kernels
+    from wan_rt.config import check_request
+    from wan_rt.loader import WanPipeline, load_components
     from wan_rt.models.text_encoder import load_tokenizer
-    from wan_rt.pipeline import WanPipeline, check_request
-    from wan_rt.runtime.engines import check_fits, load_engine_components
+    from wan_rt.resolve import resolve_checkpoint
+    from wan_rt.runtime.engines_dir import check_fits, read_index
     from wan_rt.video import export_to_video, load_image
 
     output = Path(args.output)
@@ -74,12 +74,10 @@ def run(args: argparse.Namespace) -> int:
         index = read_index(Path(engines_dir))
         if args.backend not in (None, "eager", index["backend"]):
             raise UsageError(f"{engines_dir} holds {index['backend']} engines, not {args.backend}")
-        if args.backend == "eager":
-            engines_dir = None
         model = args.model or index["model"]
 
-    resolved = resolve_checkpoint(model)
-    spec = resolved.spec
+    # Everything about the request is checked before anything heavy loads.
+    spec = resolve_checkpoint(model).spec
     pick = lambda value, default: default if value is None else value  # noqa: E731  (0 is a value)
     height, width = pick(args.height, spec.height), pick(args.width, spec.width)
     num_frames, steps = pick(args.frames, spec.num_frames), pick(args.steps, spec.sample_steps)
@@ -89,19 +87,15 @@ def run(args: argparse.Namespace) -> int:
     if args.image and spec.task == "t2v":
         raise UsageError(f"{spec.name} is a text-to-video model; --image needs an i2v or ti2v model")
     image = load_image(args.image) if args.image else None
+    if engines_dir is not None and args.backend != "eager":
+        check_fits(Path(engines_dir), spec, height, width, num_frames)
 
     device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     start = time.perf_counter()
-    if engines_dir is not None:
-        check_fits(Path(engines_dir), spec, height, width, num_frames)
-        resolved, components = load_engine_components(Path(engines_dir), model=model, backend_for=pinned,
-                                                      device=device, rebuild=args.rebuild)
-        how = f"{read_index(Path(engines_dir))['backend']} engines in {engines_dir}"
-    else:
-        dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-        dtype = dtypes[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        components = build_eager_components(resolved, device, dtype, kernels=args.kernels)
-        how = "eager" + (" + Triton kernels" if use_triton_kernels(args.kernels, device) else "")
+    resolved, components, how = load_components(model, backend=args.backend, engines_dir=engines_dir, device=device,
+                                                dtype=dtypes[args.dtype] if args.dtype else None,
+                                                backend_for=pinned, rebuild=args.rebuild, kernels=args.kernels)
     pipe = WanPipeline(spec, components, load_tokenizer(resolved.files.tokenizer), resolved.defaults, device)
     load_s = time.perf_counter() - start
     generator = torch.Generator(device="cpu").manual_seed(args.seed)

@@ -18,7 +18,7 @@ from wan_rt.models.checkpoint import (CheckpointError, CheckpointFiles, load_int
                                       official_t5_to_hf, official_vae_to_diffusers, read_state_dict)
 
 Source = Union[str, Path, CheckpointFiles]
-__all__ = ["load_dit", "load_vae", "load_text_encoder"]
+__all__ = ["load_dit", "load_vae", "load_text_encoder", "load_component"]
 
 
 def _files(source: Source) -> Optional[CheckpointFiles]:
@@ -126,3 +126,14 @@ def load_text_encoder(source: Source, *, dtype: Optional[torch.dtype] = None,
         encoder = UMT5EncoderModel(config)
     encoder = load_into(encoder, sd, source=path, dtype=dtype, device=device)
     return TextEncoder(encoder).eval()
+
+
+def load_component(source: Source, component: str, *, dtype: Optional[torch.dtype] = None,
+                   device: Union[str, torch.device] = "cpu") -> torch.nn.Module:
+    """The eager model an engine component is made of: the text encoder, a DiT expert, or the
+    VAE (both `vae_encoder` and `vae_decoder` are graphs of the one VAE)."""
+    if component == "text_encoder":
+        return load_text_encoder(source, dtype=dtype, device=device)
+    if component.startswith("vae"):
+        return load_vae(source, dtype=dtype, device=device)
+    return load_dit(source, component, dtype=dtype, device=device)

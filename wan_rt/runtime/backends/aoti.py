@@ -1,5 +1,5 @@
-"""AOTInductor backend: `build_graph` compiles a .pt2 package plus `weights.safetensors`
-(wan_rt.export.aoti_export), `load_graph` runs it behind the GraphRunner contract.
+"""AOTInductor backend, run side: `load_graph` runs a .pt2 package plus its `weights.safetensors`
+behind the GraphRunner contract (the build side is wan_rt.export.aoti_export).
 
 The package is code only; the runner loads the weights file and hands the tensors to the
 compiled model (`load_constants`, all constants required), so one package serves every
@@ -28,7 +28,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from wan_rt.runtime.graphs import GraphSpec, ShapeProfile, engine_inputs, read_sizes
+from wan_rt.runtime.graphs import GraphSpec, engine_inputs, read_sizes
 
 NAME = "aoti"
 FILE_SUFFIX = ".pt2"
@@ -90,40 +90,6 @@ def versions() -> dict[str, str]:
     except ImportError:
         pass
     return out
-
-
-def at_least_two_patches(profile: ShapeProfile, patch: dict[str, int]) -> ShapeProfile:
-    """`profile` with each patched axis (symbol -> patch size) raised to two patches at least:
-    at one token per axis the contiguity checks inside torch.export ask `tokens != 1` and fix
-    the axis at the example size. (torch's `backed_size_oblivious` gets the export through, but
-    AOTInductor then compiled the batch as a constant, silently: measured on torch 2.13.)"""
-    low = dict(profile.min)
-    for sym, k in patch.items():
-        if sym in low:
-            low[sym] = min(max(low[sym], 2 * k), profile.max[sym])
-    return ShapeProfile(min=low, opt=dict(profile.opt), max=dict(profile.max))
-
-
-def build_profile(spec, component: str, profile: ShapeProfile) -> ShapeProfile:
-    """The profile a component's packages serve (at_least_two_patches for a DiT). The build
-    writes this one into the manifest, so requests below it are refused up front."""
-    if component not in spec.dit_components:
-        return profile
-    _, ph, pw = spec.dit.patch_size
-    return at_least_two_patches(profile, {"h": ph, "w": pw})
-
-
-def build_graph(module: torch.nn.Module, gspec: GraphSpec, profile: ShapeProfile, out_dir: str | os.PathLike, *,
-                compute_dtype: torch.dtype, device: torch.device | str, **compile_args) -> list[str]:
-    """Compile one graph module into `out_dir/model.pt2` + `out_dir/weights.safetensors`;
-    returns those names. `compile_args` go to compile_aoti (fast, cache_dir)."""
-    from wan_rt.export.aoti_export import compile_aoti
-
-    why = unavailable_reason(device)
-    if why:
-        raise RuntimeError(f"AOTInductor backend unavailable: {why}")
-    return compile_aoti(module, gspec, profile, Path(out_dir) / PACKAGE_FILE, compute_dtype=compute_dtype,
-                        device=device, **compile_args)
 
 
 # ------------------------------------------------------------------------------------ runtime

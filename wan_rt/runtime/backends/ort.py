@@ -1,5 +1,6 @@
-"""ONNX Runtime backend: `build_graph` exports ONNX (wan_rt.export.onnx_export), `load_graph`
-runs it in an `onnxruntime.InferenceSession` behind the GraphRunner contract.
+"""ONNX Runtime backend, run side: `load_graph` runs a graph's ONNX file in an
+`onnxruntime.InferenceSession` behind the GraphRunner contract (the build side, ONNX export with
+optional Q/DQ, is wan_rt.export.ort_build).
 
 Providers: on a CUDA device, TensorrtExecutionProvider (when this onnxruntime has it), then
 CUDAExecutionProvider, then the CPU for anything they lack; on the CPU, CPUExecutionProvider.
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from wan_rt.runtime.graphs import GraphSpec, ShapeProfile, engine_inputs, read_sizes, resolve_dim, torch_dtype
+from wan_rt.runtime.graphs import GraphSpec, engine_inputs, read_sizes, resolve_dim, torch_dtype
 
 NAME = "ort"
 FILE_SUFFIX = ".onnx"
@@ -57,31 +58,13 @@ def versions() -> dict[str, str]:
     return {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "torch": torch.__version__}
 
 
-def _check_precision(compute_dtype: torch.dtype, device: torch.device) -> None:
+def check_precision(compute_dtype: torch.dtype, device: torch.device) -> None:
     if compute_dtype == torch.bfloat16:
         raise ValueError("the ort backend does not do bf16 (onnxruntime has almost no bf16 kernels); "
                          "use fp16 on a GPU or fp32")
     if compute_dtype == torch.float16 and device.type != "cuda":
         raise ValueError("the ort backend runs fp16 only with a GPU provider (onnxruntime's CPU kernels "
                          "cover few fp16 ops); use fp32 on the CPU")
-
-
-def build_graph(module: torch.nn.Module, gspec: GraphSpec, profile: ShapeProfile, out_dir: str | os.PathLike, *,
-                compute_dtype: torch.dtype, device: torch.device | str, quant=None, **export_args) -> list[str]:
-    """Export one graph module to `out_dir/model.onnx` (+ `model.onnx.data` over 2 GB); returns
-    the file names, relative to out_dir. `export_args` go to export_onnx (opset, threshold).
-    `quant` (export.quantize.QuantPlan, fp8/int8 DiTs): export at opset 19 and insert Q/DQ."""
-    from wan_rt.export.onnx_export import export_onnx
-
-    device = torch.device(device)
-    _check_precision(compute_dtype, device)
-    if quant is not None:
-        from wan_rt.export.quantize import QDQ_OPSET
-
-        export_args.setdefault("opset", QDQ_OPSET)
-    files = export_onnx(module, gspec, profile, Path(out_dir) / MODEL_FILE, compute_dtype=compute_dtype,
-                        device=device, **export_args)
-    return files if quant is None else quant.apply(Path(out_dir) / MODEL_FILE, module)
 
 
 # ------------------------------------------------------------------------------------ runtime
@@ -160,7 +143,7 @@ def load_graph(out_dir: str | os.PathLike, gspec: GraphSpec, files: Sequence[str
     import onnxruntime as ort
 
     device = torch.device(device)
-    _check_precision(compute_dtype, device)
+    check_precision(compute_dtype, device)
     models = [f for f in files if f.endswith(FILE_SUFFIX)]
     if len(models) != 1:
         raise ValueError(f"expected one {FILE_SUFFIX} file among {list(files)}")

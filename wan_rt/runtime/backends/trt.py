@@ -1,6 +1,6 @@
-"""TensorRT backend: `build_graph` exports ONNX in the compute dtype (Q/DQ-quantized for fp8/int8
-DiTs) and builds a strongly typed plan (wan_rt.export.trt_build); `load_graph` deserializes it
-into a TrtRunner (trt_engine.py: shared activation memory, one stream, CUDA graphs).
+"""TensorRT backend, run side: `load_graph` deserializes a plan into a TrtRunner (trt_engine.py:
+shared activation memory, one stream, CUDA graphs). The build side (ONNX export in the compute
+dtype, Q/DQ for fp8/int8 DiTs, a strongly typed plan; refits) is wan_rt.export.trt_build.
 
 **Never run**: TensorRT cannot be installed on any machine this project has used (PyPI's
 tensorrt wheels fetch from NVIDIA's index, unreachable here, and the GPU machine has none). This
@@ -10,24 +10,20 @@ version refusal, memory sharing and binding with a stand-in engine) in tests/tes
 
 Versions: a plan runs only with the TensorRT it was built by, on the GPU kind it was built for,
 so both are in the manifest and `STRICT_VERSIONS` makes the engines loader refuse a mismatch
-with one line (engines.verify -> build.version_mismatch).
+with one line (runtime.engines_dir.verify -> version_mismatch).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import torch
 
-from wan_rt.runtime.graphs import GraphSpec, ShapeProfile
+from wan_rt.runtime.graphs import GraphSpec
 
 if TYPE_CHECKING:
-    from wan_rt.export.quantize import QuantPlan
-    from wan_rt.export.trt_build import BuildConfig
     from wan_rt.runtime.backends.trt_engine import TrtRunner
 
 NAME = "trt"
@@ -51,42 +47,28 @@ def is_available() -> bool:
     return not unavailable_reason()
 
 
+def trt_version() -> Optional[str]:
+    """The installed TensorRT's version, or None when it cannot be imported."""
+    try:
+        import tensorrt
+    except (ImportError, OSError):
+        return None
+    return str(tensorrt.__version__)
+
+
+def gpu_identity(device: Any = None) -> Optional[str]:
+    """"<name> (sm<major><minor>)" of a CUDA device (a plan runs only on the GPU kind it was
+    built for), or None without one. Same format as runtime.engines_dir.device_name."""
+    if not torch.cuda.is_available():
+        return None
+    dev = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
+    major, minor = torch.cuda.get_device_capability(dev)
+    return f"{torch.cuda.get_device_name(dev)} (sm{major}{minor})"
+
+
 def versions() -> dict[str, str]:
     """TensorRT version and GPU ("<name> (sm<cc>)"): the two a plan is tied to."""
-    from wan_rt.export.trt_build import gpu_identity, trt_version
-
     return {"tensorrt": trt_version() or NO_TENSORRT, "gpu": gpu_identity() or NO_GPU, "torch": torch.__version__}
-
-
-def build_graph(module: torch.nn.Module, gspec: GraphSpec, profile: ShapeProfile, out_dir: str | os.PathLike, *,
-                compute_dtype: torch.dtype, device: torch.device | str, quant: Optional["QuantPlan"] = None,
-                config: Optional["BuildConfig"] = None, timing_cache: Optional[Path] = None) -> list[str]:
-    """Export `module` to ONNX (opset 19 with Q/DQ when `quant` is given), build `model.plan`
-    into out_dir; returns the files written (the ONNX only with config.keep_onnx)."""
-    from wan_rt.export.onnx_export import DEFAULT_OPSET, export_onnx
-    from wan_rt.export.quantize import QDQ_OPSET, REPORT_FILE
-    from wan_rt.export.trt_build import PLAN_FILE, BuildConfig, build_engine
-
-    device = torch.device(device)
-    if device.type != "cuda":
-        raise ValueError("TensorRT engines are built on a CUDA device")
-    config = config or BuildConfig()
-    out = Path(out_dir)
-    onnx_dir = out / "onnx" if config.keep_onnx else Path(tempfile.mkdtemp(prefix=".onnx-", dir=out))
-    try:
-        onnx_path = onnx_dir / "model.onnx"
-        files = export_onnx(module, gspec, profile, onnx_path, compute_dtype=compute_dtype, device=device,
-                            opset=QDQ_OPSET if quant is not None else DEFAULT_OPSET)
-        kept = [PLAN_FILE]
-        if quant is not None:
-            files = quant.apply(onnx_path, module)
-            shutil.copy(onnx_dir / REPORT_FILE, out / REPORT_FILE)  # which matmuls are quantized
-            kept.append(REPORT_FILE)
-        build_engine(onnx_path, gspec, profile, out / PLAN_FILE, config=config, timing_cache=timing_cache)
-    finally:
-        if not config.keep_onnx:
-            shutil.rmtree(onnx_dir, ignore_errors=True)
-    return [*kept, *([f"onnx/{f}" for f in files if f != REPORT_FILE] if config.keep_onnx else [])]
 
 
 def load_graph(out_dir: str | os.PathLike, gspec: GraphSpec, files: Sequence[str], *,
@@ -103,28 +85,3 @@ def load_graph(out_dir: str | os.PathLike, gspec: GraphSpec, files: Sequence[str
     engine = TrtEngine.deserialize((Path(out_dir) / plans[0]).read_bytes(), device,
                                    name=f"{gspec.component}/{gspec.graph}")
     return TrtRunner(engine, gspec, compute_dtype)
-
-
-def refit_from_module(runner: "TrtRunner", module: torch.nn.Module, gspec: GraphSpec, profile: ShapeProfile, *,
-                      compute_dtype: torch.dtype, quant: Optional["QuantPlan"] = None) -> int:
-    """Refit a refittable engine with new weights: `module` is the graph module
-    (runtime.graphs.graph_module) holding them, e.g. after `model.load_state_dict(new)`. The graph
-    is re-exported exactly as the build did (and re-quantized with `quant`), and TensorRT takes the
-    new initializers by name. Returns the number of weights in the engine."""
-    from wan_rt.export.onnx_export import DEFAULT_OPSET, export_onnx
-    from wan_rt.export.quantize import QDQ_OPSET
-    from wan_rt.runtime.backends.trt_engine import refit_from_onnx
-
-    work = Path(tempfile.mkdtemp(prefix="wan-rt-refit-"))
-    try:
-        path = work / "model.onnx"
-        export_onnx(module, gspec, profile, path, compute_dtype=compute_dtype, device=runner.engine.device,
-                    opset=QDQ_OPSET if quant is not None else DEFAULT_OPSET)
-        if quant is not None:
-            quant.apply(path, module)
-        count = refit_from_onnx(runner.engine.engine, path)
-        runner.engine.invalidate_graphs()  # weights may have moved
-        return count
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-

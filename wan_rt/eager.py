@@ -1,0 +1,60 @@
+"""Eager PyTorch components from a checkpoint: the oracle, and the fallback for any component
+an engines dir leaves out (`--backend-for X=eager`).
+
+Runtime variants are applied here, from outside the models: wan_rt's Triton kernels
+(`wan_rt.kernels.install`) when asked for or, by default, on a CUDA GPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Optional
+
+import torch
+
+from wan_rt.models import load_dit, load_text_encoder, load_vae
+from wan_rt.resolve import ResolvedCheckpoint
+from wan_rt.runtime.component import EagerComponent, VAEDecodeGraph, VAEEncodeGraph
+from wan_rt.runtime.engine_component import EagerDiTComponent
+
+
+def use_triton_kernels(choice: str, device: torch.device) -> bool:
+    """"auto": the Triton kernels on a CUDA GPU when triton is installed; PyTorch ops otherwise
+    (on a CPU they would only run in Triton's interpreter). "triton" / "torch" force a side."""
+    if choice not in ("auto", "triton", "torch"):
+        raise ValueError(f"kernels must be auto, triton or torch; got {choice!r}")
+    if choice != "auto":
+        return choice == "triton"
+    return device.type == "cuda" and importlib.util.find_spec("triton") is not None
+
+
+def build_eager_components(resolved: ResolvedCheckpoint, device: torch.device, dtype: torch.dtype,
+                           names: Optional[list[str]] = None, kernels: str = "auto") -> dict:
+    """`names` (default: every component of the model) as eager components on `device`."""
+    spec, files = resolved.spec, resolved.files
+    wanted = names or ["text_encoder", *spec.dit_components, "vae_encoder", "vae_decoder"]
+    out = {}
+    fast = use_triton_kernels(kernels, device)
+    if fast:  # imported only when used: triton is an optional dependency
+        from wan_rt.kernels import install
+    # The VAE and text encoder stay in fp32 unless asked otherwise: they are a small share of the
+    # time and the official code runs the VAE in fp32 too.
+    if "text_encoder" in wanted:
+        te_dtype = dtype if dtype != torch.float16 else torch.float32  # umT5 overflows in fp16
+        out["text_encoder"] = EagerComponent("text_encoder", load_text_encoder(files, dtype=te_dtype, device=device),
+                                             device, te_dtype)
+    for name in spec.dit_components:
+        if name in wanted:
+            dit = load_dit(files, name, dtype=dtype, device=device)
+            if fast:
+                install(dit)
+            out[name] = EagerDiTComponent(name, spec, dit, dtype, device)
+    if "vae_encoder" in wanted or "vae_decoder" in wanted:
+        vae = load_vae(files, dtype=torch.float32, device=device)
+        if fast:
+            install(vae)
+        if "vae_encoder" in wanted:
+            out["vae_encoder"] = EagerComponent("vae_encoder", VAEEncodeGraph(vae), device, torch.float32)
+        if "vae_decoder" in wanted:
+            out["vae_decoder"] = EagerComponent("vae_decoder", VAEDecodeGraph(vae), device, torch.float32)
+    return out
