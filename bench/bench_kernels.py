@@ -13,7 +13,8 @@
 
 GPU timings use triton.testing.do_bench (p50, with p20 / p80); --tiny on a CPU times the
 interpreter with a wall clock and only shows that the script and kernels run; its numbers say
-nothing about speed. Prints a table; --json writes one record per measurement plus the env.
+nothing about speed. Prints a table; --json writes one record per measurement plus the env
+(rewritten after each case, `"partial": true` until the run ends).
 """
 
 from __future__ import annotations
@@ -215,15 +216,26 @@ def main(argv: list[str] | None = None) -> int:
     dtype = DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
 
     records: list[Record] = []
+
+    def save(partial: bool) -> None:
+        # Rewritten after every case, so a run cut short (a time limit) still leaves its records.
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"env": env_info(device), "partial": partial, "records": [asdict(r) for r in records]},
+                          f, indent=1)
+
     with torch.inference_mode():
         if args.only in (None, "attention"):
-            records += bench_attention(TINY_ATTN if args.tiny else ATTN_CASES, dtype, device)
+            for case in TINY_ATTN if args.tiny else ATTN_CASES:
+                records += bench_attention([case], dtype, device)
+                save(partial=True)
         if args.only in (None, "conv"):
-            records += bench_conv(TINY_CONV if args.tiny else CONV_CASES, dtype, device)
+            for conv_case in TINY_CONV if args.tiny else CONV_CASES:
+                records += bench_conv([conv_case], dtype, device)
+                save(partial=True)
     print_table(records)
+    save(partial=False)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"env": env_info(device), "records": [asdict(r) for r in records]}, f, indent=1)
         print(f"wrote {args.json}")
     return 0
 

@@ -2,6 +2,7 @@
 
     python bench/dit_step.py --json bench/dit_step.json          # a CUDA GPU: real sizes, every variant
     python bench/dit_step.py --models t2v-A14B --full-forward t2v-A14B   # + full 40-layer forwards
+    python bench/dit_step.py --models t2v-A14B --size 480x832x81         # another size (HxWxF)
     python bench/dit_step.py --tiny --json out.json              # CPU smoke test (fp32, interpreter)
 
 One scenario per command (--models) keeps each run within a few minutes; the fast variant's
@@ -312,9 +313,10 @@ def build_probe(sc: Scenario, device: torch.device, dtype: torch.dtype) -> Probe
                  rel_l2(want_block, ref32))
 
 
-def variant_calls(name: str, probe: Probe, keep) -> tuple[str, Callable, dict[str, Callable], Callable]:
+def variant_calls(name: str, probe: Probe, keep) -> tuple[str, Callable, dict[str, Callable], Callable,
+                                                         Callable[[], dict]]:
     """(description, forward, {"q": quantized-kind block, "k": kept block (FP8 variants)},
-    embeddings + head) for one variant, over the probe's weights."""
+    embeddings + head, counters read after the timings) for one variant, over the probe's weights."""
     from wan_rt.runtime.fast import optimize_dit
 
     x, t, context, eager = probe.x, probe.t, probe.context, probe.eager
@@ -326,7 +328,8 @@ def variant_calls(name: str, probe: Probe, keep) -> tuple[str, Callable, dict[st
         return ("diffusers WanTransformer3DModel, SDPA",
                 lambda: model(x, t, context, return_dict=False)[0],
                 {"q": lambda: model.blocks[1](*dargs, **dkwargs)},
-                lambda: head(x, t, context, return_dict=False))
+                lambda: head(x, t, context, return_dict=False),
+                dict)
     model = twin_dit(eager)
     opts = VARIANTS[name]
     description = "wan_rt eager" if opts is None else optimize_dit(model, keep=keep, **opts).describe()
@@ -334,15 +337,20 @@ def variant_calls(name: str, probe: Probe, keep) -> tuple[str, Callable, dict[st
     kv = model.encode_text(context)  # once per prompt, as the runtime does (not timed)
     args_q, args_k = probe.block_args(kv, 1), probe.block_args(kv, 0)
     head = twin_dit(eager, head_cfg)
+    counters: Callable[[], dict] = dict
     if name == "aoti":
-        description += " -> " + package_blocks(model, args_k)
+        note, runners = package_blocks(model, args_k)
+        description += " -> " + note
+        if probe.x.device.type == "cuda":  # proof the timed calls were replays, not plain runs
+            counters = lambda: {"cuda_graph_replays": sum(r.replays for r in runners)}  # noqa: E731
     blocks = {"q": lambda: (mark_step(graphs), model.blocks[1](*args_q))[1]}
     if opts is not None and opts["fp8_linear"]:
         blocks["k"] = lambda: (mark_step(graphs), model.blocks[0](*args_k))[1]
     return (description,
             lambda: (mark_step(graphs), model(x, t, text_kv=kv))[1],
             blocks,
-            lambda: head(x, t, text_kv=kv[:0]))
+            lambda: head(x, t, text_kv=kv[:0]),
+            counters)
 
 
 class BlockStep(nn.Module):
@@ -356,11 +364,11 @@ class BlockStep(nn.Module):
         return self.block(hidden, None, e0, (rope_cos, rope_sin), text_kv)
 
 
-def package_blocks(model: nn.Module, block_args: tuple) -> str:
+def package_blocks(model: nn.Module, block_args: tuple) -> tuple[str, list]:
     """Compile each block of `model` into an AOTInductor package at the probe's (static) shapes
     and make the block call it, replayed from a CUDA graph on a GPU. Blocks of the same kind
     (same ops and shapes: kept or FP8) share one compiled package through aoti_export's cache;
-    each loads its own weights. Returns a description with compile times."""
+    each loads its own weights. Returns a description with compile times, and the runners."""
     import tempfile
 
     from wan_rt.export.aoti_export import compile_aoti
@@ -380,7 +388,7 @@ def package_blocks(model: nn.Module, block_args: tuple) -> str:
     profile = ShapeProfile(min={}, opt={}, max={})
     out_root = Path(tempfile.mkdtemp(prefix="wan_rt_aoti_blocks_"))
     configs = {"max_autotune": True} if device.type == "cuda" and AOTI_OPTIONS["autotune"] else {}
-    notes = []
+    notes, runners = [], []
     pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None  # blocks run in order: one pool
     for i, block in enumerate(model.blocks):
         stats: dict = {}
@@ -393,9 +401,11 @@ def package_blocks(model: nn.Module, block_args: tuple) -> str:
 
             runner = CudaGraphRunner(runner, pool=pool)
         block.forward = _packaged_forward(runner)
+        runners.append(runner)
         compiled = "cached" if stats["cached"] else f"compiled in {stats['compile_s']:.0f}s"
         notes.append(f"block{i} {compiled}")
-    return "AOTInductor packages" + (" + CUDA graphs" if device.type == "cuda" else "") + f" ({', '.join(notes)})"
+    graphs = " + CUDA graphs" if device.type == "cuda" else ""
+    return f"AOTInductor packages{graphs} ({', '.join(notes)})", runners
 
 
 def _packaged_forward(runner: Callable) -> Callable:
@@ -411,7 +421,7 @@ def measure_variant(name: str, probe: Probe, keep, cfg, flops, n_kept: int, n_qu
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     row: dict = {"variant": name}
-    row["description"], forward, blocks, head_fn = variant_calls(name, probe, keep)
+    row["description"], forward, blocks, head_fn, counters = variant_calls(name, probe, keep)
 
     start = time.perf_counter()
     got_forward = forward()
@@ -442,46 +452,58 @@ def measure_variant(name: str, probe: Probe, keep, cfg, flops, n_kept: int, n_qu
     row["block_tflops"] = flops.layer_total / (row["block_ms"] * 1e-3) / 1e12
     row["frac_bf16_peak"] = row["est_tflops"] / H100_PEAK_TFLOPS["bf16"]
     row["frac_fp8_peak"] = row["est_tflops"] / H100_PEAK_TFLOPS["fp8"]
+    row.update(counters())
     if device.type == "cuda":
         row["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
     return row
 
 
 def run_scenario(sc: Scenario, variants: list[str], device: torch.device, dtype: torch.dtype, repeats: int,
-                 warmup: int, full_forward: bool, full_repeats: int, log: Callable[[str], None]) -> dict:
+                 warmup: int, full_forward: bool, full_repeats: int, log: Callable[[str], None],
+                 progress: Callable[[dict], None] = lambda result: None) -> dict:
+    """Every variant on one scenario. A variant that raises gets a row with its `error` and the
+    others still run; `progress(result so far)` is called after each variant."""
     cfg = sc.spec.dit
     flops = dit_flops(cfg, sc.tokens, batch=sc.batch)
     keep, n_kept, n_quant = probe_keep(cfg.num_layers)
     rows: list[dict] = []
+    result = {"name": sc.name, "size": [sc.width, sc.height, sc.frames], "grid": list(sc.grid), "tokens": sc.tokens,
+              "batch": sc.batch, "num_layers": cfg.num_layers, "dim": cfg.dim, "kept_blocks_fp8": n_kept,
+              "flops": flops.as_dict(), "rows": rows}
     log(f"\n== {sc.name}: {sc.width}x{sc.height}x{sc.frames}, grid {sc.grid} = {sc.tokens} tokens, batch {sc.batch}, "
         f"{cfg.num_layers} layers x {cfg.dim}; {flops.total / 1e12:,.1f} TFLOP per forward "
         f"({flops.layer_total / 1e12:.2f} per layer)")
 
     with torch.inference_mode():
         probe = build_probe(sc, device, dtype)
+        result["eager_block_rel_l2_vs_fp32"] = probe.eager_err32
         head_ms: dict[str, float] = {}
         for name in variants:
             log(f"-- {name}")
-            row = measure_variant(name, probe, keep, cfg, flops, n_kept, n_quant, repeats, warmup, head_ms, device)
+            try:
+                row = measure_variant(name, probe, keep, cfg, flops, n_kept, n_quant, repeats, warmup, head_ms,
+                                      device)
+                log(f"   block {row['block_ms']:.2f} ms, est. forward {row['est_forward_ms']:.1f} ms "
+                    f"({row['est_tflops']:.1f} TFLOP/s), err vs eager {row['block_rel_l2_vs_eager']:.2e}, "
+                    f"vs fp32 {row['block_rel_l2_vs_fp32']:.2e}")
+            except Exception as exc:  # noqa: BLE001 - one broken variant must not cost the others' figures
+                row = {"variant": name, "error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"
+                       if str(exc).strip() else type(exc).__name__}
+                log(f"   FAILED: {row['error']}")
             rows.append(row)
-            log(f"   block {row['block_ms']:.2f} ms, est. forward {row['est_forward_ms']:.1f} ms "
-                f"({row['est_tflops']:.1f} TFLOP/s), err vs eager {row['block_rel_l2_vs_eager']:.2e}, "
-                f"vs fp32 {row['block_rel_l2_vs_fp32']:.2e}")
             release_compiled()
-        eager_err32 = probe.eager_err32
+            progress(result)
         del probe
         release_compiled()
 
         if full_forward:
             by_name = {r["variant"]: r for r in rows}
-            for fr in run_full_forward(sc, variants, device, dtype, full_repeats, log):
+            for fr in run_full_forward(sc, [r["variant"] for r in rows if "error" not in r], device, dtype,
+                                       full_repeats, log):
                 by_name[fr["variant"]].update(fr)
                 if "full_forward_ms" in fr:
                     by_name[fr["variant"]]["full_tflops"] = flops.total / (fr["full_forward_ms"] * 1e-3) / 1e12
-
-    return {"name": sc.name, "size": [sc.width, sc.height, sc.frames], "grid": list(sc.grid), "tokens": sc.tokens,
-            "batch": sc.batch, "num_layers": cfg.num_layers, "dim": cfg.dim, "kept_blocks_fp8": n_kept,
-            "eager_block_rel_l2_vs_fp32": eager_err32, "flops": flops.as_dict(), "rows": rows}
+    return result
 
 
 def run_full_forward(sc: Scenario, variants: list[str], device: torch.device, dtype: torch.dtype, repeats: int,
@@ -518,7 +540,7 @@ def full_forward_row(name: str, eager: nn.Module, inputs: dict[str, Tensor], wan
             kv = model.encode_text(context)
             if name == "aoti":
                 args, _ = capture_call(model.blocks[0], lambda: model(x, t, text_kv=kv))
-                row["full_description"] = package_blocks(model, args)
+                row["full_description"] = package_blocks(model, args)[0]
 
             def fn() -> Tensor:
                 return model(x, t, text_kv=kv)
@@ -543,6 +565,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default=None, help="comma list of scenario names (default: all)")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--batch", type=int, default=1, help="1 = one forward (the anchors); 2 = the CFG pair")
+    p.add_argument("--size", default=None,
+                   help="HxWxF, e.g. 480x832x81: every chosen scenario at this size instead of its own")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--full-forward", default=None,
                    help="comma list of scenarios to also run at full depth (default: ti2v-5B on a GPU, all with "
@@ -574,15 +598,30 @@ def main(argv: list[str] | None = None) -> int:
     if args.models:
         names = set(args.models.split(","))
         chosen = [s for s in chosen if s.name in names]
+    if args.size:
+        try:
+            height, width, frames = (int(v) for v in args.size.lower().split("x"))
+        except ValueError:
+            p.error(f"--size {args.size!r}: expected HxWxF, e.g. 480x832x81")
+        chosen = [dataclasses.replace(s, height=height, width=width, frames=frames) for s in chosen]
     full = set(s.name for s in chosen) if args.tiny else \
         set((args.full_forward if args.full_forward is not None else "ti2v-5B").split(","))
     repeats = 1 if args.tiny else args.repeats
 
-    results = []
+    results: list[dict] = []
+
+    def save(done: list[dict], partial: bool) -> None:
+        # Rewritten after every variant, so a run cut short (a time limit) still leaves its rows.
+        write_json(args.json, {"benchmark": "dit_step", "environment": environment(), "command": " ".join(sys.argv),
+                               "device": str(device), "dtype": str(dtype), "h100_peak_tflops": H100_PEAK_TFLOPS,
+                               "variants": {n: VARIANTS[n] for n in variants}, "partial": partial,
+                               "scenarios": done}, quiet=partial)
+
     for sc in chosen:
         # Each timed function already ran once for the error check; CUDA graphs record on a later call.
         results.append(run_scenario(sc, variants, device, dtype, repeats, 2 if cuda else 0, sc.name in full,
-                                    1 if args.tiny else args.full_repeats, log=print))
+                                    1 if args.tiny else args.full_repeats, log=print,
+                                    progress=lambda res: save(results + [res], partial=True)))
 
     for res in results:
         print(f"\n{res['name']}: {res['tokens']} tokens, {res['flops']['total'] / 1e12:,.1f} TFLOP/forward; "
@@ -593,13 +632,11 @@ def main(argv: list[str] | None = None) -> int:
         print_table(shown, ["variant", "est_forward_ms", "est_tflops", "frac_bf16_peak", "frac_fp8_peak",
                                   "block_ms", "block_kept_ms", "embed_head_ms", "full_forward_ms",
                                   "block_rel_l2_vs_eager", "block_rel_l2_vs_fp32", "ratio_vs_eager_bf16",
-                                  "forward_rel_l2_vs_eager", "full_rel_l2_vs_eager", "warmup_s"])
+                                  "forward_rel_l2_vs_eager", "full_rel_l2_vs_eager", "warmup_s", "error"])
     if not cuda:
         print("\nCPU run (fp32, Triton interpreter, FP8 EMULATED): timings and peak fractions mean nothing here.")
-    write_json(args.json, {"benchmark": "dit_step", "environment": environment(), "command": " ".join(sys.argv),
-                           "device": str(device), "dtype": str(dtype), "h100_peak_tflops": H100_PEAK_TFLOPS,
-                           "variants": {n: VARIANTS[n] for n in variants}, "scenarios": results})
-    return 0
+    save(results, partial=False)
+    return 1 if any("error" in r for res in results for r in res["rows"]) else 0
 
 
 if __name__ == "__main__":

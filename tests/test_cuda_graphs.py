@@ -8,7 +8,11 @@ import torch
 from wan_rt.runtime.cuda_graphs import CudaGraphRunner, signature
 
 GPU = torch.cuda.is_available()
-needs_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
+
+
+def needs_gpu(test):
+    """Skipped without a CUDA GPU, and marked `gpu` so `pytest -m gpu` (bench/gpu_check.sh) runs it."""
+    return pytest.mark.gpu(pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")(test))
 
 
 def _runner(weight: torch.Tensor):

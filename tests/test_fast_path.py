@@ -34,7 +34,12 @@ from wan_rt.models.ops import EAGER_OPS, set_ops  # noqa: E402
 from wan_rt.precision import keep_reason  # noqa: E402
 from wan_rt.runtime.fast import (EmulatedFP8Linear, FP8Linear, optimize_dit, quantize_weight_fp8)  # noqa: E402
 
-needs_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
+
+def needs_gpu(test):
+    """Skipped without a CUDA GPU, and marked `gpu` so `pytest -m gpu` (bench/gpu_check.sh) runs it."""
+    return pytest.mark.gpu(pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")(test))
+
+
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 TINY = ["tiny-t2v-A14B", "tiny-ti2v-5B"]
 OFF = dict(kernels=False, fp8_linear=False, attention_quant=None, compile=None, cuda_graphs=False)
