@@ -51,7 +51,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -99,41 +98,56 @@ def _py(script: str, *args: str) -> list[str]:
     return [sys.executable, str(BENCH / script), *args]
 
 
-def _dit_variants(run: Run, variants: str) -> str:
-    names = [v for v in variants.split(",") if run.diffusers or v != "diffusers"]
-    return ",".join(names)
+def _tiny(run: Run) -> list[str]:
+    return ["--tiny"] if run.smoke else []
 
 
+def machine_cmd(run: Run, js: str) -> list[str]:
+    return _py("machine.py", *_tiny(run), "--json", js)
+
+
+def tests_cmd(run: Run, js: str) -> list[str]:
+    # Run from the work dir, so `python -m` puts no checkout folder on sys.path; the junit XML beside
+    # `js` is the stage's result (gpu_summary.read_junit).
+    return [sys.executable, "-m", "pytest", "-m", "gpu", str(REPO / "tests"), "-q", "-rs",
+            "--continue-on-collection-errors", f"--junitxml={Path(js).with_suffix('.xml')}"]
+
+
+def kernels_cmd(run: Run, js: str) -> list[str]:
+    return _py("bench_kernels.py", *_tiny(run), "--json", js)
+
+
+def dit_cmd(model: str, variants: str, at_a14b_size: bool) -> Callable[[Run, str], list[str]]:
+    """bench/dit_step.py on one model (its tiny preset in the smoke run); the diffusers reference
+    is left out when diffusers does not import on the machine."""
+    def command(run: Run, js: str) -> list[str]:
+        where = ["--tiny", "--models", f"tiny-{model}"] if run.smoke else [
+            "--models", model, *(["--size", run.a14b_size] if at_a14b_size else []), "--full-forward", ""]
+        chosen = [v for v in variants.split(",") if run.diffusers or v != "diffusers"]
+        return _py("dit_step.py", *where, "--variants", ",".join(chosen), "--compile", "default", "--json", js)
+    return command
+
+
+def e2e_cmd(run: Run, js: str) -> list[str]:
+    where = ["--tiny", "--layers", "1"] if run.smoke else [
+        "--model", "t2v-A14B", "--size", "480x832", "--frames", "33", "--layers", "4", "--steps-per-expert", "1",
+        "--compile", "none"]
+    return _py("e2e.py", *where, "--variants", "eager,fast", "--one-expert-resident", "--workdir",
+               str(run.work / "e2e"), "--json", js)
+
+
+DIT_LADDER = "diffusers,eager,kernels,kernels+int8,kernels+int8+fp8"
 STAGES = [
-    Stage("machine", 30, lambda r, js: _py("machine.py", *(["--tiny"] if r.smoke else []), "--json", js),
-          smoke_timeout_s=60),
-    # The junit XML is the stage's result (read by gpu_summary.read_junit); run from the work dir, so
-    # `python -m` puts no checkout folder on sys.path.
-    Stage("tests", 100, lambda r, js: [sys.executable, "-m", "pytest", "-m", "gpu", str(REPO / "tests"), "-q", "-rs",
-                                       "--continue-on-collection-errors", f"--junitxml={js[:-5]}.xml"]),
-    Stage("kernels", 70, lambda r, js: _py("bench_kernels.py", *(["--tiny"] if r.smoke else []), "--json", js)),
-    Stage("dit_a14b", 70, lambda r, js: _py(
-        "dit_step.py", *(["--tiny", "--models", "tiny-t2v-A14B"] if r.smoke else
-                         ["--models", "t2v-A14B", "--size", r.a14b_size, "--full-forward", ""]),
-        "--variants", _dit_variants(r, "diffusers,eager,kernels,kernels+int8,kernels+int8+fp8"),
-        "--compile", "default", "--json", js)),
-    Stage("dit_ti2v", 55, lambda r, js: _py(
-        "dit_step.py", *(["--tiny", "--models", "tiny-ti2v-5B"] if r.smoke else
-                         ["--models", "ti2v-5B", "--full-forward", ""]),
-        "--variants", _dit_variants(r, "diffusers,eager,kernels,kernels+int8,kernels+int8+fp8"),
-        "--compile", "default", "--json", js)),
-    Stage("aoti", 140, lambda r, js: _py(
-        "dit_step.py", *(["--tiny", "--models", "tiny-t2v-A14B"] if r.smoke else
-                         ["--models", "t2v-A14B", "--size", r.a14b_size, "--full-forward", ""]),
-        "--variants", _dit_variants(r, "eager,aoti" if r.smoke else "diffusers,eager,aoti"),
-        "--compile", "default", "--json", js)),
-    Stage("e2e", 70, lambda r, js: _py(
-        "e2e.py", *(["--tiny", "--layers", "1"] if r.smoke else
-                    ["--model", "t2v-A14B", "--size", "480x832", "--frames", "33", "--layers", "4",
-                     "--steps-per-expert", "1", "--compile", "none"]),
-        "--variants", "eager,fast", "--one-expert-resident", "--workdir", str(r.work / "e2e"),
-        "--json", js)),
+    Stage("machine", 30, machine_cmd, smoke_timeout_s=60),
+    Stage("tests", 110, tests_cmd),
+    Stage("kernels", 70, kernels_cmd),
+    Stage("dit_a14b", 70, dit_cmd("t2v-A14B", DIT_LADDER, at_a14b_size=True)),
+    Stage("dit_ti2v", 55, dit_cmd("ti2v-5B", DIT_LADDER, at_a14b_size=False)),
+    Stage("aoti", 130, dit_cmd("t2v-A14B", "diffusers,eager,aoti", at_a14b_size=True)),
+    Stage("e2e", 70, e2e_cmd),
 ]
+# Every stage at its full limit still ends inside the budget (install and kill grace: the last 5 s).
+assert sum(s.timeout_s for s in STAGES) <= GPU_BUDGET_S - 5, "the stages' limits must fit the GPU budget"
 
 
 # ------------------------------------------------------------------------------------ install
@@ -207,9 +221,9 @@ def run_stage(stage: Stage, run: Run, timeout_s: float, log_file: Path) -> dict:
         try:
             result["returncode"] = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            _kill_group(proc)
             result["returncode"] = None
             result["timed_out"] = True
+        _kill_group(proc)  # also after a normal exit: no straggler (a compile worker) keeps GPU memory
     result["seconds"] = round(time.monotonic() - start, 1)
     result["log_tail"] = _tail(log_file, 3000)
     if stage.name == "tests":
@@ -224,16 +238,16 @@ def run_stage(stage: Stage, run: Run, timeout_s: float, log_file: Path) -> dict:
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
-    for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+    """End the stage's process group (its own session): TERM, up to 5 s for the leader, then KILL."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
             return
         try:
-            proc.wait(timeout=wait)
-            return
+            proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
-            continue
+            pass
 
 
 def _tail(path: Path, nbytes: int) -> str:

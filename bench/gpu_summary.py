@@ -304,6 +304,9 @@ def render_summary(record: dict) -> str:
             f"GEMM {ceil.get('gemm', '')} {_num(ceil.get('gemm_tflops'))} TFLOP/s.",
             f"Command: `bash bench/gpu_check.sh {' '.join(record.get('argv', []))}`; budget {record.get('budget_s')} s, "
             f"wall {record.get('wall_s', 0)} s; wheels installed: {', '.join(record.get('install', {}).get('wheels', [])) or 'none'}.",
+            *([f"**Wheel install FAILED** (so some stages lack what they need): "
+               f"{record['install'].get('error', '').splitlines()[-1:]}"] if not record.get("install", {}).get("ok", True)
+              else []),
             "", "## Stages", "",
             _table(["stage", "status", "s", "limit s", "note"],
                    [[s["name"], s["status"], _num(s.get("seconds")), s.get("timeout_s", "—"), s.get("note", "")]
