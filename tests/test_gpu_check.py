@@ -75,3 +75,78 @@ def test_gpu_mode_commands_are_accepted_and_refused_without_a_gpu(tmp_path):
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 2 and "need a CUDA GPU" in err and "unrecognized" not in err, (name, err)
         assert "Traceback" not in err, err
+
+
+# ------------------------------------------------------------------ GPU-shaped results (no GPU needed)
+def _summary_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("wan_rt_bench_gpu_summary", BENCH / "gpu_summary.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _attention(impl: str, ms: float) -> dict:
+    return {"kernel": "rope3d_attention", "impl": impl, "case": "L=75600 H=40 D=128", "dtype": "bfloat16",
+            "ms_p50": ms, "ms_p20": ms, "ms_p80": ms, "tflops": 117.0 / ms, "gbps": None}
+
+
+def _dit(rows: list[dict]) -> dict:
+    return {"scenarios": [{"name": "t2v-A14B", "size": [832, 480, 81], "tokens": 32760, "batch": 1, "num_layers": 40,
+                           "flops": {"total": 1.68e15}, "rows": rows}]}
+
+
+def test_gpu_verdicts_ratios_and_fold(tmp_path):
+    """What a GPU run's files would say, from results shaped like the GPU scripts' JSON: ratios
+    against the same-run reference, an AOTI stage without CUDA-graph replays is a failure, a
+    killed stage keeps its partial rows, failed tests are named; `--fold` takes GPU runs only."""
+    gs = _summary_module()
+    kernels = {"records": [_attention("triton", 200.0), _attention("triton_int8", 125.0),
+                           _attention("sdpa_flash_no_rope", 250.0), _attention("eager_rope_sdpa", 400.0)]}
+    assert gs.judge("kernels", {"returncode": 0, "result": kernels}, smoke=False) == (
+        "ok", "L=75600 H=40 D=128: triton 0.6 TFLOP/s = 1.25× flash, int8 0.9 = 2.00×")
+    ladder = _dit([{"variant": "diffusers", "est_forward_ms": 1000.0}, {"variant": "eager", "est_forward_ms": 800.0},
+                   {"variant": "kernels+int8+fp8", "est_forward_ms": 400.0}])
+    status, note = gs.judge("dit_a14b", {"returncode": 0, "result": ladder}, smoke=False)
+    assert status == "ok" and "kernels+int8+fp8 400 ms est. = 2.50× diffusers (1,000 ms)" in note
+    aoti = {"variant": "aoti", "est_forward_ms": 500.0, "description": "AOTInductor packages + CUDA graphs"}
+    no_replay = _dit([{"variant": "diffusers", "est_forward_ms": 1000.0}, dict(aoti, cuda_graph_replays=0)])
+    assert gs.judge("aoti", {"returncode": 0, "result": no_replay}, smoke=False)[0] == "failed"
+    replayed = _dit([{"variant": "diffusers", "est_forward_ms": 1000.0}, dict(aoti, cuda_graph_replays=12)])
+    assert gs.judge("aoti", {"returncode": 0, "result": replayed}, smoke=False)[0] == "ok"
+    broken = _dit([{"variant": "diffusers", "est_forward_ms": 1000.0}, {"variant": "kernels", "error": "OOM"}])
+    assert gs.judge("dit_ti2v", {"returncode": 1, "result": broken}, smoke=False) == ("failed", "kernels: OOM")
+    assert gs.judge("dit_ti2v", {"returncode": None, "timed_out": True, "timeout_s": 55, "result": ladder},
+                    smoke=False) == ("timeout", "killed at its 55 s limit; partial results kept")
+
+    junit = tmp_path / "tests.xml"
+    junit.write_text('<testsuites><testsuite><testcase classname="tests.test_x" name="test_ok"/>'
+                     '<testcase classname="tests.test_x" name="test_bad"><failure message="assert 1 == 2">'
+                     '</failure></testcase><testcase classname="tests.test_y" name="test_trt">'
+                     '<skipped message="needs TensorRT and a CUDA GPU"/></testcase></testsuite></testsuites>')
+    tests = gs.read_junit(junit)
+    assert (tests["passed"], tests["failed"], tests["skipped"]) == (1, 1, 1)
+    assert gs.judge("tests", {"returncode": 1, "result": tests}, smoke=False) == (
+        "failed", "1 failed, 0 errors (test_bad); 1 passed")
+
+    record = {"mode": "gpu", "date": "2026-12-01T12:00:00+00:00", "argv": [], "budget_s": 540, "wall_s": 500,
+              "install": {"ok": True, "wheels": ["diffusers-0.42.1-py3-none-any.whl"]},
+              "stages": [{"name": "kernels", "status": "ok", "note": "", "result": kernels},
+                         {"name": "dit_a14b", "status": "ok", "note": "", "result": ladder},
+                         {"name": "aoti", "status": "ok", "note": "", "result": replayed}]}
+    summary = gs.render_summary(record)
+    assert "| kernels+int8+fp8 | 400.0 |" in summary and "2.50×" in summary and "| 12 |" in summary
+    assert "EXTRAPOLATED" in summary and "CPU SMOKE" not in summary
+
+    runs, bench = tmp_path / "files", tmp_path / "bench"
+    runs.mkdir(), bench.mkdir()
+    (bench / "RESULTS.md").write_text("# Measured results\n")
+    (runs / "summary.md").write_text(summary)
+    (runs / "gpu_check.json").write_text(json.dumps(dict(record, mode="cpu-smoke")))
+    assert gs.fold(runs, bench) == 2 and (bench / "RESULTS.md").read_text() == "# Measured results\n"
+    (runs / "gpu_check.json").write_text(json.dumps(record))
+    assert gs.fold(runs, bench) == 0
+    results = (bench / "RESULTS.md").read_text()
+    assert "## GPU check of 2026-12-01" in results and "### DiT forward: t2v-A14B" in results
+    assert json.loads((bench / "gpu_check_2026-12-01.json").read_text())["mode"] == "gpu"
