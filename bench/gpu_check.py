@@ -146,7 +146,8 @@ STAGES = [
     Stage("aoti", 130, dit_cmd("t2v-A14B", "diffusers,eager,aoti", at_a14b_size=True)),
     Stage("e2e", 70, e2e_cmd),
 ]
-# Every stage at its full limit still ends inside the budget (install and kill grace: the last 5 s).
+# Every stage at its full limit fits the budget (the install takes the last few seconds; a stage that
+# runs long is cut to what is left, so the budget holds whatever happens).
 assert sum(s.timeout_s for s in STAGES) <= GPU_BUDGET_S - 5, "the stages' limits must fit the GPU budget"
 
 
@@ -314,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     for stage in STAGES:
         if stage.name not in chosen:
             continue
-        left = budget - (time.monotonic() - started) - 5
+        left = budget - (time.monotonic() - started) - 12  # a stage killed at its limit gets 10 s to die
         limit = min(stage.smoke_timeout_s if run.smoke else stage.timeout_s, left)
         if limit < 15:
             result = {"name": stage.name, "status": "skipped",

@@ -1,6 +1,7 @@
 """bench/gpu_check.sh, the prepared GPU check: its --cpu-smoke run goes through every stage at
 tiny sizes on the CPU and reports into at most 8 well-named files; its GPU-mode commands are
-accepted by the scripts they call (which then refuse, in one line, for want of a CUDA GPU)."""
+accepted by the scripts they call (which then refuse, in one line, for want of a CUDA GPU); results
+shaped like a GPU run's get the right verdicts, ratios and summary, and fold into RESULTS.md."""
 
 from __future__ import annotations
 
@@ -11,11 +12,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
 STAGES = ["machine", "tests", "kernels", "dit_a14b", "dit_ti2v", "aoti", "e2e"]
 
 
+@pytest.mark.slow
 def test_cpu_smoke_runs_every_stage_into_few_named_files(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     proc = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), "--cpu-smoke", "--workdir", str(work)],
