@@ -11,7 +11,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-SUBCOMMANDS = ("build", "run", "parity")
+SUBCOMMANDS = ("build", "run", "parity", "serve")
 
 
 class UsageError(Exception):

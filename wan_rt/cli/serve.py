@@ -1,0 +1,111 @@
+"""`wan-rt serve`: the OpenAI-compatible video API, a durable job queue and a web page."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import socket
+
+DEFAULT_DATA_DIR = "serve-data"
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="serve the OpenAI-compatible video API and web page",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=None,
+                   help="checkpoint folder or preset name; default: the model of --engines-dir, else ./engines "
+                        "if built, else the embedded tiny preset")
+    p.add_argument("--engines-dir", default=None, help="serve the engines built there by `wan-rt build`")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on; anything but loopback needs --api-key")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed at start)")
+    p.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="job store (SQLite), uploads and videos")
+    p.add_argument("--devices", default="cpu",
+                   help="one worker process per entry: cpu, or cuda:0,cuda:1,... (cpu,cpu: two CPU workers)")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting jobs before new ones get 429")
+    p.add_argument("--api-key", default=os.environ.get("WAN_RT_API_KEY"),
+                   help="clients must send 'Authorization: Bearer KEY' (default: $WAN_RT_API_KEY)")
+    p.add_argument("--store", default=None,
+                   help="postgresql://... to share one queue between services (default: SQLite in --data-dir)")
+    p.add_argument("--retention-hours", type=float, default=24.0,
+                   help="remove a video's files this long after it finished (0: keep them)")
+    p.add_argument("--max-attempts", type=int, default=3,
+                   help="runs of a job whose worker died before the job fails")
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body (image upload)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="uvicorn's log level (info: one line per request)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from wan_rt.cli import UsageError
+
+    devices = _parse_devices(args.devices, UsageError)
+    if args.api_key is not None and not args.api_key.strip():
+        raise UsageError("--api-key is empty")
+    if not _is_loopback(args.host) and not args.api_key:
+        raise UsageError(f"refusing to serve on {args.host} without an API key: pass --api-key or set "
+                         "WAN_RT_API_KEY (or listen on 127.0.0.1)")
+    for flag, value, least in (("--max-queue", args.max_queue, 1), ("--max-attempts", args.max_attempts, 1)):
+        if value < least:
+            raise UsageError(f"{flag} must be >= {least}; got {value}")
+    if args.max_upload_mb <= 0:
+        raise UsageError(f"--max-upload-mb must be > 0; got {args.max_upload_mb:g}")
+    try:  # listen first: a port in use is reported before any model loads
+        sock = socket.create_server((args.host, args.port))
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
+
+    import uvicorn
+
+    from wan_rt.service.http import create_app
+    from wan_rt.service.service import DataDirBusy, VideoService
+
+    retention = args.retention_hours * 3600 if args.retention_hours > 0 else None
+    service = VideoService(args.model, engines_dir=args.engines_dir, devices=devices, data_dir=args.data_dir,
+                           store=args.store, max_queue=args.max_queue, retention_s=retention,
+                           max_attempts=args.max_attempts)
+    try:
+        service.start()
+    except (DataDirBusy, ConnectionError) as exc:
+        sock.close()
+        raise UsageError(str(exc)) from None
+    try:
+        app = create_app(service, api_key=args.api_key, max_upload_bytes=int(args.max_upload_mb * 2**20))
+        host, port = sock.getsockname()[:2]
+        url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+        print(f"wan-rt serve: {service.model.id} ({service.model.backend}) on {url} with "
+              f"{len(devices)} worker(s) on {','.join(devices)}; data in {args.data_dir}", flush=True)
+        server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5))
+        server.run(sockets=[sock])
+    finally:
+        service.close()
+    return 0
+
+
+def _parse_devices(text: str, error) -> list[str]:
+    devices = [d.strip() for d in text.split(",") if d.strip()]
+    if not devices:
+        raise error("--devices is empty; e.g. cpu or cuda:0,cuda:1")
+    for device in devices:
+        if device != "cpu" and not (device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
+            raise error(f"--devices: {device!r} is not cpu, cuda or cuda:N")
+    if any(d.startswith("cuda") for d in devices):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise error("--devices asks for CUDA but torch sees no CUDA device")
+        count = torch.cuda.device_count()
+        for device in devices:
+            if device.startswith("cuda:") and int(device[5:]) >= count:
+                raise error(f"--devices: {device} does not exist ({count} CUDA device(s))")
+    return devices
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,62 @@
+"""What the service needs to know about the model it serves, read without loading it.
+
+The only module of the service that reaches below the pipeline's public API (checkpoint
+resolution, the engines index, the request checks), so that those names move in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from wan_rt.config import ModelSpec
+
+DEFAULT_ENGINES_DIR = "engines"
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    id: str                      # the name clients pass as `model`
+    model: Optional[str]         # what from_pretrained loads (preset or folder); None: the engines' own
+    engines_dir: Optional[str]   # run these engines instead of eager
+    backend: str                 # "eager" or the engines' backend
+    spec: ModelSpec
+
+    def check(self, height: int, width: int, num_frames: int, steps: int) -> None:
+        """The CLI's one-line ValueErrors for a size, frame count or step count this model cannot run."""
+        from wan_rt.pipeline import check_request
+
+        check_request(self.spec, height, width, num_frames, steps)
+        if self.engines_dir is not None:
+            from wan_rt.runtime.engines import check_fits
+
+            check_fits(Path(self.engines_dir), self.spec, height, width, num_frames)
+
+
+def describe(model: Optional[str] = None, engines_dir: Optional[str] = None) -> ServedModel:
+    """As `wan-rt run` picks: --engines-dir, else ./engines when built and no --model, else the
+    model (default: the embedded tiny preset). Makes a tiny preset's weights if needed, so the
+    workers started next only read them."""
+    from wan_rt.build import read_index
+    from wan_rt.config import DEFAULT_SPEC
+    from wan_rt.loader import resolve_checkpoint
+
+    if engines_dir is None and model is None and (Path(DEFAULT_ENGINES_DIR) / "engines.json").is_file():
+        engines_dir = DEFAULT_ENGINES_DIR
+    backend = "eager"
+    source = model
+    if engines_dir is not None:
+        index = read_index(Path(engines_dir))
+        backend = index["backend"]
+        source = model or index["model"]
+        engines_dir = str(Path(engines_dir).resolve())
+    source = source or DEFAULT_SPEC
+    spec = resolve_checkpoint(source).spec
+    if Path(source).exists():  # a folder: workers get its absolute path, clients its name
+        source = str(Path(source).resolve())
+        served_id = Path(source).name
+    else:
+        served_id = source
+    load = source if engines_dir is None or model is not None else None
+    return ServedModel(served_id, load, engines_dir, backend, spec)
