@@ -341,7 +341,7 @@ async def _call(fn: Callable, *args: Any) -> Any:
         raise APIError(429, str(exc), type_="rate_limit_error", code="queue_full",
                        headers={"Retry-After": str(max(1, round(exc.retry_after_s)))}) from None
     except VideoNotReady as exc:
-        raise APIError(409, str(exc), code="video_not_ready") from None
+        raise APIError(400, str(exc), code="video_not_ready") from None
     except VideoExpired as exc:
         raise APIError(404, str(exc), code="video_expired") from None
 

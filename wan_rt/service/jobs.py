@@ -284,7 +284,7 @@ class JobStore:
             status, error = "failed", None
             if job.cancel_requested:
                 error = JobError("cancelled", "cancelled by request")
-            elif attempts >= max_attempts:
+            elif charge and attempts >= max_attempts:
                 error = JobError(code, f"{reason} (attempt {attempts} of {max_attempts})")
             else:
                 status = "queued"

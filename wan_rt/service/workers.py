@@ -7,15 +7,19 @@ the job was cancelled, deleted or taken away. The step callback writes progress.
 
 The pool (in the service process) restarts a worker that dies, an exception that escaped, a
 kill -9, a CUDA out-of-memory, and hands its job back to the queue (bounded attempts), while the
-API keeps answering. Workers are started with the spawn method (no forked CUDA or thread state)
-and exit on their own when the service process dies.
+API keeps answering. Workers are fresh interpreters, as the spawn start method makes them (no
+forked CUDA or thread state), and exit on their own when the service process dies.
 """
 
 from __future__ import annotations
 
-import multiprocessing
 import os
+import pickle
+import signal
 import socket
+import struct
+import subprocess
+import sys
 import threading
 import time
 import traceback
@@ -47,8 +51,7 @@ class WorkerSettings:
 
 # ----------------------------------------------------------------------------- the worker process
 def worker_main(settings: WorkerSettings, device: str, worker_id: str, conn: Connection, threads: int) -> None:
-    """Entry point of a worker process: load the pipeline once, then run jobs until killed."""
-    _exit_with_parent()
+    """Load the pipeline once, then run jobs until the process is stopped."""
     import torch
 
     import wan_rt
@@ -67,6 +70,7 @@ def worker_main(settings: WorkerSettings, device: str, worker_id: str, conn: Con
         if job is None:
             time.sleep(settings.poll_s)
             continue
+        conn.send(("claimed", job.id))
         report = run_job(pipe, job, store, files, worker_id, settings)
         conn.send(("job", report))
         if report["outcome"] == "out_of_memory":
@@ -178,17 +182,35 @@ class _LeaseKeeper:
                 return
 
 
-def _exit_with_parent() -> None:
-    """Leave when the service process dies (even by kill -9), so no orphan keeps generating."""
-    parent = multiprocessing.parent_process()
-    if parent is None:
-        return
+# A worker is a fresh interpreter (`python -c _BOOT FD`), as the spawn start method makes, but it
+# does not re-import the service's __main__ (a script without a main guard would start services
+# in its workers). Its settings arrive on stdin, which the service keeps open: end of file means
+# the service is gone (even by kill -9) and the worker leaves, so no orphan keeps generating.
+# Its messages go back on the pipe FD. The working directory is dropped from sys.path, so a
+# checkout's top-level folders (kernels/) never shadow installed packages.
+_BOOT = ("import sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; "
+         "from wan_rt.service.workers import worker_process; worker_process(int(sys.argv[1]))")
 
-    def watch() -> None:
-        parent.join()
+
+def worker_process(fd: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the service, which stops its workers
+    os.set_inheritable(fd, False)
+    size = struct.unpack("<Q", _read_exactly(sys.stdin.buffer, 8))[0]
+    settings, device, worker_id, threads = pickle.loads(_read_exactly(sys.stdin.buffer, size))
+
+    def exit_with_service() -> None:
+        sys.stdin.buffer.read()
         os._exit(1)
 
-    threading.Thread(target=watch, name="wan-rt-parent-watch", daemon=True).start()
+    threading.Thread(target=exit_with_service, name="wan-rt-service-watch", daemon=True).start()
+    worker_main(settings, device, worker_id, Connection(fd, readable=False), threads)
+
+
+def _read_exactly(stream, n: int) -> bytes:
+    data = stream.read(n)
+    if len(data) != n:
+        os._exit(1)  # the service went away before it finished starting this worker
+    return data
 
 
 def _one_line(exc: BaseException) -> str:
@@ -201,7 +223,7 @@ def _one_line(exc: BaseException) -> str:
 class _Slot:
     index: int
     device: str
-    process: Optional[multiprocessing.process.BaseProcess] = None
+    process: Optional[subprocess.Popen] = None
     conn: Optional[Connection] = None
     worker_id: str = ""
     ready: bool = False
@@ -210,6 +232,7 @@ class _Slot:
     backoff: float = 0.0
     last_exit: Optional[str] = None
     jobs_done: int = 0
+    job: Optional[str] = None   # the job it runs now
 
 
 class WorkerPool:
@@ -225,7 +248,6 @@ class WorkerPool:
         self.store = store
         self._slots = [_Slot(i, d) for i, d in enumerate(devices)]
         self._on_job, self._on_restart, self._on_tick = on_job, on_restart, on_tick
-        self._ctx = multiprocessing.get_context("spawn")
         self._stopping = threading.Event()
         self._monitor = threading.Thread(target=self._watch, name="wan-rt-workers", daemon=True)
         self._lock = threading.Lock()
@@ -249,13 +271,16 @@ class WorkerPool:
             if slot.process is not None:
                 slot.process.terminate()
         for slot in self._slots:
-            if slot.process is not None:
-                slot.process.join(timeout)
-                if slot.process.is_alive():
-                    slot.process.kill()
-                    slot.process.join(timeout)
-                self.store.release("the service stopped", self.settings.max_attempts, time.time(),
-                                   worker_id=slot.worker_id, charge=False)
+            if slot.process is None:
+                continue
+            try:
+                slot.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                slot.process.kill()
+                slot.process.wait(timeout)
+            self._close(slot)
+            self.store.release("the service stopped", self.settings.max_attempts, time.time(),
+                               worker_id=slot.worker_id, charge=False)
 
     @property
     def ready(self) -> bool:
@@ -264,34 +289,37 @@ class WorkerPool:
     def status(self) -> list[dict]:
         with self._lock:
             return [{"device": s.device, "pid": s.process.pid if s.process is not None else None,
-                     "ready": s.ready, "restarts": s.restarts, "last_exit": s.last_exit, "jobs_done": s.jobs_done}
+                     "ready": s.ready, "job": s.job, "jobs_done": s.jobs_done, "restarts": s.restarts,
+                     "last_exit": s.last_exit}
                     for s in self._slots]
 
     # ---------------------------------------------------------------- monitor
     def _spawn(self, slot: _Slot) -> None:
         self._generation += 1
-        receive, send = self._ctx.Pipe(duplex=False)
         worker_id = f"{self._node}/{slot.device}#{slot.index}.{self._generation}"
         threads = self._cpu_threads if slot.device == "cpu" else 0
-        process = self._ctx.Process(target=worker_main, args=(self.settings, slot.device, worker_id, send, threads),
-                                    name=f"wan-rt-worker-{slot.index}", daemon=True)
-        process.start()
-        send.close()
+        read_fd, write_fd = os.pipe()
+        try:
+            process = subprocess.Popen([sys.executable, "-c", _BOOT, str(write_fd)], stdin=subprocess.PIPE,
+                                       pass_fds=(write_fd,))
+        finally:
+            os.close(write_fd)
+        assert process.stdin is not None
+        payload = pickle.dumps((self.settings, slot.device, worker_id, threads))
+        process.stdin.write(struct.pack("<Q", len(payload)) + payload)
+        process.stdin.flush()  # and stays open: the worker's lifeline
         with self._lock:
-            slot.process, slot.conn, slot.worker_id, slot.ready = process, receive, worker_id, False
+            slot.process, slot.conn, slot.worker_id, slot.ready = process, Connection(read_fd, writable=False), \
+                worker_id, False
 
     def _watch(self) -> None:
         next_tick = 0.0
         while not self._stopping.is_set():
             conns = {s.conn: s for s in self._slots if s.conn is not None}
-            sentinels = {s.process.sentinel: s for s in self._slots if s.process is not None}
-            ready = wait([*conns, *sentinels], timeout=0.25)
-            for obj in ready:  # messages first: a dying worker's last report counts
-                if obj in conns:
-                    self._receive(conns[obj])  # type: ignore[index]
-            for obj in ready:
-                if obj in sentinels and not self._stopping.is_set():
-                    self._died(sentinels[obj])  # type: ignore[index]
+            for conn in wait(list(conns), timeout=0.25):
+                slot = conns[conn]  # type: ignore[index]
+                if not self._receive(slot) and not self._stopping.is_set():
+                    self._died(slot)
             now = time.monotonic()
             for slot in self._slots:
                 if slot.process is None and now >= slot.restart_at and not self._stopping.is_set():
@@ -303,7 +331,8 @@ class WorkerPool:
                 except Exception:  # noqa: BLE001 - housekeeping must not stop the monitor
                     traceback.print_exc()
 
-    def _receive(self, slot: _Slot) -> None:
+    def _receive(self, slot: _Slot) -> bool:
+        """Handle the worker's messages; False once its pipe closed (the process ended)."""
         assert slot.conn is not None
         try:
             while slot.conn.poll():
@@ -311,27 +340,41 @@ class WorkerPool:
                 if kind == "ready":
                     with self._lock:
                         slot.ready, slot.backoff = True, 0.0
+                elif kind == "claimed":
+                    slot.job = payload
                 elif kind == "job":
-                    slot.jobs_done += 1
+                    slot.jobs_done, slot.job = slot.jobs_done + 1, None
                     self._on_job(slot.device, payload)
         except (EOFError, OSError):
-            slot.conn = None  # the process is gone; its sentinel says how
+            return False
+        return True
 
     def _died(self, slot: _Slot) -> None:
         assert slot.process is not None
-        if slot.conn is not None:
-            self._receive(slot)
-        slot.process.join()
-        code = slot.process.exitcode
-        reason = (f"the worker on {slot.device} was killed by signal {-code}" if code is not None and code < 0
+        try:
+            code = slot.process.wait(10)
+        except subprocess.TimeoutExpired:  # closed its pipe but lingers: make sure it is gone
+            slot.process.kill()
+            code = slot.process.wait()
+        reason = (f"the worker on {slot.device} was killed by signal {-code}" if code < 0
                   else f"the worker on {slot.device} exited with code {code}")
         self.store.release(reason, self.settings.max_attempts, time.time(), worker_id=slot.worker_id)
         was_ready = slot.ready
+        self._close(slot)
         with self._lock:
-            slot.process, slot.conn, slot.ready = None, None, False
+            slot.process, slot.conn, slot.ready, slot.job = None, None, False, None
             slot.restarts += 1
             slot.last_exit = reason
             # A worker that never got ready (a load that fails) is retried ever more slowly.
             slot.backoff = 0.0 if was_ready else min(MAX_BACKOFF_S, max(1.0, 2 * slot.backoff))
             slot.restart_at = time.monotonic() + slot.backoff
         self._on_restart(slot.device, reason)
+
+    @staticmethod
+    def _close(slot: _Slot) -> None:
+        for handle in (slot.conn, slot.process.stdin if slot.process is not None else None):
+            try:
+                if handle is not None:
+                    handle.close()
+            except OSError:
+                pass
