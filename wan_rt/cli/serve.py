@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_upload_mb <= 0:
         raise UsageError(f"--max-upload-mb must be > 0; got {args.max_upload_mb:g}")
     try:  # listen first: a port in use is reported before any model loads
-        sock = socket.create_server((args.host, args.port))
+        sock = _listen(args.host, args.port)
     except OSError as exc:
         raise UsageError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
 
@@ -100,6 +100,23 @@ def _parse_devices(text: str, error) -> list[str]:
             if device.startswith("cuda:") and int(device[5:]) >= count:
                 raise error(f"--devices: {device} does not exist ({count} CUDA device(s))")
     return devices
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket whose protocol is IPPROTO_TCP: asyncio sets TCP_NODELAY only on
+    connections from such a socket (socket.create_server's protocol 0 would leave Nagle on, and
+    every keep-alive response would wait ~40 ms for the client's delayed ACK)."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                         proto=socket.IPPROTO_TCP)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def _is_loopback(host: str) -> bool:
