@@ -190,18 +190,12 @@ class VideoService:
 
     def events(self, job_id: str, timeout: Optional[float] = None) -> Iterator[Job]:
         """The job now, then each time its status or progress changes, ending with it finished."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        last = None
-        while True:
-            job = self.get(job_id)
-            if (job.status, job.progress) != last:
-                last = (job.status, job.progress)
+        watch = _Watch(job_id, timeout)
+        while not watch.finished:
+            if watch.changed(job := self.get(job_id)):
                 yield job
-            if job.done:
-                return
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"video {job_id} still {job.status} after {timeout} s")
-            time.sleep(POLL_S)
+            if not watch.finished:
+                time.sleep(POLL_S)
 
     async def wait_async(self, job_id: str, timeout: Optional[float] = None) -> Job:
         async for job in self.events_async(job_id, timeout):
@@ -210,18 +204,13 @@ class VideoService:
         raise AssertionError("unreachable: events_async() ends with a finished job")
 
     async def events_async(self, job_id: str, timeout: Optional[float] = None) -> AsyncIterator[Job]:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        last = None
-        while True:
-            job = await asyncio.to_thread(self.get, job_id)
-            if (job.status, job.progress) != last:
-                last = (job.status, job.progress)
+        """events() for asyncio: the store is read in a thread, the wait is asyncio's."""
+        watch = _Watch(job_id, timeout)
+        while not watch.finished:
+            if watch.changed(job := await asyncio.to_thread(self.get, job_id)):
                 yield job
-            if job.done:
-                return
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"video {job_id} still {job.status} after {timeout} s")
-            await asyncio.sleep(POLL_S)
+            if not watch.finished:
+                await asyncio.sleep(POLL_S)
 
     # ---------------------------------------------------------------- internals
     def _complete(self, r: VideoRequest) -> VideoRequest:
@@ -276,6 +265,23 @@ class VideoService:
             raise DataDirBusy(f"{self.data_dir} is in use by another wan-rt serve; stop it or pass another "
                               "--data-dir") from None
         self._lock_file = handle
+
+
+class _Watch:
+    """Follows one job for events(): a snapshot is news when its status or progress moved; the
+    watch is over once the job is finished, or raises TimeoutError past its deadline."""
+
+    def __init__(self, job_id: str, timeout: Optional[float]):
+        self.job_id, self.timeout, self.finished = job_id, timeout, False
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.last: Optional[tuple[str, int]] = None
+
+    def changed(self, job: Job) -> bool:
+        news = (job.status, job.progress) != self.last
+        self.last, self.finished = (job.status, job.progress), job.done
+        if not job.done and self.deadline is not None and time.monotonic() > self.deadline:
+            raise TimeoutError(f"video {self.job_id} still {job.status} after {self.timeout} s")
+        return news
 
 
 def _read_image(image: Union[bytes, Image.Image]) -> Image.Image:
