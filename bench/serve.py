@@ -1,12 +1,14 @@
 """`wan-rt serve` under load: API latency while a job runs, and jobs per minute on the tiny model.
 
 Reference measured in the same run: the same jobs on a warm pipeline called in a loop in this
-process (no server, no store; the mp4 is written the same way), so "vs pipeline" is what the
-queue, the store, the worker processes and HTTP cost or gain. Latency: GET /v1/videos/{id} on
-one keep-alive connection, idle and while a long job runs, p50/p99.
+process (no server, no store; the mp4 is written the same way; with all cores' threads, and with
+one thread as each of two workers gets), so "vs pipeline" (the first row) is what the
+queue, the store, the worker processes and HTTP cost or gain. Batches of every variant run
+interleaved (the order rotates each round; the median counts), the servers staying up. Latency:
+GET /v1/videos/{id} on one keep-alive connection, idle and while a long job runs, p50/p99.
 
-    python bench/serve.py --json bench/serve.json                      # 1 and 2 CPU workers
-    python bench/serve.py --jobs 2 --requests 20 --devices cpu         # smoke test (CI)
+    python bench/serve.py --json bench/serve.json                          # 1 and 2 CPU workers
+    python bench/serve.py --jobs 1 --rounds 1 --requests 5 --devices cpu   # smoke test (CI)
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, print_table, write_json  # noqa: E402
+from common import environment, interleaved, median, print_table, write_json  # noqa: E402
 
 MODEL = "tiny-t2v-A14B"
 JOB = {"num_inference_steps": 4, "num_frames": 5, "size": "32x32"}   # the tiny model's defaults, spelled out
@@ -40,8 +42,14 @@ class Api:
 
     def call(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
         payload = json.dumps(body).encode() if body is not None else None
-        self.conn.request(method, path, body=payload, headers={"Content-Type": "application/json"} if body else {})
-        response = self.conn.getresponse()
+        headers = {"Content-Type": "application/json"} if body else {}
+        try:
+            self.conn.request(method, path, body=payload, headers=headers)
+            response = self.conn.getresponse()
+        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+            self.conn.close()  # the server closed an idle keep-alive connection: open a new one
+            self.conn.request(method, path, body=payload, headers=headers)
+            response = self.conn.getresponse()
         data = response.read()
         return response.status, json.loads(data) if data.startswith(b"{") else {}
 
@@ -89,72 +97,106 @@ def p(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] if len(values) > 1 else values[0]
 
 
-def bench_server(devices: str, jobs: int, requests: int, work: Path) -> dict:
-    proc, port = serve(devices, work / f"data-{devices.replace(',', '-')}")
-    try:
-        api = Api(port)
-        _, warm = api.call("POST", "/v1/videos", {"prompt": "warm-up", **JOB})
-        api.wait(warm["id"])
-        idle = latencies_ms(api, warm["id"], requests)
-        _, long = api.call("POST", "/v1/videos", {"prompt": "keeps a worker busy", **LONG_JOB})
-        while api.call("GET", f"/v1/videos/{long['id']}")[1]["status"] != "in_progress":
-            time.sleep(0.05)
-        busy = latencies_ms(api, long["id"], requests)
-        api.call("DELETE", f"/v1/videos/{long['id']}")
-        start = time.perf_counter()
-        ids = [api.call("POST", "/v1/videos", {"prompt": f"job {i}", "seed": i, **JOB})[1]["id"] for i in range(jobs)]
-        results = [api.wait(i) for i in ids]
-        seconds = time.perf_counter() - start
+class ServerVariant:
+    """A `wan-rt serve` process kept up for the whole run; calling it runs one batch of jobs."""
+
+    def __init__(self, devices: str, work: Path):
+        self.devices = devices
+        self.workers = len(devices.split(","))
+        self.name = f"wan-rt serve, {self.workers} CPU worker{'s' if self.workers > 1 else ''}"
+        self.proc, port = serve(devices, work / f"data-{devices.replace(',', '-')}")
+        self.api = Api(port)
+        self.batch = 0
+        _, warm = self.api.call("POST", "/v1/videos", {"prompt": "warm-up", **JOB})
+        self.warm_id = self.api.wait(warm["id"])["id"]
+
+    def __call__(self, jobs: int) -> None:
+        self.batch += 1
+        ids = [self.api.call("POST", "/v1/videos", {"prompt": f"job {self.batch}.{i}", "seed": i, **JOB})[1]["id"]
+               for i in range(jobs)]
+        results = [self.api.wait(i) for i in ids]
         assert all(r["status"] == "completed" for r in results), [r["error"] for r in results]
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=60)
-    workers = len(devices.split(","))
-    return {"variant": f"wan-rt serve, {workers} CPU worker{'s' if workers > 1 else ''}", "devices": devices,
-            "jobs": jobs, "seconds": seconds, "jobs_per_min": 60 * jobs / seconds,
-            "get_idle_p50_ms": p(idle, 50), "get_idle_p99_ms": p(idle, 99),
-            "get_busy_p50_ms": p(busy, 50), "get_busy_p99_ms": p(busy, 99)}
+
+    def latency(self, requests: int) -> dict:
+        """GET p50/p99, idle and while a long job runs on a worker."""
+        idle = latencies_ms(self.api, self.warm_id, requests)
+        _, long = self.api.call("POST", "/v1/videos", {"prompt": "keeps a worker busy", **LONG_JOB})
+        while self.api.call("GET", f"/v1/videos/{long['id']}")[1]["status"] != "in_progress":
+            time.sleep(0.05)
+        busy = latencies_ms(self.api, long["id"], requests)
+        self.api.call("DELETE", f"/v1/videos/{long['id']}")
+        return {"get_idle_p50_ms": p(idle, 50), "get_idle_p99_ms": p(idle, 99),
+                "get_busy_p50_ms": p(busy, 50), "get_busy_p99_ms": p(busy, 99)}
+
+    def stop(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        self.proc.wait(timeout=60)
 
 
-def bench_pipeline(jobs: int, work: Path) -> dict:
-    """The reference: a warm pipeline in this process, the same jobs one after another."""
-    import torch
+class PipelineVariant:
+    """The reference: a warm pipeline in this process, the same jobs one after another, each
+    written as an mp4 the same way, on `threads` torch threads (a lone worker gets all cores)."""
 
-    import wan_rt
+    workers = 1
+    _pipe = None
 
-    pipe = wan_rt.WanPipeline.from_pretrained(MODEL, device="cpu")
-    pipe.set_progress_bar_config(disable=True)
+    def __init__(self, work: Path, threads: int):
+        import wan_rt
 
-    def one(seed: int) -> None:
-        out = pipe("job", height=32, width=32, num_frames=5, num_inference_steps=4,
-                   generator=torch.Generator("cpu").manual_seed(seed))
-        wan_rt.export_to_video(out.frames[0], work / "ref.mp4", fps=pipe.spec.fps)
+        if PipelineVariant._pipe is None:
+            PipelineVariant._pipe = wan_rt.WanPipeline.from_pretrained(MODEL, device="cpu")
+            PipelineVariant._pipe.set_progress_bar_config(disable=True)
+        self.threads = threads
+        self.name = f"warm pipeline in-process, {threads} thread{'s' if threads > 1 else ''}"
+        self.out = work / "reference.mp4"
+        self(1)
 
-    one(0)  # warm-up
-    start = time.perf_counter()
-    for seed in range(jobs):
-        one(seed)
-    seconds = time.perf_counter() - start
-    return {"variant": "warm pipeline in-process (reference)", "devices": "cpu", "jobs": jobs, "seconds": seconds,
-            "jobs_per_min": 60 * jobs / seconds}
+    def __call__(self, jobs: int) -> None:
+        import torch
+
+        import wan_rt
+
+        torch.set_num_threads(self.threads)
+        pipe = PipelineVariant._pipe
+        for seed in range(jobs):
+            out = pipe("job", height=32, width=32, num_frames=5, num_inference_steps=4,
+                       generator=torch.Generator("cpu").manual_seed(seed))
+            wan_rt.export_to_video(out.frames[0], self.out, fps=pipe.spec.fps)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs", type=int, default=20, help="jobs per variant (tiny default: 32x32x5, 4 steps)")
+    parser.add_argument("--jobs", type=int, default=20, help="jobs per batch (tiny default: 32x32x5, 4 steps)")
+    parser.add_argument("--rounds", type=int, default=3, help="batches per variant, interleaved; the median counts")
     parser.add_argument("--requests", type=int, default=300, help="GETs per latency measurement")
     parser.add_argument("--devices", action="append", default=None,
                         help="a server variant's --devices (repeatable; default: cpu and cpu,cpu)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     work = Path(tempfile.mkdtemp(prefix="wan_rt_bench_serve_"))
-    rows = [bench_pipeline(args.jobs, work)]
-    for devices in args.devices or ["cpu", "cpu,cpu"]:
-        rows.append(bench_server(devices, args.jobs, args.requests, work))
+    cores = os.cpu_count() or 1
+    references = [PipelineVariant(work, t) for t in sorted({cores, 1}, reverse=True)]
+    servers: list[ServerVariant] = []
+    try:
+        for devices in args.devices or ["cpu", "cpu,cpu"]:
+            servers.append(ServerVariant(devices, work))
+        latency = {s.name: s.latency(args.requests) for s in servers}
+        variants = {v.name: v for v in (*references, *servers)}
+        seconds = interleaved({name: (lambda v=v: v(args.jobs)) for name, v in variants.items()}, args.rounds,
+                              warmup=0)
+    finally:
+        for server in servers:
+            server.stop()
+    rows = []
+    for name, variant in variants.items():
+        batch = median(seconds[name])
+        threads = getattr(variant, "threads", max(1, cores // variant.workers))  # as the pool sets them
+        rows.append({"variant": name, "threads_per_worker": threads, "jobs": args.jobs,
+                     "rounds": args.rounds, "median_s": batch, "batches_s": seconds[name],
+                     "jobs_per_min": 60 * args.jobs / batch, **latency.get(name, {})})
     for row in rows:
         row["vs_pipeline"] = row["jobs_per_min"] / rows[0]["jobs_per_min"]
-    print_table(rows, ["variant", "jobs", "seconds", "jobs_per_min", "vs_pipeline", "get_idle_p50_ms",
+    print_table(rows, ["variant", "threads_per_worker", "median_s", "jobs_per_min", "vs_pipeline", "get_idle_p50_ms",
                        "get_idle_p99_ms", "get_busy_p50_ms", "get_busy_p99_ms"])
     write_json(args.json, {"environment": environment(), "model": MODEL, "job": JOB, "requests": args.requests,
                            "rows": rows})

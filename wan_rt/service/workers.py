@@ -104,6 +104,7 @@ def run_job(pipe, job: Job, store: JobStore, files: JobFiles, worker_id: str, se
         report["outcome"] = "out_of_memory"
     except Exception as exc:  # noqa: BLE001 - the job fails with the reason; the worker goes on
         code = "invalid_request" if isinstance(exc, ValueError) else "generation_failed"
+        files.remove(job.id, inputs=False)  # no partial output (a thumbnail before a failed mp4 write)
         store.fail(job.id, worker_id, JobError(code, _one_line(exc)), time.time())
         report["outcome"] = "failed"
         if code == "generation_failed":
