@@ -30,7 +30,7 @@ openai = pytest.importorskip("openai")
 av = pytest.importorskip("av")
 
 # The official client marks its video methods deprecated (OpenAI's own service); they work here.
-pytestmark = pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning"), pytest.mark.slow]
 
 READY_TIMEOUT_S = 180
 JOB_TIMEOUT_S = 180

@@ -10,6 +10,16 @@ from wan_rt.config import DEFAULT_SPEC
 DEFAULT_ENGINES_DIR = "engines"
 
 
+def built_default_engines() -> str | None:
+    """./engines when `wan-rt build` has written engines there: what `wan-rt run` and `wan-rt
+    serve` use when given no model."""
+    from pathlib import Path
+
+    from wan_rt.runtime.engines_dir import INDEX
+
+    return DEFAULT_ENGINES_DIR if (Path(DEFAULT_ENGINES_DIR) / INDEX).is_file() else None
+
+
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("build", help="export components and build engines",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from wan_rt.cli.build import DEFAULT_ENGINES_DIR
+from wan_rt.cli.build import built_default_engines
 from wan_rt.config import DEFAULT_SPEC
 
 DEFAULT_PROMPT = "a red fox running through fresh snow at sunrise, cinematic, detailed"
@@ -61,9 +61,8 @@ def run(args: argparse.Namespace) -> int:
     if not output.parent.is_dir():
         raise UsageError(f"--output folder does not exist: {output.parent}")
     engines_dir = args.engines_dir
-    if engines_dir is None and args.model is None and args.backend in (None, "ort", "aoti", "trt") \
-            and (Path(DEFAULT_ENGINES_DIR) / "engines.json").is_file():
-        engines_dir = DEFAULT_ENGINES_DIR
+    if engines_dir is None and args.model is None and args.backend in (None, "ort", "aoti", "trt"):
+        engines_dir = built_default_engines()
     pinned = _parse_backend_for(args.backend_for, UsageError)
     if engines_dir is None:
         if args.backend not in (None, "eager"):

@@ -58,11 +58,13 @@ def run(args: argparse.Namespace) -> int:
 
     import uvicorn
 
+    from wan_rt.cli.build import built_default_engines
     from wan_rt.service.http import create_app
     from wan_rt.service.service import DataDirBusy, VideoService
 
     retention = args.retention_hours * 3600 if args.retention_hours > 0 else None
-    service = VideoService(args.model, engines_dir=args.engines_dir, devices=devices, data_dir=args.data_dir,
+    engines_dir = args.engines_dir or (built_default_engines() if args.model is None else None)
+    service = VideoService(args.model, engines_dir=engines_dir, devices=devices, data_dir=args.data_dir,
                            store=args.store, max_queue=args.max_queue, retention_s=retention,
                            max_attempts=args.max_attempts)
     try:

@@ -1,7 +1,7 @@
 """What the service needs to know about the model it serves, read without loading it.
 
 The only module of the service that reaches below the pipeline's public API (checkpoint
-resolution, the engines index, the request checks), so that those names move in one place.
+resolution, the engines index, the request checks).
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ from pathlib import Path
 from typing import Optional
 
 from wan_rt.config import ModelSpec
-
-DEFAULT_ENGINES_DIR = "engines"
 
 
 @dataclass(frozen=True)
@@ -25,25 +23,22 @@ class ServedModel:
 
     def check(self, height: int, width: int, num_frames: int, steps: int) -> None:
         """The CLI's one-line ValueErrors for a size, frame count or step count this model cannot run."""
-        from wan_rt.pipeline import check_request
+        from wan_rt.config import check_request
 
         check_request(self.spec, height, width, num_frames, steps)
         if self.engines_dir is not None:
-            from wan_rt.runtime.engines import check_fits
+            from wan_rt.runtime.engines_dir import check_fits
 
             check_fits(Path(self.engines_dir), self.spec, height, width, num_frames)
 
 
 def describe(model: Optional[str] = None, engines_dir: Optional[str] = None) -> ServedModel:
-    """As `wan-rt run` picks: --engines-dir, else ./engines when built and no --model, else the
-    model (default: the embedded tiny preset). Makes a tiny preset's weights if needed, so the
-    workers started next only read them."""
-    from wan_rt.build import read_index
+    """model and/or engines_dir as from_pretrained takes them (neither: the embedded tiny preset).
+    Makes a tiny preset's weights if needed, so the workers started next only read them."""
     from wan_rt.config import DEFAULT_SPEC
-    from wan_rt.loader import resolve_checkpoint
+    from wan_rt.resolve import resolve_checkpoint
+    from wan_rt.runtime.engines_dir import read_index
 
-    if engines_dir is None and model is None and (Path(DEFAULT_ENGINES_DIR) / "engines.json").is_file():
-        engines_dir = DEFAULT_ENGINES_DIR
     backend = "eager"
     source = model
     if engines_dir is not None:

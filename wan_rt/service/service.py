@@ -54,7 +54,7 @@ class VideoService:
                  devices: Sequence[str] = ("cpu",), data_dir: Union[str, os.PathLike] = "serve-data",
                  store: Optional[str] = None, max_queue: Optional[int] = 64,
                  retention_s: Optional[float] = 24 * 3600.0, max_attempts: int = 3, lease_s: float = 30.0):
-        """model / engines_dir: as `wan-rt run` takes them (default: ./engines when built, else the
+        """model / engines_dir: as WanPipeline.from_pretrained takes them (neither: the embedded
         tiny preset). devices: one worker each ("cpu", "cuda:0", ...). store: None for SQLite in
         `data_dir`, or a postgresql:// URL. max_queue: waiting jobs before submit raises QueueFull.
         retention_s: a completed job's files are removed this long after it finished (None: kept).
