@@ -233,7 +233,7 @@ def test_eight_concurrent_clients(server):
 
 def test_progress_as_server_sent_events(server):
     client = server.client()
-    job = client.videos.create(prompt="progress", extra_body={"num_inference_steps": 8})
+    job = client.videos.create(prompt="progress", extra_body={"num_inference_steps": 30})
     request = urllib.request.Request(f"{server.url}/v1/videos/{job.id}/events")
     events = []
     with urllib.request.urlopen(request, timeout=JOB_TIMEOUT_S) as stream:
@@ -492,7 +492,7 @@ def test_kill9_of_the_whole_service_then_restart(tmp_path):
         finished = client.videos.create_and_poll(prompt="finished before", poll_interval_ms=100,
                                                  extra_body={"num_inference_steps": 2})
         mp4 = client.videos.download_content(finished.id).content
-        interrupted = client.videos.create(prompt="interrupted", extra_body={"num_inference_steps": 40})
+        interrupted = client.videos.create(prompt="interrupted", extra_body={"num_inference_steps": 60})
         queued = [client.videos.create(prompt=f"queued {i}", extra_body={"num_inference_steps": 2}) for i in range(3)]
         wait_for(lambda: client.videos.retrieve(interrupted.id).progress > 0, JOB_TIMEOUT_S, "the long job to run")
         worker_pids = [w["pid"] for w in http("GET", first.url + "/readyz")[2]["workers"]]

@@ -259,7 +259,7 @@ def _png(color=(200, 30, 30), size=(48, 40)) -> bytes:
 
 
 def test_service_submit_events_and_wait(i2v_service):
-    job = i2v_service.submit(VideoRequest("a fox", num_inference_steps=6, seed=3), image=_png())
+    job = i2v_service.submit(VideoRequest("a fox", num_inference_steps=30, seed=3), image=_png())
     assert job.request.height == 32 and job.request.num_frames == 5, "the model's defaults are filled in"
     seen = list(i2v_service.events(job.id, timeout=120))
     assert seen[-1].status == "completed" and seen[-1].progress == 100
