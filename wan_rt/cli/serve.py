@@ -24,8 +24,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--devices", default="cpu",
                    help="one worker process per entry: cpu, or cuda:0,cuda:1,... (cpu,cpu: two CPU workers)")
     p.add_argument("--max-queue", type=int, default=64, help="waiting jobs before new ones get 429")
-    p.add_argument("--api-key", default=os.environ.get("WAN_RT_API_KEY"),
-                   help="clients must send 'Authorization: Bearer KEY' (default: $WAN_RT_API_KEY)")
+    p.add_argument("--api-key", default=None,  # not the key itself: --help prints defaults
+                   help="clients must send 'Authorization: Bearer KEY'; default: $WAN_RT_API_KEY, else none")
     p.add_argument("--store", default=None,
                    help="postgresql://... to share one queue between services (default: SQLite in --data-dir)")
     p.add_argument("--retention-hours", type=float, default=24.0,
@@ -41,6 +41,8 @@ def run(args: argparse.Namespace) -> int:
     from wan_rt.cli import UsageError
 
     devices = _parse_devices(args.devices, UsageError)
+    if args.api_key is None:
+        args.api_key = os.environ.get("WAN_RT_API_KEY") or None
     if args.api_key is not None and not args.api_key.strip():
         raise UsageError("--api-key is empty")
     if not _is_loopback(args.host) and not args.api_key:
