@@ -29,8 +29,11 @@ def use_triton_kernels(choice: str, device: torch.device) -> bool:
 
 
 def build_eager_components(resolved: ResolvedCheckpoint, device: torch.device, dtype: torch.dtype,
-                           names: Optional[list[str]] = None, kernels: str = "auto") -> dict:
-    """`names` (default: every component of the model) as eager components on `device`."""
+                           names: Optional[list[str]] = None, kernels: str = "auto",
+                           dit_load_device: Optional[torch.device] = None) -> dict:
+    """`names` (default: every component of the model) as eager components on `device`.
+    dit_load_device: where the DiT weights are loaded when that is not `device` (the CPU, for
+    a runtime that moves them on itself: FSDP sharding, wan_rt.parallel.shard)."""
     spec, files = resolved.spec, resolved.files
     wanted = names or ["text_encoder", *spec.dit_components, "vae_encoder", "vae_decoder"]
     out = {}
@@ -45,7 +48,7 @@ def build_eager_components(resolved: ResolvedCheckpoint, device: torch.device, d
                                              device, te_dtype)
     for name in spec.dit_components:
         if name in wanted:
-            dit = load_dit(files, name, dtype=dtype, device=device)
+            dit = load_dit(files, name, dtype=dtype, device=dit_load_device or device)
             if fast:
                 install(dit)
             out[name] = EagerDiTComponent(name, spec, dit, dtype, device)

@@ -15,6 +15,8 @@ import torch
 from wan_rt.build import build_engines
 from wan_rt.eager import build_eager_components, use_triton_kernels
 from wan_rt.models.text_encoder import load_tokenizer
+from wan_rt.parallel import ParallelPlan, local_component_names, parallelize
+from wan_rt.parallel.plan import local_device
 from wan_rt.pipeline import Pipeline
 from wan_rt.precision import component_dtype
 from wan_rt.resolve import ResolvedCheckpoint, resolve_checkpoint
@@ -33,13 +35,16 @@ def default_device() -> torch.device:
 def load_components(model: Optional[str], *, backend: Optional[str] = None, engines_dir: Optional[str] = None,
                     device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None,
                     backend_for: Optional[Mapping[str, str]] = None, rebuild: bool = False,
-                    kernels: str = "auto") -> tuple[ResolvedCheckpoint, dict, str]:
+                    kernels: str = "auto", parallel: Optional[ParallelPlan] = None,
+                    ) -> tuple[ResolvedCheckpoint, dict, str]:
     """-> (resolved checkpoint, components, a few words on what runs them).
 
     With `engines_dir` the components are its engines (backend None: the engines' own; "eager":
     the eager model of the engines' checkpoint), `model` None meaning the model they were built
-    from; `backend_for` pins components to "eager". Without it, everything is eager."""
-    dev = device or default_device()
+    from; `backend_for` pins components to "eager". Without it, everything is eager. `parallel`:
+    this rank's part of a multi-process plan (wan_rt.parallel), inside an initialized group."""
+    dev = device or (default_device() if parallel is None else local_device())
+    groups = parallel.groups() if parallel is not None else None
     if backend is not None and backend not in BACKEND_CHOICES:
         raise ValueError(f"backend must be one of {', '.join(BACKEND_CHOICES)}; got {backend!r}")
     index = read_index(Path(engines_dir)) if engines_dir is not None else None
@@ -51,11 +56,18 @@ def load_components(model: Optional[str], *, backend: Optional[str] = None, engi
     if model is None:
         raise ValueError("from_pretrained needs a checkpoint path or preset name (or an engines_dir)")
     resolved = resolve_checkpoint(model)
+    if parallel is not None:
+        parallel.check_model(resolved.spec)
     if dtype is None:
         dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     if index is None or backend == "eager":
         how = "eager" + (" + Triton kernels" if use_triton_kernels(kernels, dev) else "")
-        return resolved, build_eager_components(resolved, dev, dtype, kernels=kernels), how
+        if groups is None:
+            return resolved, build_eager_components(resolved, dev, dtype, kernels=kernels), how
+        names = local_component_names(resolved.spec, groups.plan, groups.rank)
+        sharded = torch.device("cpu") if groups.plan.shard_weights else None  # FSDP moves the shards
+        components = build_eager_components(resolved, dev, dtype, names, kernels=kernels, dit_load_device=sharded)
+        return resolved, parallelize(components, resolved.spec, groups, dev), f"{how}, {groups.plan.describe()}"
 
     engines = Path(engines_dir)
     check_engines_model(engines, resolved, model)
@@ -77,7 +89,10 @@ def load_components(model: Optional[str], *, backend: Optional[str] = None, engi
     if eager:
         base = component_dtype("dit", index["precision"], index["backend"], dev)
         components.update(build_eager_components(resolved, dev, base, eager))
-    return resolved, components, f"{index['backend']} engines in {engines_dir}"
+    how = f"{index['backend']} engines in {engines_dir}"
+    if groups is None:
+        return resolved, components, how
+    return resolved, parallelize(components, resolved.spec, groups, dev), f"{how}, {groups.plan.describe()}"
 
 
 class WanPipeline(Pipeline):
@@ -87,15 +102,19 @@ class WanPipeline(Pipeline):
     def from_pretrained(cls, path: Optional[str] = None, backend: Optional[str] = None,
                         device: Optional[str] = None, dtype: Optional[torch.dtype] = None,
                         engines_dir: Optional[str] = None, backend_for: Optional[Mapping[str, str]] = None,
-                        rebuild: bool = False, kernels: str = "auto") -> "WanPipeline":
+                        rebuild: bool = False, kernels: str = "auto",
+                        parallel: Optional[ParallelPlan] = None) -> "WanPipeline":
         """path: a diffusers-layout folder, an official Wan2.2 folder, or a preset name (None with
         engines_dir: the model the engines were built from). engines_dir: run the engines
         `wan-rt build` wrote there, on their own backend unless `backend="eager"`; backend_for
         pins components to eager; rebuild=True rebuilds stale engines instead of refusing them.
         Without engines_dir everything runs eager (dtype: default bf16 on a GPU, fp32 on a CPU).
-        kernels: "auto" (Triton kernels in eager components on a CUDA GPU), "triton" or "torch"."""
-        dev = torch.device(device) if device else default_device()
+        kernels: "auto" (Triton kernels in eager components on a CUDA GPU), "triton" or "torch".
+        parallel: a `wan_rt.parallel.ParallelPlan`; inside an initialized torch.distributed group
+        every rank calls from_pretrained and then the pipeline with the same arguments, and every
+        rank gets the same frames (device default: cuda:LOCAL_RANK, else the CPU)."""
+        dev = torch.device(device) if device else (default_device() if parallel is None else local_device())
         resolved, components, _ = load_components(path, backend=backend, engines_dir=engines_dir, device=dev,
                                                   dtype=dtype, backend_for=backend_for, rebuild=rebuild,
-                                                  kernels=kernels)
+                                                  kernels=kernels, parallel=parallel)
         return cls(resolved.spec, components, load_tokenizer(resolved.files.tokenizer), resolved.defaults, dev)

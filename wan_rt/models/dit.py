@@ -8,7 +8,8 @@ Parameter names are diffusers' state_dict keys, so a diffusers checkpoint loads 
 * RoPE tables are computed from the token grid in `forward` (float32, real form, no buffers), so
   they are never in a checkpoint and the exported graph needs no complex or float64 ops.
 * Attention and the blocks' LayerNorm + modulation go through `self.ops` (`wan_rt.models.ops`),
-  so Triton / fused kernels are swapped in from outside with `set_ops`.
+  so Triton / fused kernels are swapped in from outside with `set_ops`; so do the two points
+  where sequence parallelism splits and gathers the tokens (the identity here).
 * The timestep MLP and the 6-way modulation run once per distinct timestep value (per sample,
   or per latent frame for TI2V), never per token: at TI2V 720p a per-token e0 is ~2 GB fp32.
 * Wan 2.1 image cross-attention (CLIP tokens, `add_k_proj`) is not a Wan 2.2 feature; not here.
@@ -307,6 +308,7 @@ class WanDiT(nn.Module):
     def __init__(self, config: DiTConfig, ops: Ops = EAGER_OPS):
         super().__init__()
         self.config = config
+        self.ops = ops  # swapped by `set_ops`: the token split / gather points
         d = config.dim
         self.patch_embedding = PatchEmbed(config.in_channels, d, config.patch_size, stride=config.patch_size)
         self.condition_embedder = ConditionEmbedder(config)
@@ -346,14 +348,16 @@ class WanDiT(nn.Module):
             assert context is not None, "WanDiT needs context or text_kv"
             context = self.condition_embedder.text_embedder(context)  # [B, L_txt, D]
 
-        # 3. Transformer blocks
+        # 3. Transformer blocks, on the tokens this forward computes (all, unless a runtime split
+        #    them: RoPE tables stay the full sequence's, attention ops see local q/k/v)
+        hidden, e, e0 = self.ops.split_tokens(hidden, e, e0)
         for i, block in enumerate(self.blocks):
             hidden = block(hidden, context, e0, rope, None if text_kv is None else text_kv[i].to(dtype))
 
         # 4. Output norm, modulation (from e, not e0) and projection
         shift, scale = (self.scale_shift_table.float() + e.unsqueeze(2)).unbind(2)  # [B, n, D]
         hidden = _modulate(self.norm_out(hidden), shift, scale).to(dtype)
-        hidden = self.proj_out(hidden)  # [B, L, pt*ph*pw*C_out]
+        hidden = self.ops.gather_tokens(self.proj_out(hidden), f * h * w)  # [B, L, pt*ph*pw*C_out]
 
         # 5. Unpatchify: feature index ((p*ph + q)*pw + r)*C_out + c -> [B, C_out, F, H, W]
         hidden = hidden.reshape(x.shape[0], f, h, w, pt, ph, pw, -1)

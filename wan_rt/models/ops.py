@@ -1,8 +1,10 @@
-"""The few numerical ops that have faster implementations than plain PyTorch.
+"""The few numerical ops that have faster implementations than plain PyTorch, and the two
+points where a runtime may split the DiT's token sequence.
 
 Models call these through an `Ops` value instead of hard-coding torch calls, so a runtime can
-swap in the Triton kernels (wan_rt.kernels) from outside without touching model code. The
-eager versions here are the reference: pure torch, real arithmetic only, exportable to ONNX.
+swap in the Triton kernels (wan_rt.kernels) or sequence parallelism (wan_rt.parallel) from
+outside without touching model code. The eager versions here are the reference: pure torch,
+real arithmetic only, exportable to ONNX (the token split points are the identity).
 """
 
 from __future__ import annotations
@@ -52,11 +54,30 @@ def layernorm_modulate(x: Tensor, shift: Tensor, scale: Tensor, norm: torch.nn.L
     return (h * (1 + scale.unsqueeze(2)) + shift.unsqueeze(2)).flatten(1, 2).to(x.dtype)
 
 
+def all_tokens(hidden: Tensor, e: Tensor, e0: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The DiT's token split point, before the blocks: which tokens this forward computes.
+
+    hidden [B, L, D]; e [B, n, D] and e0 [B, n, 6, D], the modulation rows, row i covering the
+    i-th run of L/n tokens. Returns the same three for the tokens kept (all of them here); a
+    sequence-parallel runtime keeps its own share and re-cuts the rows to match."""
+    return hidden, e, e0
+
+
+def gathered_tokens(hidden: Tensor, length: int) -> Tensor:
+    """The DiT's gather point, after the output projection: local tokens [B, L', C] -> all
+    `length` tokens [B, length, C] (the identity when nothing was split)."""
+    return hidden
+
+
 @dataclass(frozen=True)
 class Ops:
     rope_attention: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
     attention: Callable[[Tensor, Tensor, Tensor], Tensor]
     layernorm_modulate: Callable[[Tensor, Tensor, Tensor, torch.nn.LayerNorm], Tensor] = layernorm_modulate
+    # Sequence parallelism (wan_rt.parallel.sequence): where tokens are split and gathered.
+    # `rope_attention` then receives local q/k/v and the full sequence's RoPE tables.
+    split_tokens: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]] = all_tokens
+    gather_tokens: Callable[[Tensor, int], Tensor] = gathered_tokens
 
 
 EAGER_OPS = Ops(rope_attention=rope_attention, attention=attention)

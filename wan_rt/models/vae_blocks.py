@@ -142,13 +142,16 @@ class AttentionBlock(nn.Module):
         self.norm = RMSNorm(dim, images=True)
         self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
         self.proj = nn.Conv2d(dim, dim, 1)
+        # Swappable from outside, like CausalConv3d.conv_op: a decode split by height
+        # (wan_rt.parallel.vae) attends local queries to every rank's keys and values.
+        self.attention_op = F.scaled_dot_product_attention
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, t, h, w = x.shape
         y = x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
         qkv = self.to_qkv(self.norm(y)).reshape(b * t, 3 * c, h * w).transpose(1, 2)  # [bt, hw, 3c]
         q, k, v = qkv.unsqueeze(1).chunk(3, dim=-1)  # each [bt, 1, hw, c]
-        y = F.scaled_dot_product_attention(q, k, v)
+        y = self.attention_op(q, k, v)
         # The reshape is a channels-last view; made contiguous because torch.export's conv meta
         # picks a memory format by asking `b*t > 1`, which fixes a dynamic batch (AOTInductor).
         y = self.proj(y.squeeze(1).transpose(1, 2).reshape(b * t, c, h, w).contiguous())

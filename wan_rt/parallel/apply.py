@@ -1,0 +1,62 @@
+"""A parallel plan applied to a pipeline's components (the assembly calls this; the loop never
+sees the difference).
+
+Per DiT expert: sequence parallelism swapped into the eager model's ops, then FSDP2 sharding of
+its weights, then the CFG wrapper around the component. The text encoder runs on rank 0 and is
+broadcast; the eager VAE decode is split by height over the world. Engine (ONNX Runtime,
+AOTInductor, TensorRT) DiTs take CFG parallel only: their graphs hold no collectives (README,
+"Multi-GPU").
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from wan_rt.config import ModelSpec
+from wan_rt.parallel.cfg import CFGParallelDiT
+from wan_rt.parallel.plan import ParallelGroups, ParallelPlan, PlanError
+from wan_rt.parallel.sequence import apply_sequence_parallel
+from wan_rt.parallel.shard import ShardedDiT, shard_dit
+from wan_rt.parallel.text import TextEncoderOnOneRank
+from wan_rt.parallel.vae import HeightSplitVAEDecoder
+from wan_rt.runtime.component import VAEDecodeGraph
+from wan_rt.runtime.graphs import components_of
+
+
+def local_component_names(spec: ModelSpec, plan: ParallelPlan, rank: int) -> list[str]:
+    """The components this rank loads: all of them, but the text encoder on rank 0 only."""
+    names = list(components_of(spec))
+    if plan.text_encoder_on_one_rank and rank != 0:
+        names.remove("text_encoder")
+    return names
+
+
+def parallelize(components: Mapping[str, object], spec: ModelSpec, groups: ParallelGroups,
+                device: torch.device) -> dict:
+    """`components` (this rank's, see `local_component_names`) with the plan applied."""
+    plan = groups.plan
+    out = dict(components)
+    for name in spec.dit_components:
+        component = out[name]
+        module = getattr(component, "module", None)  # the eager WanDiT; engines have none
+        if module is None and (plan.sequence_degree > 1 or plan.shard_weights):
+            raise PlanError(f"--ulysses/--ring/--shard-weights work on the eager DiT; {name} runs on an engine "
+                            f"(pass --backend-for {name}=eager, or use --cfg-parallel alone)")
+        if plan.sequence_degree > 1:
+            apply_sequence_parallel(module, groups)
+        if plan.shard_weights:
+            shard_dit(module, device)
+            component = ShardedDiT(component)
+        if plan.cfg > 1:
+            component = CFGParallelDiT(component, groups)
+        out[name] = component
+    if plan.text_encoder_on_one_rank:
+        out["text_encoder"] = TextEncoderOnOneRank(out.get("text_encoder"), spec.text_encoder.d_model, device)
+    decoder = out["vae_decoder"]
+    graph = getattr(decoder, "module", None)
+    if plan.split_vae and groups.world_size > 1 and isinstance(graph, VAEDecodeGraph):
+        out["vae_decoder"] = HeightSplitVAEDecoder(decoder, graph.vae, groups.world, range(groups.world_size),
+                                                   groups.rank)
+    return out
