@@ -215,18 +215,7 @@ class Pipeline:
                               shift if shift is not None else self.defaults.shift, self.defaults.grid)
 
     def _guide_scales(self, high: Optional[float], low: Optional[float]) -> dict[str, float]:
-        """guidance_scale drives the first (high-noise) stage, guidance_scale_2 the second, as in
-        diffusers; with neither given each stage uses the spec's own scale."""
-        stages = self.spec.stages
-        if high is None:
-            out = {s.component: s.guide_scale for s in stages}
-            if low is not None and len(stages) > 1:
-                out[stages[1].component] = low
-            return out
-        out = {stages[0].component: high}
-        if len(stages) > 1:
-            out[stages[1].component] = high if low is None else low
-        return out
+        return guide_scales(self.spec, high, low)
 
     def _image_condition(self, image: ImageInput, batch: int, height: int, width: int, num_frames: int) -> Tensor:
         pixels = image_to_tensor(image, height, width).to(self.device)  # [1, 3, H, W]
@@ -272,6 +261,21 @@ class Pipeline:
         from tqdm.auto import tqdm
 
         return iter(tqdm(indices, desc=desc, leave=False))
+
+
+def guide_scales(spec: ModelSpec, high: Optional[float], low: Optional[float]) -> dict[str, float]:
+    """CFG scale per DiT component: guidance_scale drives the first (high-noise) stage,
+    guidance_scale_2 the second, as in diffusers; with neither given each stage uses the spec's."""
+    stages = spec.stages
+    if high is None:
+        out = {s.component: s.guide_scale for s in stages}
+        if low is not None and len(stages) > 1:
+            out[stages[1].component] = low
+        return out
+    out = {stages[0].component: high}
+    if len(stages) > 1:
+        out[stages[1].component] = high if low is None else low
+    return out
 
 
 def _expert_budget(device: torch.device, components: Mapping[str, Component]) -> Optional[int]:

@@ -31,10 +31,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     modules = {name: importlib.import_module(f"wan_rt.cli.{name}") for name in SUBCOMMANDS}
     for module in modules.values():
         module.add_parser(subparsers)
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help, or a bad argument already printed as one line
         return int(exit_.code or 0)
+    args.argv = argv  # a multi-process run starts its ranks with the same command line
     try:
         return int(modules[args.command].run(args) or 0)
     except KeyboardInterrupt:
@@ -43,7 +45,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as exc:  # noqa: BLE001 - every failure the user can cause becomes one line
         if not _is_user_error(exc) or os.environ.get("WAN_RT_DEBUG"):
             raise
-        print(f"wan-rt {args.command}: error: {exc}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # in a multi-process run every rank fails alike
+            print(f"wan-rt {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
 

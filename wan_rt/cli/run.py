@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Optional
 
 from wan_rt.cli.build import built_default_engines
 from wan_rt.config import DEFAULT_SPEC
@@ -42,6 +44,28 @@ def add_parser(subparsers) -> None:
     p.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"],
                    help="eager only: Triton kernels (auto: on a CUDA GPU) or PyTorch ops")
     p.add_argument("--output", default="out.mp4", help="mp4 path")
+    par = p.add_argument_group("multi-GPU (one video over several processes; README \"Multi-GPU\")")
+    par.add_argument("--ulysses", type=int, default=1, metavar="U", help="Ulysses degree: attention heads split U ways")
+    par.add_argument("--ring", type=int, default=1, metavar="R", help="ring-attention degree: K/V blocks passed around R ranks")
+    par.add_argument("--cfg-parallel", action="store_true", help="cond and uncond on two halves of the ranks")
+    par.add_argument("--shard-weights", action="store_true", help="FSDP2-shard each DiT expert over the ranks")
+    par.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
+                     help="processes to start here (default: cfg x ring x ulysses); under torchrun, ignored")
+
+
+@dataclass(frozen=True)
+class _Request:
+    """What `wan-rt run` generates, checked before anything heavy loads."""
+
+    model: str
+    engines_dir: Optional[str]
+    pinned: dict[str, str]
+    image: Any
+    height: int
+    width: int
+    num_frames: int
+    steps: int
+    output: Path
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,11 +73,12 @@ def run(args: argparse.Namespace) -> int:
 
     from wan_rt.cli import UsageError
     from wan_rt.config import check_request
-    from wan_rt.loader import WanPipeline, load_components
-    from wan_rt.models.text_encoder import load_tokenizer
+    from wan_rt.parallel import ParallelPlan
+    from wan_rt.parallel.launch import init_process_group, launch
+    from wan_rt.parallel.plan import from_environment, local_device
     from wan_rt.resolve import resolve_checkpoint
     from wan_rt.runtime.engines_dir import check_fits, read_index
-    from wan_rt.video import export_to_video, load_image
+    from wan_rt.video import load_image
 
     output = Path(args.output)
     if output.suffix.lower() != ".mp4":
@@ -75,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"{engines_dir} holds {index['backend']} engines, not {args.backend}")
         model = args.model or index["model"]
 
-    # Everything about the request is checked before anything heavy loads.
+    # Everything about the request is checked before anything heavy loads (or any process starts).
     spec = resolve_checkpoint(model).spec
     pick = lambda value, default: default if value is None else value  # noqa: E731  (0 is a value)
     height, width = pick(args.height, spec.height), pick(args.width, spec.width)
@@ -88,21 +113,48 @@ def run(args: argparse.Namespace) -> int:
     image = load_image(args.image) if args.image else None
     if engines_dir is not None and args.backend != "eager":
         check_fits(Path(engines_dir), spec, height, width, num_frames)
+    request = _Request(model, engines_dir, pinned, image, height, width, num_frames, steps, output)
+    plan = _parallel_plan(args, spec)
+    job = from_environment()
+    if job is None:
+        if plan is not None:  # start the processes: each runs this same command as one rank
+            return launch(["-m", "wan_rt.cli", *args.argv], args.nproc_per_node or plan.world_size)
+        device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return _generate(args, spec, request, device, None, rank=0)
+    device = torch.device(args.device) if args.device else local_device()
+    init_process_group(device)
+    try:
+        return _generate(args, spec, request, device, plan or ParallelPlan(), rank=job[0])
+    finally:
+        torch.distributed.destroy_process_group()
 
-    device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+def _generate(args: argparse.Namespace, spec, request: _Request, device, plan, rank: int) -> int:
+    import torch
+
+    from wan_rt.loader import WanPipeline, load_components
+    from wan_rt.models.text_encoder import load_tokenizer
+    from wan_rt.video import export_to_video
+
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     start = time.perf_counter()
-    resolved, components, how = load_components(model, backend=args.backend, engines_dir=engines_dir, device=device,
-                                                dtype=dtypes[args.dtype] if args.dtype else None,
-                                                backend_for=pinned, rebuild=args.rebuild, kernels=args.kernels)
+    resolved, components, how = load_components(request.model, backend=args.backend, engines_dir=request.engines_dir,
+                                                device=device, dtype=dtypes[args.dtype] if args.dtype else None,
+                                                backend_for=request.pinned, rebuild=args.rebuild, kernels=args.kernels,
+                                                parallel=plan)
     pipe = WanPipeline(spec, components, load_tokenizer(resolved.files.tokenizer), resolved.defaults, device)
+    pipe.set_progress_bar_config(disable=rank != 0)
     load_s = time.perf_counter() - start
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
-    result = pipe(args.prompt, negative_prompt=args.negative_prompt, image=image, height=height, width=width,
-                  num_frames=num_frames, num_inference_steps=steps, guidance_scale=args.guidance,
-                  guidance_scale_2=args.guidance_2, generator=generator, shift=args.shift, solver=args.solver)
-    export_to_video(result.frames[0], output, fps=spec.fps)
-    print(f"wrote {output} ({num_frames} frames, {width}x{height}, {spec.fps} fps) from {spec.name} ({how})")
+    result = pipe(args.prompt, negative_prompt=args.negative_prompt, image=request.image, height=request.height,
+                  width=request.width, num_frames=request.num_frames, num_inference_steps=request.steps,
+                  guidance_scale=args.guidance, guidance_scale_2=args.guidance_2, generator=generator,
+                  shift=args.shift, solver=args.solver)
+    if rank != 0:  # every rank holds the same frames; rank 0 writes them
+        return 0
+    export_to_video(result.frames[0], request.output, fps=spec.fps)
+    print(f"wrote {request.output} ({request.num_frames} frames, {request.width}x{request.height}, {spec.fps} fps) "
+          f"from {spec.name} ({how})")
     print(f"  load {load_s:.2f}s", file=sys.stderr)
     for stage, seconds in result.timings.items():
         steps_note = f" ({result.steps_per_stage[stage]} steps)" if stage in result.steps_per_stage else ""
@@ -118,3 +170,22 @@ def _parse_backend_for(values: list[str], error) -> dict[str, str]:
             raise error(f"--backend-for takes COMPONENT=eager (e.g. vae_decoder=eager); got {value!r}")
         pinned[name] = backend
     return pinned
+
+
+def _parallel_plan(args: argparse.Namespace, spec):
+    """The multi-process plan the flags ask for (None: one process), checked against the model,
+    the guidance and the process count before any process starts."""
+    from wan_rt.parallel import ParallelPlan
+    from wan_rt.parallel.plan import from_environment
+    from wan_rt.pipeline import guide_scales
+
+    job = from_environment()
+    wanted = args.ulysses != 1 or args.ring != 1 or args.cfg_parallel or args.shard_weights
+    if not wanted and args.nproc_per_node in (None, 1):
+        return None
+    plan = ParallelPlan(ulysses=args.ulysses, ring=args.ring, cfg=2 if args.cfg_parallel else 1,
+                        shard_weights=args.shard_weights)
+    plan.check_model(spec)
+    plan.check_guidance(guide_scales(spec, args.guidance, args.guidance_2))
+    plan.check_world(job[1] if job is not None else (args.nproc_per_node or plan.world_size))
+    return plan
