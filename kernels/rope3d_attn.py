@@ -161,12 +161,14 @@ def _rope3d_attn_fwd_kernel(
     Sin,  # pointer to the float32 sin table [L, D/2]
     KScale,  # pointer to the float32 k dequant scales [B, H, cdiv(Lk, KQ_BLOCK)] (QUANT_INT8 only)
     Out,  # pointer to the output [B, Lq, H, D], dtype of q (or v when q is int8)
+    Lse,  # pointer to the float32 log-sum-exp of the scaled scores [B, H, Lq] (STORE_LSE only)
     stride_qb, stride_ql, stride_qh,  # strides of q (elements); the last dim is contiguous
     stride_kb, stride_kl, stride_kh,  # strides of k
     stride_vb, stride_vl, stride_vh,  # strides of v
     stride_ob, stride_ol, stride_oh,  # strides of out
     stride_cl,  # row stride of cos/sin
     stride_sb, stride_sh,  # strides of KScale over B, H
+    stride_lb, stride_lh,  # strides of Lse over B, H (its last dim is contiguous)
     H,  # number of heads
     Lq,  # number of queries
     Lk,  # number of keys
@@ -181,6 +183,7 @@ def _rope3d_attn_fwd_kernel(
     QUANT_INT8: tl.constexpr,  # int8 q·kᵀ with per-block scales (k pre-quantized by the prepass)
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no tf32), "tf32" otherwise (ignored)
     DOT_F32: tl.constexpr,  # widen bf16 tiles to fp32 for the dots (interpreter only, _jit.dot_f32)
+    STORE_LSE: tl.constexpr,  # also write each query's log-sum-exp (ring attention merges blocks by it)
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -242,6 +245,10 @@ def _rope3d_attn_fwd_kernel(
     out = acc / l_i[:, None]
     o_ptrs = Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+    if STORE_LSE:
+        # scores are in log2 units (scale·log2 e folded in): ln Σ e^s = (m + log2 l) · ln 2
+        lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
+        tl.store(Lse + off_b * stride_lb + off_h * stride_lh + offs_m, lse, mask=mask_m)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,9 +301,9 @@ def _quantize_k(k: Tensor, cos: Tensor, sin: Tensor, rope: bool, cfg: dict[str, 
 
 
 def _launch_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor | None, sin: Tensor | None,
-                      scale: float, quant: str, out: Tensor | None = None) -> Tensor:
+                      scale: float, quant: str, out: Tensor | None = None, lse: Tensor | None = None) -> Tensor:
     """Launch into `out` (a fresh contiguous [B, Lq, H, D] when None; the TRT plugin passes its
-    output buffer)."""
+    output buffer); with `lse` (float32 [B, H, Lq]) also write each query's log-sum-exp."""
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     rope = cos is not None
@@ -311,6 +318,11 @@ def _launch_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor | None, sin: 
         out = torch.empty(B, Lq, H, D, device=q.device, dtype=q.dtype)
     assert out.shape == q.shape and out.dtype == q.dtype and out.stride(-1) == 1
     quant_int8 = quant == "int8"
+    store_lse = lse is not None
+    if lse is None:  # the kernel never writes it; any float32 pointer does
+        lse = torch.empty(1, 1, device=q.device, dtype=torch.float32)
+    else:
+        assert lse.shape == (B, H, Lq) and lse.dtype == torch.float32 and lse.stride(-1) == 1
     with on_device(q):
         if quant_int8:
             k, k_scale = _quantize_k(k, cos, sin, rope, cfg)
@@ -318,18 +330,19 @@ def _launch_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor | None, sin: 
             k_scale = torch.empty(1, 1, device=q.device, dtype=torch.float32)
         grid = (triton.cdiv(Lq, cfg["BLOCK_M"]), B * H)
         _rope3d_attn_fwd_kernel[grid](
-            q, k, v, cos, sin, k_scale, out,
+            q, k, v, cos, sin, k_scale, out, lse,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
             cos.stride(0),
             k_scale.stride(0), k_scale.stride(1),
+            lse.stride(0), lse.stride(1),
             H, Lq, Lk, scale,
             HEAD_DIM=D, BLOCK_D=next_pow2(D),
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], KQ_BLOCK=cfg["KQ_BLOCK"],
             ROPE_Q=rope, ROPE_K=rope and not quant_int8, QUANT_INT8=quant_int8,
-            DOT_PRECISION=dot_precision(q.dtype), DOT_F32=dot_f32(q.dtype),
+            DOT_PRECISION=dot_precision(q.dtype), DOT_F32=dot_f32(q.dtype), STORE_LSE=store_lse,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     return out
@@ -359,6 +372,19 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
 @_attention_op.register_fake
 def _(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     return q.new_empty(q.shape)
+
+
+@torch.library.custom_op("wan_rt::attention_lse", mutates_args=())
+def _attention_lse_op(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    B, Lq, H, _ = q.shape
+    lse = torch.empty(B, H, Lq, device=q.device, dtype=torch.float32)
+    return _launch_attention(q, k, v, None, None, scale, "none", lse=lse), lse
+
+
+@_attention_lse_op.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    B, Lq, H, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty(B, H, Lq, dtype=torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,14 +428,19 @@ def rope3d_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, 
     return torch.ops.wan_rt.rope3d_attention(q, k, v, cos, sin, float(scale if scale is not None else D ** -0.5), mode)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None, return_lse: bool = False):
     """Unmasked multi-head attention (no RoPE), e.g. the text cross-attention.
 
-    q: [B, Lq, H, D]; k, v: [B, Lk, H, D]; one dtype (bf16 / fp16 / fp32). Returns [B, Lq, H, D].
+    q: [B, Lq, H, D]; k, v: [B, Lk, H, D]; one dtype (bf16 / fp16 / fp32). Returns [B, Lq, H, D],
+    and with `return_lse` also the float32 natural-log log-sum-exp of each query's scaled scores,
+    [B, H, Lq] (ring attention merges key blocks by it: wan_rt.parallel.ring).
     """
     _check_qkv(q, k, v)
     D = q.shape[-1]
-    return torch.ops.wan_rt.attention(q, k, v, float(scale if scale is not None else D ** -0.5))
+    sm_scale = float(scale if scale is not None else D ** -0.5)
+    if return_lse:
+        return torch.ops.wan_rt.attention_lse(q, k, v, sm_scale)
+    return torch.ops.wan_rt.attention(q, k, v, sm_scale)
 
 
 # ---------------------------------------------------------------------------------------------

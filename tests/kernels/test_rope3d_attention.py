@@ -95,6 +95,26 @@ def test_attention_cross_matches_fp64(Lk, spy_launches):
     assert rel_err(out, attention_ref(*_fp64(q, k, v))) <= 1e-4
 
 
+def test_attention_returns_the_log_sum_exp(spy_launches):
+    """return_lse: the same output, plus ln Σ_k exp(q·k·scale) per query against fp64 torch, for
+    key counts crossing the block tails; two key blocks merged by it equal attention over both
+    (the ring-attention identity, wan_rt.parallel.ring)."""
+    counts = spy_launches(rope3d_attn, "_rope3d_attn_fwd_kernel")
+    q, _, _ = _qkv(2, 105, 2, 32, seed=8)
+    _, k, v = _qkv(2, 70, 2, 32, seed=9)
+    out, lse = attention(q, k, v, scale=0.2, return_lse=True)
+    assert counts["_rope3d_attn_fwd_kernel"] == 1
+    q64, k64, v64 = _fp64(q, k, v)
+    lse_ref = torch.logsumexp(torch.einsum("blhd,bshd->bhls", q64, k64) * 0.2, dim=-1)
+    assert lse.shape == (2, 2, 105) and lse.dtype == torch.float32
+    assert (lse.double() - lse_ref).abs().max() <= 1e-5
+    assert rel_err(out, attention_ref(q64, k64, v64, scale=0.2)) <= 1e-4
+    (o1, l1), (o2, l2) = (attention(q, k[:, a:b], v[:, a:b], scale=0.2, return_lse=True) for a, b in ((0, 33), (33, 70)))
+    total = torch.logaddexp(l1, l2)
+    merged = o1 * torch.exp(l1 - total).transpose(1, 2)[..., None] + o2 * torch.exp(l2 - total).transpose(1, 2)[..., None]
+    assert rel_err(merged, attention_ref(q64, k64, v64, scale=0.2)) <= 1e-4
+
+
 # Measured on the CPU interpreter (fp32 inputs, RMS-normed q/k with a +0.5 offset on k, real
 # tables, L = 105; this test's data): int8 relative L2 error vs fp64 ≈ 0.95e-2 / 0.95e-2 / 1.06e-2
 # for head_dim 32 / 64 / 128, against ≈ 2e-7 to 3e-7 for the fp32 kernel (table in the kernel
