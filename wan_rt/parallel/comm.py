@@ -59,7 +59,8 @@ def all_to_all(x: Tensor, group, name: str) -> Tensor:
     """x [G, ...]: slice i goes to rank i of `group`; returns [G, ...], slice i from rank i."""
     g = group_size(group)
     _record(name, x.numel() * x.element_size() * (g - 1) / g)
-    return funcol.all_to_all_single(x.contiguous(), None, None, group)
+    # Waited here, not at first use: the result is needed at once, and no work is left pending.
+    return funcol.wait_tensor(funcol.all_to_all_single(x.contiguous(), None, None, group))
 
 
 def all_gather(x: Tensor, dim: int, group, name: str) -> Tensor:
@@ -68,7 +69,7 @@ def all_gather(x: Tensor, dim: int, group, name: str) -> Tensor:
     if g == 1:
         return x
     _record(name, x.numel() * x.element_size() * (g - 1))
-    out = _all_gather_single(x.movedim(dim, 0).contiguous(), 0, group)
+    out = funcol.wait_tensor(_all_gather_single(x.movedim(dim, 0).contiguous(), 0, group))
     return out.movedim(0, dim)
 
 
