@@ -72,6 +72,7 @@ def _spread_over_ranks(x) -> float:
 
 def pipeline_checks(suite: str, models: dict) -> list[dict]:
     import torch
+    import torch.distributed as dist
 
     from wan_rt.config import latent_shape
     from wan_rt.loader import WanPipeline
@@ -84,9 +85,11 @@ def pipeline_checks(suite: str, models: dict) -> list[dict]:
         spec = ref.spec
         height, width, frames = SIZES[suite]["ti2v" if spec.task == "ti2v" else "a14b"]
         latents = torch.randn((1, *latent_shape(spec, height, width, frames)), generator=torch.Generator().manual_seed(5))
-        kwargs = dict(prompt="a fox in the snow", negative_prompt="blurry", height=height, width=width,
-                      num_frames=frames, num_inference_steps=4, guidance_scale=4.0, output_type="pt",
-                      image=_image() if spec.task != "t2v" else None)
+        # The arguments as a service would hand them out: built on rank 0, broadcast to the others.
+        kwargs = comm.broadcast_object(dict(
+            prompt="a fox in the snow", negative_prompt="blurry", height=height, width=width, num_frames=frames,
+            num_inference_steps=4, guidance_scale=4.0, output_type="pt",
+            image=_image() if spec.task != "t2v" else None) if dist.get_rank() == 0 else None)
         expected = ref(latents=latents.clone(), **kwargs)
         for ulysses, ring, cfg, shard in PLANS[suite]:
             plan = ParallelPlan(ulysses=ulysses, ring=ring, cfg=cfg, shard_weights=shard)

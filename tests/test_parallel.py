@@ -230,3 +230,38 @@ def test_log_sum_exp_merge_equals_attention_over_all_keys():
 
 def test_vae_rows_split_evenly():
     assert split_rows(6, 4) == [2, 2, 1, 1] and split_rows(90, 8) == [12, 12, 11, 11, 11, 11, 11, 11]
+
+
+def test_launcher_returns_the_failing_rank_exit_code():
+    """Ranks that exit non-zero (a rank's own one-line error) make launch() return that code."""
+    from wan_rt.parallel.launch import launch
+
+    code = "import os, sys; sys.exit(3 if os.environ['RANK'] == '1' else 0)"
+    assert launch(["-c", code], 2) == 3
+    assert launch(["-c", "import os; assert os.environ['WORLD_SIZE'] == '2'"], 2) == 0
+
+
+def test_wrappers_pass_the_residency_hooks_through():
+    """The expert residency (runtime/residency.py) sees through a parallel wrapper."""
+    from wan_rt.parallel.cfg import CFGParallelDiT
+    from wan_rt.parallel.plan import ParallelGroups
+
+    class Expert:
+        name, nbytes, calls = "dit_high_noise", 123, []
+
+        def load(self):
+            self.calls.append("load")
+
+        def unload(self):
+            self.calls.append("unload")
+
+        def __call__(self, **inputs):
+            return {"noise_pred": inputs["latents"] * 2}
+
+    plan = ParallelPlan(cfg=2)
+    wrapped = CFGParallelDiT(Expert(), ParallelGroups(plan, 0, 2, 0, 0, 0, None, None, None, None, None))
+    assert wrapped.name == "dit_high_noise" and wrapped.nbytes == 123
+    wrapped.load(), wrapped.unload()
+    assert Expert.calls == ["load", "unload"]
+    x = torch.ones(1, 2)  # batch 1 (no CFG pair): runs whole, no exchange
+    assert torch.equal(wrapped(latents=x, timestep=x, context=x)["noise_pred"], 2 * x)

@@ -126,3 +126,11 @@ def exchange(sends: Sequence[tuple[Tensor, int]], recvs: Sequence[tuple[Tensor, 
         _record(name, t.numel() * t.element_size())
     works = dist.batch_isend_irecv(ops) if ops else []
     return Pending(works, [t for t, _ in [*sends, *recvs]])
+
+
+def broadcast_object(obj, src: int = 0, group=None):
+    """A picklable object (e.g. one request's pipeline arguments) from rank `src` to every rank:
+    how a service with a worker group hands rank 0's job to the others before all call the pipeline."""
+    box = [obj if dist.get_rank() == src else None]
+    dist.broadcast_object_list(box, src=src, group=group)
+    return box[0]

@@ -26,7 +26,8 @@ def launch(argv: Sequence[str], nproc: int) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    if "OMP_NUM_THREADS" not in os.environ:  # share the cores instead of oversubscribing them
+    threads = os.environ.get("OMP_NUM_THREADS")
+    if threads is None:  # the ranks share the cores instead of oversubscribing them (theirs only)
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"wan_rt-{uuid.uuid4().hex[:8]}",
                           rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0, monitor_interval=0.1)
@@ -41,6 +42,8 @@ def launch(argv: Sequence[str], nproc: int) -> int:
         return first.exitcode if first.exitcode > 0 else 1
     finally:
         quiet.setLevel(level)
+        if threads is None:
+            del os.environ["OMP_NUM_THREADS"]
     return 0
 
 
