@@ -4,10 +4,11 @@ collective moves), plus a written scaling model for A14B 720p on 8×H100 NVLink.
 Measured part: one checkpoint (random weights, `--config`, or a real one with `--model`), the
 same step the denoise loop runs (one DiT call on the CFG pair [cond; uncond]) and the VAE decode,
 for each plan; every world size is one launch of this script's ranks (wan_rt.parallel.launch).
-Medians of `--repeats` calls after a warm-up; bytes are what each rank received per step, by
-collective (wan_rt.parallel.comm's ledger); world 1 is measured in the same run, so the ratios
-compare like with like. On a CPU the ranks share the cores: the ratios there show the overhead
-of the exchanges, not a speedup (a 2-core machine cannot run 4 ranks faster than 1).
+Medians of `--repeats` calls after a warm-up; bytes are what each rank received per call, by
+collective (wan_rt.parallel.comm's ledger). Each launch also times the single-process pipeline
+(rank 0 alone, the other ranks idle) interleaved with its plans, so every ratio compares like
+with like under the same load. On a CPU each rank is one core's worth of threads: with 2 cores
+world 2 can at best double the speed and world 4 cannot beat world 2.
 On a machine with several GPUs the same command measures GPU scaling (NCCL).
 
     python bench/parallel.py --json bench/parallel.json              # CPU, small config (minutes)
@@ -32,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, median, print_table, timed, write_json  # noqa: E402
 
-DEFAULT_PLANS = "1x1x1,2x1x1,1x1x2,1x2x1,4x1x1,2x1x2,2x2x1"
+DEFAULT_PLANS = "2x1x1,1x1x2,1x2x1,4x1x1,2x1x2,2x2x1"
 
 
 # ------------------------------------------------------------------------------- scaling model
@@ -134,7 +135,10 @@ def parse_plans(text: str) -> list[tuple[int, int, int]]:
 
 
 def worker(args: argparse.Namespace) -> int:
-    """One rank: every plan of this world size, timed; rank 0 appends rows to args.out."""
+    """One rank: the single-process pipeline (rank 0 alone, the others wait: world 1 on one
+    rank's share of the machine) and every plan of this world size; rank 0 appends rows to
+    args.out. On a CPU all are built first and timed round by round (interleaved, so load from
+    elsewhere hits all alike); on GPUs one at a time (real models do not fit twice)."""
     import torch
     import torch.distributed as dist
 
@@ -146,54 +150,83 @@ def worker(args: argparse.Namespace) -> int:
 
     device = local_device()
     init_process_group(device)
-    world = dist.get_world_size()
+    world, rank = dist.get_world_size(), dist.get_rank()
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    rows = []
-    for U, R, C in parse_plans(args.plans):
-        if U * R * C != world:
-            continue
-        plan = ParallelPlan(ulysses=U, ring=R, cfg=C)
-        pipe = WanPipeline.from_pretrained(args.checkpoint, device=str(device), dtype=dtype,
-                                           parallel=plan if world > 1 else None)
-        spec = pipe.spec
-        shape = latent_shape(spec, args.height, args.width, args.frames)
-        gen = torch.Generator().manual_seed(0)
-        latents = torch.randn((2, *shape), generator=gen)
-        context = torch.randn(2, spec.dit.text_len, spec.text_encoder.d_model, generator=gen)
-        timestep = torch.full((2,), 900.0)
-        if spec.dit.per_token_timestep:
-            _, t, h, w = shape
-            timestep = timestep[:, None].expand(2, t * h * w // (spec.dit.patch_size[1] * spec.dit.patch_size[2]))
-        dit = pipe.components[spec.dit_components[0]]
-        vae = pipe.components["vae_decoder"]
+    names = ["1x1x1"] + [f"{u}x{r}x{c}" for u, r, c in parse_plans(args.plans) if u * r * c == world > 1]
+    solo = world > 1  # the single-process pipeline runs on rank 0 while the others wait
 
-        def step():
-            return dit(latents=latents, timestep=timestep, context=context)
+    def build(name: str):
+        if name == "1x1x1":
+            return WanPipeline.from_pretrained(args.checkpoint, device=str(device), dtype=dtype) \
+                if rank == 0 or not solo else None
+        u, r, c = (int(n) for n in name.split("x"))
+        return WanPipeline.from_pretrained(args.checkpoint, device=str(device), dtype=dtype,
+                                           parallel=ParallelPlan(ulysses=u, ring=r, cfg=c))
 
-        def decode():
-            return vae(latents=latents[:1])
+    from wan_rt.resolve import resolve_checkpoint
 
-        def measure(fn, repeats):
-            fn()  # warm-up: first calls set up communicators and caches
+    spec = resolve_checkpoint(args.checkpoint).spec
+    shape = latent_shape(spec, args.height, args.width, args.frames)
+    gen = torch.Generator().manual_seed(0)
+    latents = torch.randn((2, *shape), generator=gen).to(device)
+    context = torch.randn(2, spec.dit.text_len, spec.text_encoder.d_model, generator=gen).to(device)
+    timestep = torch.full((2,), 900.0, device=device)
+    if spec.dit.per_token_timestep:
+        _, t, h, w = shape
+        timestep = timestep[:, None].expand(2, t * h * w // (spec.dit.patch_size[1] * spec.dit.patch_size[2]))
+
+    def calls(pipe) -> dict:
+        if pipe is None:  # an idle rank while rank 0 runs the single-process pipeline
+            return {"step": lambda: None, "decode": lambda: None}
+        dit, vae = pipe.components[spec.dit_components[0]], pipe.components["vae_decoder"]
+        return {"step": lambda: dit(latents=latents, timestep=timestep, context=context),
+                "decode": lambda: vae(latents=latents[:1])}
+
+    def run(fn) -> float:
+        dist.barrier()
+        elapsed = timed(fn)
+        dist.barrier()
+        return elapsed
+
+    times: dict[tuple[str, str], list[float]] = {(n, w): [] for n in names for w in ("step", "decode")}
+    traffic: dict[tuple[str, str], dict[str, int]] = {}
+
+    def warm_up(name: str, work: dict) -> None:
+        for what in ("step", "decode"):  # communicators, caches; then one call that records traffic
+            run(work[what])
             comm.reset_traffic()
-            fn()
-            traffic = {k: v.bytes for k, v in comm.TRAFFIC.items()}
-            times = []
-            for _ in range(repeats):
-                dist.barrier()
-                times.append(timed(fn))
-            return median(times), traffic
+            run(work[what])
+            traffic[name, what] = {k: v.bytes for k, v in comm.TRAFFIC.items()}
 
-        step_s, step_bytes = measure(step, args.repeats)
-        decode_s, decode_bytes = measure(decode, max(1, args.repeats // 2))
-        rows.append({"plan": f"{U}x{R}x{C}", "world": world, "dit_step_ms": step_s * 1000,
-                     "vae_decode_ms": decode_s * 1000, "step_bytes_by_collective": step_bytes,
-                     "decode_bytes_by_collective": decode_bytes})
-        del pipe, dit, vae
-    if dist.get_rank() == 0:
+    if device.type == "cpu":
+        work = {name: calls(build(name)) for name in names}
+        for name in names:
+            warm_up(name, work[name])
+        for r in range(args.repeats):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                for what in ("step", "decode"):
+                    times[name, what].append(run(work[name][what]))
+    else:
+        for name in names:
+            work_one = calls(build(name))
+            warm_up(name, work_one)
+            for _ in range(args.repeats):
+                for what in ("step", "decode"):
+                    times[name, what].append(run(work_one[what]))
+            del work_one
+            torch.cuda.empty_cache()
+    if rank == 0:
+        single = {w: median(times["1x1x1", w]) for w in ("step", "decode")}
         with open(args.out, "a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+            for name in names:
+                step, decode = median(times[name, "step"]), median(times[name, "decode"])
+                f.write(json.dumps({
+                    "plan": name, "world": 1 if name == "1x1x1" else world, "launch_world": world,
+                    "dit_step_ms": step * 1000, "vae_decode_ms": decode * 1000,
+                    "step_vs_single": single["step"] / step, "decode_vs_single": single["decode"] / decode,
+                    "step_bytes_by_collective": traffic[name, "step"],
+                    "decode_bytes_by_collective": traffic[name, "decode"],
+                    "step_runs_ms": [t * 1000 for t in times[name, "step"]]}) + "\n")
     dist.destroy_process_group()
     return 0
 
@@ -233,7 +266,7 @@ def main() -> int:
         checkpoint = Path(args.model)
     repeats = 1 if args.tiny else args.repeats
     rows_file = Path(tempfile.mkdtemp(prefix="wan_rt_bench_rows_")) / "rows.jsonl"
-    worlds = sorted({u * r * c for u, r, c in parse_plans(args.plans)})
+    worlds = sorted({u * r * c for u, r, c in parse_plans(args.plans)} - {1}) or [1]
     for world in worlds:
         code = launch([os.path.abspath(__file__), "--worker", str(rows_file), "--checkpoint", str(checkpoint),
                        "--plans", args.plans, "--repeats", str(repeats), "--dtype", args.dtype,
@@ -242,17 +275,14 @@ def main() -> int:
             print(f"world {world}: a rank failed (exit {code})", file=sys.stderr)
             return code
     rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
-    base = next((r for r in rows if r["world"] == 1), None)
     for r in rows:
-        if base is not None:
-            r["step_vs_world1"] = base["dit_step_ms"] / r["dit_step_ms"]
-            r["decode_vs_world1"] = base["vae_decode_ms"] / r["vae_decode_ms"]
         r["step_MB_received"] = sum(r["step_bytes_by_collective"].values()) / 1e6
+        r["decode_MB_received"] = sum(r["decode_bytes_by_collective"].values()) / 1e6
         r["step_bytes"] = ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in sorted(r["step_bytes_by_collective"].items()))
-    print(f"\nMEASURED: {checkpoint.name} {args.width}x{args.height}x{args.frames}, {args.dtype}, "
-          f"median of {repeats} (speed-ups >1 are faster than world 1)")
-    print_table(rows, ["plan", "world", "dit_step_ms", "step_vs_world1", "vae_decode_ms", "decode_vs_world1",
-                       "step_MB_received", "step_bytes"])
+    print(f"\nMEASURED: {checkpoint.name} {args.width}x{args.height}x{args.frames}, {args.dtype}, median of {repeats}; "
+          f"each launch times the single-process pipeline too (rank 0 alone), ratios are against that")
+    print_table(rows, ["launch_world", "plan", "dit_step_ms", "step_vs_single", "vae_decode_ms", "decode_vs_single",
+                       "step_MB_received", "decode_MB_received", "step_bytes"])
     write_json(args.json, {"benchmark": "parallel", "command": " ".join(sys.argv), "environment": environment(),
                            "checkpoint": str(checkpoint), "size": [args.height, args.width, args.frames],
                            "rows": rows, "scaling_model": model})

@@ -81,7 +81,8 @@ class SequenceParallel:
             q, k, v = heads_to_sequence(torch.stack((q, k, v)), self.ulysses, self.groups.ulysses).unbind(0)
         if self.ring == 1:  # all tokens here: the model's op, on the unpadded sequence
             out = self.inner(q[:, :length], k[:, :length], v[:, :length], cos, sin)
-            out = torch.cat([out, out.new_zeros(out.shape[0], q.shape[1] - length, *out.shape[2:])], 1)
+            if q.shape[1] > length:  # padding rows back, so the all-to-all splits evenly
+                out = torch.cat([out, out.new_zeros(out.shape[0], q.shape[1] - length, *out.shape[2:])], 1)
         else:
             out = self._ring(q, k, v, cos, sin, length)
         if self.ulysses > 1:
