@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -152,6 +153,20 @@ def test_triton_kernels_fast_variant_and_fsdp2(tmp_path):
             assert r["error_vs_fp32"] <= 2 * r["single_error_vs_fp32"], (check, plan, r)
             continue
         assert r["max_abs_diff"] <= 1e-5 * r["scale"], f"{check} {plan}: {r['max_abs_diff']:.2e}"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("WAN_RT_TEST_COMPILE"), reason="compiles with inductor on 2 ranks: several "
+                    "minutes on a 2-core machine; set WAN_RT_TEST_COMPILE=1 (checked by hand, see the README)")
+def test_compiled_blocks_and_aoti_carry_the_collectives(tmp_path):
+    """The compiled paths of README "Multi-GPU": per-block torch.compile with Ulysses' all-to-all
+    inside; torch.export + AOTInductor with a functional all-to-all in the package."""
+    results = {r["check"]: r for r in run_suite("compiled", 2, {"t2v": "tiny-t2v-A14B"}, tmp_path, timeout=900)}
+    blocks = results["compiled blocks, ulysses 2"]
+    assert blocks["max_abs_diff"] <= 1e-5 * blocks["scale"] and blocks["rank_spread"] == 0.0
+    aoti = results["aoti all-to-all"]
+    assert "_c10d_functional.all_to_all_single.default" in aoti["export_nodes"]
+    assert aoti["max_abs_diff"] == 0.0
 
 
 @pytest.mark.slow

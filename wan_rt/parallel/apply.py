@@ -10,11 +10,13 @@ AOTInductor, TensorRT) DiTs take CFG parallel only: their graphs hold no collect
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 
 from wan_rt.config import ModelSpec
+from wan_rt.models.dit import WanDiT
+from wan_rt.models.vae import WanVAE
 from wan_rt.parallel.cfg import CFGParallelDiT
 from wan_rt.parallel.plan import ParallelGroups, ParallelPlan, PlanError
 from wan_rt.parallel.sequence import apply_sequence_parallel
@@ -33,22 +35,22 @@ def local_component_names(spec: ModelSpec, plan: ParallelPlan, rank: int) -> lis
     return names
 
 
-def parallelize(components: Mapping[str, object], spec: ModelSpec, groups: ParallelGroups,
+def parallelize(components: Mapping[str, Any], spec: ModelSpec, groups: ParallelGroups,
                 device: torch.device) -> dict:
     """`components` (this rank's, see `local_component_names`) with the plan applied."""
     plan = groups.plan
     out = dict(components)
     for name in spec.dit_components:
         component = out[name]
-        module = getattr(component, "module", None)  # the eager WanDiT; engines have none
-        if module is None and (plan.sequence_degree > 1 or plan.shard_weights):
-            raise PlanError(f"--ulysses/--ring/--shard-weights work on the eager DiT; {name} runs on an engine "
-                            f"(pass --backend-for {name}=eager, or use --cfg-parallel alone)")
-        if plan.sequence_degree > 1:
+        if plan.sequence_degree > 1 or plan.shard_weights:
+            module = getattr(component, "module", None)  # the eager WanDiT; engines have none
+            if not isinstance(module, WanDiT):
+                raise PlanError(f"--ulysses/--ring/--shard-weights work on the eager DiT; {name} runs on an engine "
+                                f"(pass --backend-for {name}=eager, or use --cfg-parallel alone)")
             apply_sequence_parallel(module, groups)
-        if plan.shard_weights:
-            shard_dit(module, device)
-            component = ShardedDiT(component)
+            if plan.shard_weights:
+                shard_dit(module, device)
+                component = ShardedDiT(component)
         if plan.cfg > 1:
             component = CFGParallelDiT(component, groups)
         out[name] = component
@@ -57,6 +59,7 @@ def parallelize(components: Mapping[str, object], spec: ModelSpec, groups: Paral
     decoder = out["vae_decoder"]
     graph = getattr(decoder, "module", None)
     if plan.split_vae and groups.world_size > 1 and isinstance(graph, VAEDecodeGraph):
+        assert isinstance(graph.vae, WanVAE)
         out["vae_decoder"] = HeightSplitVAEDecoder(decoder, graph.vae, groups.world, range(groups.world_size),
                                                    groups.rank)
     return out

@@ -25,8 +25,9 @@ import math
 from typing import Callable
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from wan_rt.models.dit import WanDiT
 from wan_rt.models.ops import Ops, apply_rope, set_ops
 from wan_rt.parallel import comm
 from wan_rt.parallel.plan import ParallelGroups
@@ -123,7 +124,7 @@ def _uses_triton(fn: Callable) -> bool:
     return getattr(inner, "__module__", "").startswith("wan_rt.kernels")
 
 
-def apply_sequence_parallel(dit: nn.Module, groups: ParallelGroups) -> None:
+def apply_sequence_parallel(dit: WanDiT, groups: ParallelGroups) -> None:
     """Swap sequence parallelism into a WanDiT, in place, around whatever ops it has now (apply
     it after kernels or the fast variant). Ring blocks use the Triton kernel's log-sum-exp when
     the model runs the Triton kernels, else a PyTorch one."""

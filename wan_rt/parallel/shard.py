@@ -17,12 +17,13 @@ from __future__ import annotations
 from collections import Counter
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from wan_rt.models.dit import Block, WanDiT
 from wan_rt.parallel.wrap import ComponentWrapper
 
 
-def shard_dit(dit: nn.Module, device: torch.device) -> None:
+def shard_dit(dit: WanDiT, device: torch.device) -> None:
     """FSDP2-shard a WanDiT over the whole world, in place (block by block, so the full weights
     never sit on the device at once when the model arrives on the CPU)."""
     import torch.distributed as dist
@@ -35,7 +36,7 @@ def shard_dit(dit: nn.Module, device: torch.device) -> None:
         # FSDP wants one parameter dtype per unit; the few float32 tables of a bf16 model
         # (KEEP_IN_FP32: norms, modulation tables, the time embedder) stay whole on every rank.
         own = [p for p in module.parameters() if not hasattr(p, "to_local")]
-        sizes = Counter()
+        sizes: Counter[torch.dtype] = Counter()
         for p in own:
             sizes[p.dtype] += p.numel()
         main = sizes.most_common(1)[0][0]
@@ -45,6 +46,7 @@ def shard_dit(dit: nn.Module, device: torch.device) -> None:
         fully_shard(module, mesh=mesh, ignored_params=ignored or None)
 
     for block in dit.blocks:
+        assert isinstance(block, Block)
         shard(block.attn2)  # its own unit: text_kv runs outside block.forward
         register_fsdp_forward_method(block.attn2, "text_kv")
         shard(block)
@@ -64,6 +66,9 @@ def local_nbytes(module: nn.Module) -> int:
 class ShardedDiT(ComponentWrapper):
     """An eager DiT component whose module is sharded: its residency footprint is the local
     shards, which stay where FSDP put them (load / unload move nothing)."""
+
+    def __call__(self, **inputs: Tensor) -> dict[str, Tensor]:
+        return self.inner(**inputs)
 
     @property
     def nbytes(self) -> int:

@@ -4,7 +4,7 @@ component with the same token ids, as every rank runs the same pipeline call."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -13,7 +13,8 @@ from wan_rt.parallel import comm
 
 
 class TextEncoderOnOneRank:
-    def __init__(self, inner: Optional[object], d_model: int, device: torch.device, src: int = 0, group=None):
+    def __init__(self, inner: Optional[Callable[..., dict[str, Tensor]]], d_model: int, device: torch.device,
+                 src: int = 0, group=None):
         self.name = "text_encoder"
         self.inner, self.d_model, self.device, self.src, self.group = inner, d_model, device, src, group
 

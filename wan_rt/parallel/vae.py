@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from wan_rt.models.vae import WanVAE
 from wan_rt.models.vae_blocks import AttentionBlock, CausalConv3d, Resample, causal_conv3d
 from wan_rt.parallel import comm
 from wan_rt.parallel.wrap import ComponentWrapper
@@ -107,6 +108,7 @@ def install_height_split(decoder: nn.Module, halo: HaloRows) -> None:
             module.attention_op = _gathered_attention(halo, module)
         elif isinstance(module, Resample) and module.mode.startswith("upsample"):
             conv = module.resample[1]
+            assert isinstance(conv, nn.Conv2d) and isinstance(conv.padding, tuple)
             pad_h, pad_w = conv.padding
             conv.padding = (0, pad_w)
             conv.register_forward_pre_hook(lambda _m, args, p=pad_h: (halo.pad(args[0], p, 2),))
@@ -115,10 +117,10 @@ def install_height_split(decoder: nn.Module, halo: HaloRows) -> None:
 class HeightSplitVAEDecoder(ComponentWrapper):
     """vae_decoder (an eager component over `vae`) with the decode split by height over `group`."""
 
-    def __init__(self, inner, vae: nn.Module, group, ranks: Sequence[int], index: int):
+    def __init__(self, inner, vae: WanVAE, group, ranks: Sequence[int], index: int):
         super().__init__(inner)
         self.halo = HaloRows(group, ranks, index)
-        self.row_stride = vae.config.stride[1]
+        self.row_stride = int(vae.config.stride[1])
         install_height_split(vae.decoder, self.halo)
 
     def __call__(self, *, latents: Tensor) -> dict[str, Tensor]:

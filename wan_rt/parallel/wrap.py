@@ -12,9 +12,6 @@ class ComponentWrapper:
         self.inner = inner
         self.name = inner.name
 
-    def __call__(self, **inputs):
-        return self.inner(**inputs)
-
     def __getattr__(self, attr: str) -> Any:
         # Only reached for attributes the wrapper lacks: residency hooks, module, device, ...
         if attr == "inner":
