@@ -80,6 +80,7 @@ def pipeline_checks(suite: str, models: dict) -> list[dict]:
     from wan_rt.parallel import ParallelPlan, comm
 
     results = []
+    first = True
     for kind, path in models.items():
         ref = WanPipeline.from_pretrained(path, device="cpu", dtype=torch.float32)
         ref.set_progress_bar_config(disable=True)
@@ -96,6 +97,9 @@ def pipeline_checks(suite: str, models: dict) -> list[dict]:
             plan = ParallelPlan(ulysses=ulysses, ring=ring, cfg=cfg, shard_weights=shard)
             pipe = WanPipeline.from_pretrained(path, device="cpu", dtype=torch.float32, parallel=plan)
             pipe.set_progress_bar_config(disable=True)
+            if first:  # a cancel seen by rank 0 only stops every rank after the same step
+                results.append({"check": "cancel", "stopped_after": _cancel_on_rank0(pipe, latents, kwargs)})
+                first = False
             comm.reset_traffic()
             got = pipe(latents=latents.clone(), **kwargs)
             results.append({
@@ -109,6 +113,32 @@ def pipeline_checks(suite: str, models: dict) -> list[dict]:
                                          .module.blocks[0].ffn.parameters()),
             })
     return results
+
+
+def _cancel_on_rank0(pipe, latents, kwargs) -> list[int]:
+    """Every rank's last step when rank 0 alone asks to stop at step 1 (as a service would):
+    -1 where a rank ran to the end."""
+    import torch
+    import torch.distributed as dist
+
+    from wan_rt.parallel import comm
+    from wan_rt.pipeline import GenerationInterrupted
+
+    seen: list[int] = []
+
+    def on_step(p, step_index, timestep, tensors):
+        seen.append(step_index)
+        p.interrupt = comm.any_rank(dist.get_rank() == 0 and step_index == 1)
+        return {}
+
+    try:
+        pipe(latents=latents.clone(), callback_on_step_end=on_step, **kwargs)
+        last = -1
+    except GenerationInterrupted:
+        last = seen[-1]
+    everyone = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, torch.tensor([last]))
+    return [int(t) for t in everyone]
 
 
 def kernel_checks(models: dict) -> list[dict]:

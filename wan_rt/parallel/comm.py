@@ -134,3 +134,12 @@ def broadcast_object(obj, src: int = 0, group=None):
     box = [obj if dist.get_rank() == src else None]
     dist.broadcast_object_list(box, src=src, group=group)
     return box[0]
+
+
+def any_rank(flag: bool, group=None) -> bool:
+    """True on every rank when `flag` is True on any: a cancel seen by one rank (the one a
+    service talks to) must stop all of them at the same step, or the others would wait forever
+    in the next collective. Call it from the step callback on every rank."""
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return bool(t.item())
