@@ -217,6 +217,9 @@ def test_plan_checks_name_the_valid_degrees():
     with pytest.raises(PlanError, match="CFG degree is 1 or 2"):
         ParallelPlan(cfg=4)
     assert ParallelPlan(ulysses=4, ring=2, cfg=2).world_size == 16
+    with pytest.raises(PlanError, match=r"work on the eager DiT; dit_low_noise runs on an engine"):
+        ParallelPlan(ulysses=2).check_engine_dits(["dit_low_noise"])
+    ParallelPlan(cfg=2).check_engine_dits(["dit_low_noise"])  # CFG parallel wraps any component
 
 
 def test_modulation_rows_follow_the_token_split():

@@ -115,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
         check_fits(Path(engines_dir), spec, height, width, num_frames)
     request = _Request(model, engines_dir, pinned, image, height, width, num_frames, steps, output)
     plan = _parallel_plan(args, spec)
+    if plan is not None and engines_dir is not None and args.backend != "eager":
+        plan.check_engine_dits([c for c in spec.dit_components if pinned.get(c) != "eager"])
     job = from_environment()
     if job is None:
         if plan is not None:  # start the processes: each runs this same command as one rank

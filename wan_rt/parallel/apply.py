@@ -18,7 +18,7 @@ from wan_rt.config import ModelSpec
 from wan_rt.models.dit import WanDiT
 from wan_rt.models.vae import WanVAE
 from wan_rt.parallel.cfg import CFGParallelDiT
-from wan_rt.parallel.plan import ParallelGroups, ParallelPlan, PlanError
+from wan_rt.parallel.plan import ParallelGroups, ParallelPlan
 from wan_rt.parallel.sequence import apply_sequence_parallel
 from wan_rt.parallel.shard import ShardedDiT, shard_dit
 from wan_rt.parallel.text import TextEncoderOnOneRank
@@ -40,13 +40,12 @@ def parallelize(components: Mapping[str, Any], spec: ModelSpec, groups: Parallel
     """`components` (this rank's, see `local_component_names`) with the plan applied."""
     plan = groups.plan
     out = dict(components)
+    modules = {name: getattr(out[name], "module", None) for name in spec.dit_components}  # engines have none
+    plan.check_engine_dits([name for name, module in modules.items() if not isinstance(module, WanDiT)])
     for name in spec.dit_components:
-        component = out[name]
+        component, module = out[name], modules[name]
         if plan.sequence_degree > 1 or plan.shard_weights:
-            module = getattr(component, "module", None)  # the eager WanDiT; engines have none
-            if not isinstance(module, WanDiT):
-                raise PlanError(f"--ulysses/--ring/--shard-weights work on the eager DiT; {name} runs on an engine "
-                                f"(pass --backend-for {name}=eager, or use --cfg-parallel alone)")
+            assert isinstance(module, WanDiT)
             apply_sequence_parallel(module, groups)
             if plan.shard_weights:
                 shard_dit(module, device)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence
 
 from wan_rt.config import ModelSpec
 
@@ -88,6 +88,13 @@ class ParallelPlan:
         if unguided:
             raise PlanError(f"--cfg-parallel needs classifier-free guidance (> 1) on every expert; "
                             f"guidance is {', '.join(unguided)}")
+
+    def check_engine_dits(self, engine_dits: Sequence[str]) -> None:
+        """Sequence parallelism and sharding change the eager DiT; an engine's graph is fixed."""
+        if engine_dits and (self.sequence_degree > 1 or self.shard_weights):
+            name = engine_dits[0]
+            raise PlanError(f"--ulysses/--ring/--shard-weights work on the eager DiT; {name} runs on an engine "
+                            f"(pass --backend eager or --backend-for {name}=eager, or use --cfg-parallel alone)")
 
     # ------------------------------------------------------------------ process groups
     def groups(self) -> "ParallelGroups":
