@@ -529,3 +529,127 @@ def _alive(pid: int) -> bool:
             return stat.read().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+# ----------------------------------------------------------------------------- worker groups
+GROUP_TIMEOUT_S = 20   # the group's collective timeout; the first group job waits until the group idled longer
+
+
+@pytest.fixture(scope="module")
+def group_server(tmp_path_factory):
+    """The tiny T2V default on one worker group: two CPU ranks, Ulysses 2 over gloo."""
+    srv = Server(tmp_path_factory.mktemp("serve-group") / "data", "--devices", "cpu,cpu", "--ulysses", "2",
+                 "--group-timeout", str(GROUP_TIMEOUT_S))
+    try:
+        yield srv.start(wait_ready=False)
+    finally:
+        srv.kill()
+
+
+def _group(server: Server) -> dict:
+    (group,) = http("GET", server.url + "/readyz")[2]["workers"]
+    return group
+
+
+def test_a_group_job_is_the_single_worker_video(group_server, tmp_path):
+    """The same request and seed on a 2-rank Ulysses group and on one worker: the same video
+    (frames equal to 1e-5 before encoding, as `wan-rt run --ulysses 2`), after the group sat idle
+    longer than its collective timeout (no rank may wait in a collective meanwhile)."""
+    single = Server(tmp_path / "single", "--devices", "cpu").start(wait_ready=False)
+    try:
+        group_server.wait_ready()
+        idle_since = time.monotonic()
+        single.wait_ready()
+        ready = http("GET", group_server.url + "/readyz")[2]
+        assert ready["model"] == http("GET", single.url + "/readyz")[2]["model"] == "tiny-t2v-A14B"
+        assert [(w["device"], len(w["pids"])) for w in ready["workers"]] == [("cpu,cpu", 2)]
+        body = {"num_inference_steps": 3, "seed": 21}
+        reference = single.client().videos.create_and_poll(prompt="one video, two ranks", poll_interval_ms=100,
+                                                          extra_body=body)
+        assert reference.status == "completed", reference.error
+        time.sleep(max(0.0, idle_since + GROUP_TIMEOUT_S + 2 - time.monotonic()))
+        client = group_server.client()
+        video = client.videos.create_and_poll(prompt="one video, two ranks", poll_interval_ms=100, extra_body=body)
+        other = client.videos.create_and_poll(prompt="one video, two ranks", poll_interval_ms=100,
+                                              extra_body={**body, "seed": 22})
+        assert [v.status for v in (video, other)] == ["completed"] * 2
+        assert video.model_extra["attempts"] == 1 and _group(group_server)["restarts"] == 0
+        want = decode(single.client().videos.download_content(reference.id).content)
+        got = decode(client.videos.download_content(video.id).content)
+        assert want.shape == got.shape == (5, 32, 32, 3) and want.std() > 1
+        # an 8-bit value exactly on a rounding edge could flip by one level: not another video
+        assert int(abs(want.astype(int) - got.astype(int)).max()) <= 1
+        assert not np.array_equal(decode(client.videos.download_content(other.id).content), got)
+    finally:
+        single.kill()
+
+
+def test_cancel_a_running_group_job(group_server):
+    """DELETE of a job the group runs: every rank stops at the same step (the leader alone would
+    leave the other waiting in a collective), and the group takes the next job without a restart."""
+    group_server.wait_ready()
+    client = group_server.client()
+    restarts = _group(group_server)["restarts"]
+    job = client.videos.create(prompt="long", extra_body={"num_inference_steps": 400})
+    wait_for(lambda: client.videos.retrieve(job.id).progress > 0, JOB_TIMEOUT_S, "the group to run the job")
+    assert client.videos.delete(job.id).deleted
+    wait_for(lambda: _group(group_server)["job"] is None, 60, "the group to stop the job")
+    after = client.videos.create_and_poll(prompt="next", poll_interval_ms=100, extra_body={"num_inference_steps": 2})
+    assert after.status == "completed" and after.model_extra["attempts"] == 1
+    assert _group(group_server)["restarts"] == restarts
+    assert not list((group_server.data_dir / "videos").glob(f"{job.id}*"))
+
+
+def test_kill9_of_one_rank_restarts_the_group(group_server):
+    """kill -9 of rank 1 mid-job: the API keeps answering, the whole group is replaced (rank 0
+    too: it may be blocked in a collective), and the job runs again and completes."""
+    group_server.wait_ready()
+    client = group_server.client()
+    before = _group(group_server)
+    job = client.videos.create(prompt="survives its rank", extra_body={"num_inference_steps": 30, "seed": 5})
+    wait_for(lambda: client.videos.retrieve(job.id).progress > 0, JOB_TIMEOUT_S, "the group to run the job")
+    os.kill(before["pids"][1], signal.SIGKILL)
+    assert http("GET", group_server.url + "/healthz")[0] == 200
+    done = client.videos.poll(job.id, poll_interval_ms=100)
+    assert done.status == "completed" and done.model_extra["attempts"] == 2
+    assert done.model_extra["last_error"] == "rank 1 of the worker group on cpu,cpu was killed by signal 9"
+    assert decode(client.videos.download_content(job.id).content).shape == (5, 32, 32, 3)
+    after = _group(group_server)
+    assert after["restarts"] == before["restarts"] + 1 and after["last_exit"] == done.model_extra["last_error"]
+    assert not any(_alive(pid) for pid in before["pids"]) and not set(after["pids"]) & set(before["pids"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--devices", "cpu,cpu,cpu", "--ulysses", "2"],
+     "--devices lists 3 device(s), not a multiple of the worker group size 2 (ulysses 2 on 2 processes)"),
+    (["--devices", "cpu,cpu,cpu", "--ulysses", "3"],
+     "--ulysses 3 does not divide the 2 attention heads of tiny-t2v-A14B; valid Ulysses degrees: 1, 2"),
+    (["--devices", "cpu,cpu", "--ring", "0"], "--ring must be a positive integer; got 0"),
+    (["--devices", "cpu,cpu", "--ulysses", "2", "--group-timeout", "0"], "--group-timeout must be > 0; got 0"),
+])
+def test_bad_worker_group_configs_are_one_line_exit_2(tmp_path, capsys, args, message):
+    from wan_rt.cli import main
+
+    data = tmp_path / "data"
+    assert main(["serve", "--port", "0", "--data-dir", str(data), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"wan-rt serve: error: {message}", err
+    assert not data.exists(), "refused before anything started"
+
+
+def test_worker_groups_split_the_devices():
+    """Several groups run several jobs; a group is all CPU or one rank per named GPU."""
+    from wan_rt.parallel import ParallelPlan, PlanError
+    from wan_rt.service.pool import worker_groups
+    from wan_rt.service.served_model import describe
+
+    served = describe("tiny-t2v-A14B")
+    assert worker_groups(["cpu", "cpu"], None, served) == [["cpu"], ["cpu"]]
+    plan = ParallelPlan(ulysses=2)
+    assert worker_groups(["cuda:0", "cuda:1", "cuda:2", "cuda:3"], plan, served) == [["cuda:0", "cuda:1"],
+                                                                                   ["cuda:2", "cuda:3"]]
+    for devices, message in ((["cpu", "cuda:0"], "a worker group is all cpu or all cuda devices; got cpu,cuda:0"),
+                             (["cuda:1", "cuda:1"], "the worker group cuda:1,cuda:1 uses a GPU twice"),
+                             (["cuda", "cuda:1"], "name each GPU of a worker group (cuda:0,cuda:1,...); got cuda")):
+        with pytest.raises(PlanError, match=re.escape(message)):
+            worker_groups(devices, plan, served)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from wan_rt.cli.build import built_default_engines
+from wan_rt.cli.plan_flags import add_plan_arguments, plan_from_args
 from wan_rt.config import DEFAULT_SPEC
 
 DEFAULT_PROMPT = "a red fox running through fresh snow at sunrise, cinematic, detailed"
@@ -44,11 +45,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"],
                    help="eager only: Triton kernels (auto: on a CUDA GPU) or PyTorch ops")
     p.add_argument("--output", default="out.mp4", help="mp4 path")
-    par = p.add_argument_group("multi-GPU (one video over several processes; README \"Multi-GPU\")")
-    par.add_argument("--ulysses", type=int, default=1, metavar="U", help="Ulysses degree: attention heads split U ways")
-    par.add_argument("--ring", type=int, default=1, metavar="R", help="ring-attention degree: K/V blocks passed around R ranks")
-    par.add_argument("--cfg-parallel", action="store_true", help="cond and uncond on two halves of the ranks")
-    par.add_argument("--shard-weights", action="store_true", help="FSDP2-shard each DiT expert over the ranks")
+    par = add_plan_arguments(p, "multi-GPU (one video over several processes; README \"Multi-GPU\")")
     par.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
                      help="processes to start here (default: cfg x ring x ulysses); under torchrun, ignored")
 
@@ -182,11 +179,10 @@ def _parallel_plan(args: argparse.Namespace, spec):
     from wan_rt.pipeline import guide_scales
 
     job = from_environment()
-    wanted = args.ulysses != 1 or args.ring != 1 or args.cfg_parallel or args.shard_weights
-    if not wanted and args.nproc_per_node in (None, 1):
+    plan = plan_from_args(args)
+    if plan is None and args.nproc_per_node in (None, 1):
         return None
-    plan = ParallelPlan(ulysses=args.ulysses, ring=args.ring, cfg=2 if args.cfg_parallel else 1,
-                        shard_weights=args.shard_weights)
+    plan = plan or ParallelPlan()
     plan.check_model(spec)
     plan.check_guidance(guide_scales(spec, args.guidance, args.guidance_2))
     plan.check_world(job[1] if job is not None else (args.nproc_per_node or plan.world_size))

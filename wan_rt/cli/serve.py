@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ipaddress
 import os
 import socket
+
+from wan_rt.cli.plan_flags import add_plan_arguments, plan_from_args
 
 DEFAULT_DATA_DIR = "serve-data"
 
@@ -22,7 +25,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed at start)")
     p.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="job store (SQLite), uploads and videos")
     p.add_argument("--devices", default="cpu",
-                   help="one worker process per entry: cpu, or cuda:0,cuda:1,... (cpu,cpu: two CPU workers)")
+                   help="one worker process per entry: cpu, or cuda:0,cuda:1,... (cpu,cpu: two CPU workers); "
+                        "with a parallel plan, one worker group per plan-size entries")
     p.add_argument("--max-queue", type=int, default=64, help="waiting jobs before new ones get 429")
     p.add_argument("--api-key", default=None,  # not the key itself: --help prints defaults
                    help="clients must send 'Authorization: Bearer KEY'; default: $WAN_RT_API_KEY, else none")
@@ -35,6 +39,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body (image upload)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="uvicorn's log level (info: one line per request)")
+    par = add_plan_arguments(p, "worker groups (each job over several devices; README \"Multi-GPU\")")
+    par.add_argument("--group-timeout", type=float, default=None, metavar="S",
+                     help="seconds a worker group's collective may wait for a slow rank before the group counts "
+                          "as hung and restarts (None: the service's 300)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,10 +61,8 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"{flag} must be >= {least}; got {value}")
     if args.max_upload_mb <= 0:
         raise UsageError(f"--max-upload-mb must be > 0; got {args.max_upload_mb:g}")
-    try:  # listen first: a port in use is reported before any model loads
-        sock = _listen(args.host, args.port)
-    except OSError as exc:
-        raise UsageError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
+    if args.group_timeout is not None and args.group_timeout <= 0:
+        raise UsageError(f"--group-timeout must be > 0; got {args.group_timeout:g}")
 
     import uvicorn
 
@@ -65,10 +71,18 @@ def run(args: argparse.Namespace) -> int:
     from wan_rt.service.service import DataDirBusy, VideoService
 
     retention = args.retention_hours * 3600 if args.retention_hours > 0 else None
+    plan = plan_from_args(args)
+    if plan is not None and args.group_timeout is not None:
+        plan = dataclasses.replace(plan, timeout_s=args.group_timeout)
     engines_dir = args.engines_dir or (built_default_engines() if args.model is None else None)
+    # Checks the model and the parallel plan against the devices; starts nothing yet.
     service = VideoService(args.model, engines_dir=engines_dir, devices=devices, data_dir=args.data_dir,
                            store=args.store, max_queue=args.max_queue, retention_s=retention,
-                           max_attempts=args.max_attempts)
+                           max_attempts=args.max_attempts, parallel=plan)
+    try:  # listen before the workers start: a port in use is reported before any model loads
+        sock = _listen(args.host, args.port)
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
     try:
         service.start()
     except (DataDirBusy, ConnectionError) as exc:
@@ -78,8 +92,10 @@ def run(args: argparse.Namespace) -> int:
         app = create_app(service, api_key=args.api_key, max_upload_bytes=int(args.max_upload_mb * 2**20))
         host, port = sock.getsockname()[:2]
         url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
-        print(f"wan-rt serve: {service.model.id} ({service.model.backend}) on {url} with "
-              f"{len(devices)} worker(s) on {','.join(devices)}; data in {args.data_dir}", flush=True)
+        workers = (f"{len(devices)} worker(s)" if service.plan is None
+                   else f"{len(service.groups)} worker group(s) of {service.plan.describe()}")
+        print(f"wan-rt serve: {service.model.id} ({service.model.backend}) on {url} with {workers} on "
+              f"{','.join(devices)}; data in {args.data_dir}", flush=True)
         server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5))
         server.run(sockets=[sock])
     finally:

@@ -140,6 +140,8 @@ def any_rank(flag: bool, group=None) -> bool:
     """True on every rank when `flag` is True on any: a cancel seen by one rank (the one a
     service talks to) must stop all of them at the same step, or the others would wait forever
     in the next collective. Call it from the step callback on every rank."""
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    # NCCL reduces CUDA tensors only (on the device init_process_group made current).
+    device = "cuda" if dist.get_backend(group) == dist.Backend.NCCL else "cpu"
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return bool(t.item())

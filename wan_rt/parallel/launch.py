@@ -15,7 +15,8 @@ import logging
 import os
 import sys
 import uuid
-from typing import Sequence
+from datetime import timedelta
+from typing import Optional, Sequence
 
 import torch
 
@@ -47,11 +48,14 @@ def launch(argv: Sequence[str], nproc: int) -> int:
     return 0
 
 
-def init_process_group(device: torch.device) -> None:
-    """Join the job this process was launched into (torchrun's environment variables)."""
+def init_process_group(device: torch.device, timeout_s: Optional[float] = None) -> None:
+    """Join the job this process was launched into (torchrun's environment variables).
+    timeout_s: how long a collective may wait for the other ranks before it fails (torch's
+    default: 10 min for NCCL, 30 for gloo); a service's worker group sets a shorter one."""
     import torch.distributed as dist
 
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=None if timeout_s is None else timedelta(seconds=timeout_s))

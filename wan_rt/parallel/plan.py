@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Mapping, Optional, Sequence
 
 from wan_rt.config import ModelSpec
@@ -35,7 +36,9 @@ class ParallelPlan:
     """ulysses, ring, cfg: the degrees; shard_weights: FSDP2-shard every DiT block over the
     world (each rank keeps 1/world of the weights between uses); text_encoder_on_one_rank: umT5
     is loaded and run on rank 0 only and its output broadcast; split_vae: the VAE decode is split
-    by height over the world (eager VAE; exact, with halo rows)."""
+    by height over the world (eager VAE; exact, with halo rows); timeout_s: how long a collective
+    of the plan's process groups waits for the other ranks before it fails (None: torch's default,
+    10 min on NCCL, 30 on gloo); pass the same to `launch.init_process_group` for the world group."""
 
     ulysses: int = 1
     ring: int = 1
@@ -43,6 +46,7 @@ class ParallelPlan:
     shard_weights: bool = False
     text_encoder_on_one_rank: bool = True
     split_vae: bool = True
+    timeout_s: Optional[float] = None
 
     def __post_init__(self) -> None:
         for name in ("ulysses", "ring"):
@@ -51,6 +55,8 @@ class ParallelPlan:
                 raise PlanError(f"--{name} must be a positive integer; got {value!r}")
         if self.cfg not in (1, 2):
             raise PlanError(f"the CFG degree is 1 or 2 (cond and uncond); got {self.cfg!r}")
+        if self.timeout_s is not None and not self.timeout_s > 0:
+            raise PlanError(f"a collective timeout must be > 0 seconds; got {self.timeout_s!r}")
 
     @property
     def world_size(self) -> int:
@@ -109,6 +115,8 @@ class ParallelPlan:
         self.check_world(world)
         C, R, U = self.cfg, self.ring, self.ulysses
         c, r, u = rank // (R * U), rank // U % R, rank % U
+        # new_group does not inherit the world's timeout: it takes torch's default unless given one
+        timeout = None if self.timeout_s is None else timedelta(seconds=self.timeout_s)
 
         def make(members_of: list[list[int]], size: int):
             """One group per member list (every rank creates every group); returns this rank's."""
@@ -116,7 +124,7 @@ class ParallelPlan:
                 return None
             mine = None
             for members in members_of:
-                group = dist.new_group(members)
+                group = dist.new_group(members, timeout=timeout)
                 if rank in members:
                     mine = group
             return mine

@@ -14,6 +14,7 @@ the store, so they survive a restart and are shared by services on one PostgreSQ
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import fcntl
 import io
 import math
@@ -21,7 +22,7 @@ import os
 import secrets
 import time
 from pathlib import Path
-from typing import AsyncIterator, Iterator, Optional, Sequence, Union
+from typing import TYPE_CHECKING, AsyncIterator, Iterator, Optional, Sequence, Union
 
 from PIL import Image
 
@@ -30,11 +31,18 @@ from wan_rt.service.metrics import ServiceMetrics
 from wan_rt.service.outputs import VARIANTS, JobFiles
 from wan_rt.service.served_model import ServedModel, describe
 from wan_rt.service.stores import open_store
-from wan_rt.service.workers import WorkerPool, WorkerSettings
+from wan_rt.service.pool import WorkerPool, worker_groups
+from wan_rt.service.workers import WorkerSettings
+
+if TYPE_CHECKING:
+    from wan_rt.parallel import ParallelPlan
 
 SOLVERS = ("unipc", "dpm++", "euler")
 MAX_SEED = 2**63 - 1
 POLL_S = 0.1    # how often wait() and events() look at the store
+# A worker group's collectives wait this long for a slow rank (rank 0 also loads and runs the
+# text encoder, and writes the outputs while the others wait) before the group counts as hung.
+GROUP_TIMEOUT_S = 300.0
 
 
 class VideoNotReady(RuntimeError):
@@ -53,19 +61,28 @@ class VideoService:
     def __init__(self, model: Optional[str] = None, *, engines_dir: Optional[str] = None,
                  devices: Sequence[str] = ("cpu",), data_dir: Union[str, os.PathLike] = "serve-data",
                  store: Optional[str] = None, max_queue: Optional[int] = 64,
-                 retention_s: Optional[float] = 24 * 3600.0, max_attempts: int = 3, lease_s: float = 30.0):
+                 retention_s: Optional[float] = 24 * 3600.0, max_attempts: int = 3, lease_s: float = 30.0,
+                 parallel: Optional["ParallelPlan"] = None):
         """model / engines_dir: as WanPipeline.from_pretrained takes them (neither: the embedded
         tiny preset). devices: one worker each ("cpu", "cuda:0", ...). store: None for SQLite in
         `data_dir`, or a postgresql:// URL. max_queue: waiting jobs before submit raises QueueFull.
         retention_s: a completed job's files are removed this long after it finished (None: kept).
         max_attempts: runs of a job whose worker died before it is failed. lease_s: a running job
-        whose worker has not renewed it for this long is handed back (workers on other machines)."""
+        whose worker has not renewed it for this long is handed back (workers on other machines).
+        parallel: a wan_rt.parallel.ParallelPlan; the devices then make worker groups of its world
+        size, each running one job over all its devices (checked here: PlanError, one line). A plan
+        without `timeout_s` gets GROUP_TIMEOUT_S: a group's collective that waits longer fails (a
+        hung rank) and the group restarts."""
         if not devices:
             raise ValueError("devices: give at least one (cpu, cuda:0, ...)")
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1; got {max_attempts}")
         self.model: ServedModel = describe(model, engines_dir)
         self.devices = list(devices)
+        if parallel is not None and parallel.timeout_s is None:
+            parallel = dataclasses.replace(parallel, timeout_s=GROUP_TIMEOUT_S)
+        self.plan = parallel
+        self.groups = worker_groups(self.devices, parallel, self.model)
         self.data_dir = Path(data_dir)
         self.max_queue = max_queue
         self.retention_s = retention_s
@@ -89,9 +106,9 @@ class VideoService:
             self.store.release("the service stopped while it ran", self.max_attempts, time.time(),
                                model=self.model.id)
         settings = WorkerSettings(self.model, self._store_url, str(self.data_dir), self.max_attempts,
-                                  self.retention_s)
+                                  self.retention_s, plan=self.plan)
         self.metrics = ServiceMetrics(self.store, self.model.id, lambda: sum(w["ready"] for w in self.workers()))
-        self._pool = WorkerPool(settings, self.devices, self.store, on_job=self._job_finished,
+        self._pool = WorkerPool(settings, self.groups, self.store, on_job=self._job_finished,
                                 on_restart=lambda device, reason: self.metrics.worker_restarts.labels(device).inc(),
                                 on_tick=self._housekeeping)
         self._pool.start()
@@ -114,7 +131,7 @@ class VideoService:
 
     @property
     def ready(self) -> bool:
-        """At least one worker has its pipeline loaded."""
+        """At least one worker (or worker group) has its pipeline loaded."""
         return self._pool is not None and self._pool.ready
 
     def workers(self) -> list[dict]:
@@ -141,7 +158,7 @@ class VideoService:
         except QueueFull as exc:
             self.files.remove(job.id)
             # A slot frees when a running job ends: about one job's time, spread over the workers.
-            exc.retry_after_s = self._mean_job_s / len(self.devices)
+            exc.retry_after_s = self._mean_job_s / len(self.groups)
             raise
         except BaseException:
             self.files.remove(job.id)
@@ -233,6 +250,13 @@ class VideoService:
                 raise InvalidRequest(f"{name} must be a finite number; got {value}", name)
         if r.shift is not None and r.shift <= 0:
             raise InvalidRequest(f"shift must be > 0; got {r.shift}", "shift")
+        if self.plan is not None:  # CFG parallel needs guidance on every expert
+            from wan_rt.pipeline import guide_scales
+
+            try:
+                self.plan.check_guidance(guide_scales(spec, r.guidance_scale, r.guidance_scale_2))
+            except ValueError as exc:
+                raise InvalidRequest(str(exc), "guidance_scale") from None
         seed = secrets.randbelow(2**31) if r.seed is None else r.seed
         if not 0 <= seed <= MAX_SEED:
             raise InvalidRequest(f"seed must be between 0 and {MAX_SEED}; got {seed}", "seed")
