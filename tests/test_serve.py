@@ -653,3 +653,19 @@ def test_worker_groups_split_the_devices():
                              (["cuda", "cuda:1"], "name each GPU of a worker group (cuda:0,cuda:1,...); got cuda")):
         with pytest.raises(PlanError, match=re.escape(message)):
             worker_groups(devices, plan, served)
+
+
+def test_cfg_parallel_refuses_requests_without_guidance(tmp_path):
+    """CFG parallel splits cond and uncond over the ranks: a request without guidance is a 400's
+    one line at submit, before it is queued (nothing is started to find out)."""
+    from wan_rt.parallel import ParallelPlan
+    from wan_rt.service import InvalidRequest, VideoRequest, VideoService
+    from wan_rt.service.service import GROUP_TIMEOUT_S as DEFAULT_TIMEOUT_S
+
+    service = VideoService(devices=["cpu", "cpu"], data_dir=tmp_path, parallel=ParallelPlan(cfg=2))
+    assert service.groups == [["cpu", "cpu"]] and service.plan.timeout_s == DEFAULT_TIMEOUT_S
+    with pytest.raises(InvalidRequest) as err:
+        service.submit(VideoRequest("no guidance on the second expert", guidance_scale_2=1.0))
+    assert str(err.value) == ("--cfg-parallel needs classifier-free guidance (> 1) on every expert; "
+                              "guidance is dit_low_noise 1")
+    assert err.value.param == "guidance_scale"

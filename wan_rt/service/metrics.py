@@ -28,7 +28,7 @@ class ServiceMetrics:
                                      ["outcome"], buckets=_BUCKETS, registry=self.registry)
         self.steps_per_second = Gauge("wan_rt_steps_per_second", "Denoising steps per second of the last "
                                       "completed job, per worker device", ["device"], registry=self.registry)
-        self.worker_restarts = Counter("wan_rt_worker_restarts", "Worker processes restarted after they died",
+        self.worker_restarts = Counter("wan_rt_worker_restarts", "Workers restarted after one of their processes died",
                                        ["device"], registry=self.registry)
         self.registry.register(_StoreCollector(store, model_id, workers_ready))
 
@@ -58,7 +58,7 @@ class _StoreCollector(Collector):
         for status, n in counts.items():
             jobs.add_metric([status], n)
         yield jobs
-        ready = GaugeMetricFamily("wan_rt_workers_ready", "Worker processes with a loaded pipeline",
+        ready = GaugeMetricFamily("wan_rt_workers_ready", "Workers (processes or worker groups) with a loaded pipeline",
                                   labels=["model"])
         ready.add_metric([self.model_id], self.workers_ready())
         yield ready

@@ -157,14 +157,17 @@ def _lead(pipe, store: JobStore, files: JobFiles, worker_id: str, settings: Work
 
 def _join_group(seat: Seat, timeout_s: Optional[float]) -> None:
     """torch.distributed's process group of this worker group, from torchrun's environment
-    variables as wan_rt.parallel reads them (set in this process only; the device is explicit)."""
+    variables as wan_rt.parallel reads them (set in this process only). LOCAL_RANK names the GPU,
+    as under torchrun with every GPU visible (a group may sit on cuda:2,cuda:3)."""
     import torch
 
     from wan_rt.parallel.launch import init_process_group
 
+    device = torch.device(seat.device)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(seat.master_port), RANK=str(seat.rank),
-                      WORLD_SIZE=str(seat.world_size), LOCAL_RANK=str(seat.rank))
-    init_process_group(torch.device(seat.device), timeout_s)
+                      WORLD_SIZE=str(seat.world_size),
+                      LOCAL_RANK=str(device.index if device.type == "cuda" else seat.rank))
+    init_process_group(device, timeout_s)
 
 
 def _follow(pipe, seat: Seat) -> None:
