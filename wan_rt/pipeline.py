@@ -20,7 +20,8 @@ from wan_rt.config import ModelSpec, Stage, check_request, latent_shape
 from wan_rt.models.text_encoder import tokenize
 from wan_rt.runtime.component import Component
 from wan_rt.runtime.residency import ExpertResidency
-from wan_rt.scheduler import SamplingDefaults, make_scheduler, scheduler_from_diffusers_config
+from wan_rt.scheduler import (SamplingDefaults, make_scheduler, scheduler_from_diffusers_config,
+                              scheduler_from_timesteps)
 from wan_rt.video import ImageInput, image_to_tensor, video_to_output
 
 
@@ -51,7 +52,9 @@ class _Conditions:
 @dataclass
 class WanPipelineOutput:
     frames: Any                    # np [B, F, H, W, 3] | pt [B, F, 3, H, W] | pil | latents
-    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    # Seconds per stage; plus what components report about their stage ("<component>.<figure>",
+    # e.g. a step cache's steps computed / reused) and, on a GPU, "peak_gpu_memory_gb".
+    timings: dict[str, float] = field(default_factory=dict)
     steps_per_stage: dict[str, int] = field(default_factory=dict)
 
 
@@ -97,10 +100,18 @@ class Pipeline:
                  max_sequence_length: Optional[int] = None, output_type: str = "np",
                  shift: Optional[float] = None, solver: Optional[str] = None,
                  callback_on_step_end: Optional[StepCallback] = None,
-                 callback_on_step_end_tensor_inputs: Sequence[str] = CALLBACK_TENSORS) -> WanPipelineOutput:
+                 callback_on_step_end_tensor_inputs: Sequence[str] = CALLBACK_TENSORS,
+                 timesteps: Optional[Sequence[int]] = None, switch_step: Optional[int] = None) -> WanPipelineOutput:
         """`callback_on_step_end` follows diffusers: called after every denoising step with
         (pipe, step_index, timestep, {name: tensor}); it may return {"latents": ...} to replace
-        them, and may raise GenerationInterrupted (or set `pipe.interrupt`) to stop the run."""
+        them, and may raise GenerationInterrupted (or set `pipe.interrupt`) to stop the run.
+
+        Few-step distilled models: `timesteps` (e.g. [1000, 750, 500, 250]) samples at exactly
+        those training timesteps (scheduler.scheduler_from_timesteps, the formulation of LightX2V's
+        distill configs; `shift` applies, `solver` must be left out), and `switch_step` hands over
+        from the high-noise to the low-noise expert at that step index instead of at the boundary
+        timestep (LightX2V's `boundary_step_index`). Guidance 1 runs one pass per step (no
+        negative prompt, no uncond batch)."""
         spec = self.spec
         unknown = [n for n in callback_on_step_end_tensor_inputs if n not in CALLBACK_TENSORS]
         if unknown:
@@ -109,8 +120,16 @@ class Pipeline:
         height = spec.height if height is None else height
         width = spec.width if width is None else width
         num_frames = spec.num_frames if num_frames is None else num_frames
+        if timesteps is not None:
+            if solver is not None:
+                raise ValueError("timesteps run the distilled models' Euler sampler; leave solver out")
+            if num_inference_steps is not None and num_inference_steps != len(timesteps):
+                raise ValueError(f"num_inference_steps={num_inference_steps} but {len(timesteps)} timesteps given")
+            num_inference_steps = len(timesteps)
         steps = spec.sample_steps if num_inference_steps is None else num_inference_steps
         check_request(spec, height, width, num_frames, steps)
+        sched = self._scheduler(steps, shift, solver, timesteps)
+        groups = _group_by_stage(spec, sched.timesteps, switch_step)
         if spec.task == "i2v" and image is None:
             raise ValueError(f"{spec.name} is an image-to-video model: pass an image")
         if output_type not in ("np", "pt", "pil", "latent"):
@@ -124,6 +143,8 @@ class Pipeline:
             negative_prompt = self.defaults.negative_prompt
         negatives = [negative_prompt] * batch if isinstance(negative_prompt, str) else list(negative_prompt)
         timings: dict[str, float] = {}
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
 
         # 1. Text: prompt and negative prompt, each zero-padded to max_sequence_length.
         with _timed(timings, "text_encoder"):
@@ -146,12 +167,10 @@ class Pipeline:
         first_frame_mask = self._first_frame_mask(latents, condition)
 
         # 3. Denoise: the stages run in order (timesteps decrease), each expert exactly once.
-        sched = self._scheduler(steps, shift, solver)
         steps_per_stage: dict[str, int] = {}
         # One tensor for the whole loop, so components can cache per-prompt work on it.
         batched = self.cfg_batch and batch == 1 and context_null is not None
         context_pair = torch.cat([context, context_null]) if batched else None
-        groups = _group_by_stage(spec, sched.timesteps)
         self.num_timesteps = len(sched.timesteps)
         cond = _Conditions(context, context_null, context_pair, condition, first_frame_mask, guide)
         try:
@@ -163,11 +182,13 @@ class Pipeline:
             latents = (1 - first_frame_mask) * condition + first_frame_mask * latents
 
         # 4. Decode.
-        if output_type == "latent":
-            return WanPipelineOutput(latents, timings, steps_per_stage)
-        with _timed(timings, "vae_decoder"):
-            video = self.components["vae_decoder"](latents=latents)["video"]
-        return WanPipelineOutput(video_to_output(video, output_type), timings, steps_per_stage)
+        frames = latents
+        if output_type != "latent":
+            with _timed(timings, "vae_decoder"):
+                frames = video_to_output(self.components["vae_decoder"](latents=latents)["video"], output_type)
+        if self.device.type == "cuda":
+            timings["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        return WanPipelineOutput(frames, timings, steps_per_stage)
 
     def _denoise(self, groups: list[tuple[Stage, list[int]]], sched, latents: Tensor, cond: _Conditions,
                  steps_per_stage: dict[str, int], timings: dict[str, float], callback: Optional[StepCallback],
@@ -181,6 +202,10 @@ class Pipeline:
             # Making the first expert resident is loading; waiting for the next one is the swap stall.
             with _timed(timings, "swap_stall" if n_stage else "expert_load"):
                 self.residency.enter(stage.component)
+            # Optional stage hooks (runtime/component.py): a component wrapped with per-generation
+            # state (a step cache) starts afresh here and reports on its stage afterwards.
+            if hasattr(dit, "begin_stage"):
+                dit.begin_stage(indices, len(sched.timesteps))
             with _timed(timings, stage.component):
                 for k, i in enumerate(self._progress(indices, stage.component)):
                     t = sched.timesteps[i]
@@ -203,12 +228,18 @@ class Pipeline:
                         latents = returned.get("latents", latents)
                     if self.interrupt:
                         raise GenerationInterrupted(f"interrupted after step {i + 1} of {len(sched.timesteps)}")
+            if hasattr(dit, "stage_report"):
+                timings.update({f"{stage.component}.{k}": v for k, v in dit.stage_report().items()})
             self.residency.leave(stage.component)
         return latents
 
     # ------------------------------------------------------------------ helpers
-    def _scheduler(self, steps: int, shift: Optional[float], solver: Optional[str]):
-        """The checkpoint's own scheduler config when there is one and the solver is not overridden."""
+    def _scheduler(self, steps: int, shift: Optional[float], solver: Optional[str],
+                   timesteps: Optional[Sequence[int]] = None):
+        """The checkpoint's own scheduler config when there is one and the solver is not
+        overridden; the few-step sampler at an explicit timestep list."""
+        if timesteps is not None:
+            return scheduler_from_timesteps(timesteps, shift if shift is not None else self.defaults.shift)
         if self.defaults.scheduler_config is not None and solver in (None, self.defaults.solver):
             return scheduler_from_diffusers_config(self.defaults.scheduler_config, steps, shift_override=shift)
         return make_scheduler(solver or self.defaults.solver, steps,
@@ -293,8 +324,15 @@ def _expert_budget(device: torch.device, components: Mapping[str, Component]) ->
     return total - max(int(total * 0.15), 24 * 2**30) - others
 
 
-def _group_by_stage(spec: ModelSpec, timesteps: Tensor) -> list[tuple[Stage, list[int]]]:
-    """Consecutive step indices per stage; timesteps decrease, so each stage appears once."""
+def _group_by_stage(spec: ModelSpec, timesteps: Tensor,
+                    switch_step: Optional[int] = None) -> list[tuple[Stage, list[int]]]:
+    """Consecutive step indices per stage; timesteps decrease, so each stage appears once. With
+    `switch_step` the second stage starts at that step index whatever the timesteps."""
+    if switch_step is not None:
+        n = len(timesteps)
+        check_switch_step(spec, n, switch_step)
+        split = ((spec.stages[0], list(range(switch_step))), (spec.stages[1], list(range(switch_step, n))))
+        return [(stage, indices) for stage, indices in split if indices]
     groups: list[tuple[Stage, list[int]]] = []
     for i, t in enumerate(timesteps.tolist()):
         stage = spec.stage_for(t)
@@ -303,6 +341,14 @@ def _group_by_stage(spec: ModelSpec, timesteps: Tensor) -> list[tuple[Stage, lis
         else:
             groups.append((stage, [i]))
     return groups
+
+
+def check_switch_step(spec: ModelSpec, steps: int, switch_step: int) -> None:
+    """One clear ValueError for an expert switch by step index that cannot happen."""
+    if len(spec.stages) < 2:
+        raise ValueError(f"switch_step: {spec.name} has one DiT, there is no expert to switch to")
+    if not 0 <= switch_step <= steps:
+        raise ValueError(f"switch_step must be in 0..{steps} (the number of steps); got {switch_step}")
 
 
 @contextmanager

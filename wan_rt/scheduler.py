@@ -1,4 +1,5 @@
-"""Flow-matching samplers with timestep shift: UniPC-2 (default), DPM++ 2M and Euler.
+"""Flow-matching samplers with timestep shift: UniPC-2 (default), DPM++ 2M and Euler, and the
+few-step sampler of the distilled Wan 2.2 models at an explicit timestep list.
 
 Mirrors Wan2.2 `wan/utils/fm_solvers_unipc.py: FlowUniPCMultistepScheduler` and
 `wan/utils/fm_solvers.py: FlowDPMSolverMultistepScheduler` (the "official" grids), and diffusers
@@ -17,7 +18,7 @@ timestep up (the references pick the *second* match on duplicate integer timeste
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
@@ -123,7 +124,8 @@ _GRIDS: dict[tuple[str, str], GridFn] = {
 class FlowScheduler:
     """Base: a fixed grid plus a step counter. Subclasses implement `step`.
 
-    sigmas: float32 [N+1], sigmas[N] == 0. timesteps: int64 [N], fed to the network.
+    sigmas: float32 [N+1], sigmas[N] == 0. timesteps: int64 [N] (float32 for the timestep-list
+    sampler, whose shifted timesteps are not integers), fed to the network.
     `step(v, i, x)` takes the (CFG-combined) velocity at step i and returns x at step i+1, float32.
     Steps must be taken in order 0..N-1; `reset()` starts a new run on the same grid.
     """
@@ -131,7 +133,7 @@ class FlowScheduler:
     def __init__(self, sigmas: Tensor, timesteps: Tensor) -> None:
         n = timesteps.shape[0]
         assert sigmas.dtype == torch.float32 and sigmas.shape == (n + 1,) and sigmas[-1] == 0
-        assert timesteps.dtype == torch.int64 and timesteps.ndim == 1 and n > 0
+        assert timesteps.dtype in (torch.int64, torch.float32) and timesteps.ndim == 1 and n > 0
         self.sigmas = sigmas
         self.timesteps = timesteps
         # λ = ln(1−σ) − ln σ per element as 0-dim ops, like the references (a vectorized log may
@@ -259,6 +261,51 @@ class UniPCScheduler(FlowScheduler):
         R = torch.stack([torch.stack([one, one]), torch.stack([r, one])])
         rho = torch.linalg.solve(R, torch.stack([hphi_1 / phi, hphi_2 * 2 / phi]))
         return x_corr - alpha_t * phi * (rho[0] * d + rho[1] * (m - m0))
+
+
+class TimestepListScheduler(FlowScheduler):
+    """The few-step sampler of the distilled Wan 2.2 models (LightX2V `WanStepDistillScheduler`,
+    `denoising_step_list`): flow Euler at the timesteps a distillation was trained on.
+
+    Written as LightX2V writes it: x0 = x − σ_i·v, then x_{i+1} = x0 + σ_{i+1}·v (x0 itself at
+    the last step), in float32 with Python-float sigmas; algebraically EulerScheduler's step.
+    """
+
+    def step(self, model_output: Tensor, step_index: int, sample: Tensor) -> Tensor:
+        i = self._advance(step_index)
+        v = model_output.float()
+        x0 = sample.float() - v * self.sigmas[i].item()
+        if i < self.num_steps - 1:
+            x0 = x0 + v * self.sigmas[i + 1].item()
+        return x0
+
+
+def timestep_list_sigmas(timesteps: Sequence[int], shift: float) -> tuple[Tensor, Tensor]:
+    """LightX2V's grid for a `denoising_step_list`: the 1000 training sigmas 1 − k/1000
+    (torch.linspace(1, 0, 1001)[:-1], float32), shifted (σ' = s·σ / (1 + (s−1)·σ)); timestep t in
+    the list picks entry 1000 − t, i.e. σ = t/1000 before the shift. The network is fed the
+    shifted σ'·1000, a float (e.g. 937.5 for t = 750 at shift 5). Returns (sigmas float32 [N+1]
+    ending in 0, timesteps float32 [N])."""
+    steps = list(timesteps)
+    if not steps:
+        raise ValueError("timesteps: give at least one")
+    bad = [t for t in steps if int(t) != t or not 1 <= t <= NUM_TRAIN_TIMESTEPS]
+    if bad:
+        raise ValueError(f"timesteps must be integers in 1..{NUM_TRAIN_TIMESTEPS} (the training grid a "
+                         f"distillation indexes); got {bad[0]!r}")
+    if any(b >= a for a, b in zip(steps, steps[1:])):
+        raise ValueError(f"timesteps must decrease strictly; got {steps}")
+    if not shift > 0:
+        raise ValueError(f"need shift > 0, got {shift}")
+    grid = torch.linspace(1.0, 0.0, NUM_TRAIN_TIMESTEPS + 1)[:-1]
+    grid = shift * grid / (1 + (shift - 1) * grid)
+    picked = grid[[NUM_TRAIN_TIMESTEPS - int(t) for t in steps]]
+    return torch.cat([picked, picked.new_zeros(1)]), picked * NUM_TRAIN_TIMESTEPS
+
+
+def scheduler_from_timesteps(timesteps: Sequence[int], shift: float) -> TimestepListScheduler:
+    """A fresh few-step sampler at the given timesteps (e.g. [1000, 750, 500, 250])."""
+    return TimestepListScheduler(*timestep_list_sigmas(timesteps, float(shift)))
 
 
 _SOLVERS: dict[str, type[FlowScheduler]] = {

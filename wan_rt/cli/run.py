@@ -34,6 +34,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--width", type=int, default=None, help="default: the model's")
     p.add_argument("--frames", type=int, default=None, help="4k+1; default: the model's")
     p.add_argument("--steps", type=int, default=None, help="default: the model's")
+    p.add_argument("--timesteps", default=None, metavar="T1,T2,...",
+                   help="few-step distilled models: sample at exactly these training timesteps, e.g. 1000,750,500,250 "
+                        "(LightX2V's denoising_step_list; the flow shift applies)")
+    p.add_argument("--switch-step", type=int, default=None,
+                   help="hand over to the low-noise expert at this step index (a distilled A14B model's "
+                        "boundary_step_index, e.g. 2), not at the boundary timestep")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale of the high-noise expert (or the only DiT)")
     p.add_argument("--guidance-2", type=float, default=None, help="CFG scale of the low-noise expert")
     p.add_argument("--shift", type=float, default=None, help="flow shift; default: the checkpoint's")
@@ -63,6 +69,7 @@ class _Request:
     num_frames: int
     steps: int
     output: Path
+    timesteps: Optional[list[int]] = None  # --timesteps (few-step distilled models)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -73,7 +80,9 @@ def run(args: argparse.Namespace) -> int:
     from wan_rt.parallel import ParallelPlan
     from wan_rt.parallel.launch import init_process_group, launch
     from wan_rt.parallel.plan import from_environment, local_device
+    from wan_rt.pipeline import check_switch_step
     from wan_rt.resolve import resolve_checkpoint
+    from wan_rt.scheduler import timestep_list_sigmas
     from wan_rt.runtime.engines_dir import check_fits, read_index
     from wan_rt.video import load_image
 
@@ -102,7 +111,17 @@ def run(args: argparse.Namespace) -> int:
     pick = lambda value, default: default if value is None else value  # noqa: E731  (0 is a value)
     height, width = pick(args.height, spec.height), pick(args.width, spec.width)
     num_frames, steps = pick(args.frames, spec.num_frames), pick(args.steps, spec.sample_steps)
+    timesteps = _parse_timesteps(args.timesteps, UsageError) if args.timesteps is not None else None
+    if timesteps is not None:
+        if args.steps is not None and args.steps != len(timesteps):
+            raise UsageError(f"--steps {args.steps} but --timesteps lists {len(timesteps)}")
+        if args.solver is not None:
+            raise UsageError("--timesteps runs the distilled models' Euler sampler; drop --solver")
+        steps = len(timesteps)
+        timestep_list_sigmas(timesteps, 1.0)  # a bad list is one line now, not after loading
     check_request(spec, height, width, num_frames, steps)
+    if args.switch_step is not None:
+        check_switch_step(spec, steps, args.switch_step)
     if spec.task == "i2v" and not args.image:
         raise UsageError(f"{spec.name} is an image-to-video model: pass --image")
     if args.image and spec.task == "t2v":
@@ -110,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     image = load_image(args.image) if args.image else None
     if engines_dir is not None and args.backend != "eager":
         check_fits(Path(engines_dir), spec, height, width, num_frames)
-    request = _Request(model, engines_dir, pinned, image, height, width, num_frames, steps, output)
+    request = _Request(model, engines_dir, pinned, image, height, width, num_frames, steps, output, timesteps)
     plan = _parallel_plan(args, spec)
     if plan is not None and engines_dir is not None and args.backend != "eager":
         plan.check_engine_dits([c for c in spec.dit_components if pinned.get(c) != "eager"])
@@ -148,7 +167,8 @@ def _generate(args: argparse.Namespace, spec, request: _Request, device, plan, r
     result = pipe(args.prompt, negative_prompt=args.negative_prompt, image=request.image, height=request.height,
                   width=request.width, num_frames=request.num_frames, num_inference_steps=request.steps,
                   guidance_scale=args.guidance, guidance_scale_2=args.guidance_2, generator=generator,
-                  shift=args.shift, solver=args.solver)
+                  shift=args.shift, solver=args.solver,
+                  timesteps=request.timesteps, switch_step=args.switch_step)
     if rank != 0:  # every rank holds the same frames; rank 0 writes them
         return 0
     export_to_video(result.frames[0], request.output, fps=spec.fps)
@@ -187,3 +207,10 @@ def _parallel_plan(args: argparse.Namespace, spec):
     plan.check_guidance(guide_scales(spec, args.guidance, args.guidance_2))
     plan.check_world(job[1] if job is not None else (args.nproc_per_node or plan.world_size))
     return plan
+
+
+def _parse_timesteps(value: str, error) -> list[int]:
+    try:
+        return [int(t) for t in value.split(",")]
+    except ValueError:
+        raise error(f"--timesteps takes comma-separated integers, e.g. 1000,750,500,250; got {value!r}") from None
