@@ -13,7 +13,7 @@ import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Callable, Mapping, Optional
 
 import torch
 
@@ -23,9 +23,9 @@ from wan_rt.models import load_component
 from wan_rt.precision import PRECISIONS, QUALITY_TOLERANCE, QUANTIZED_PRECISIONS, component_dtype
 from wan_rt.resolve import ResolvedCheckpoint, resolve_checkpoint
 from wan_rt.runtime.backends import get_backend
-from wan_rt.runtime.engines_dir import (EngineManifest, StaleEngineError, check_index, commit_component,
-                                        expected_manifest, first_difference, new_component_dir, remove_leftovers,
-                                        version_mismatch, write_index)
+from wan_rt.runtime.engines_dir import (EngineManifest, LoraPairs, StaleEngineError, check_index, commit_component,
+                                        component_fingerprint, expected_manifest, first_difference, lora_args,
+                                        new_component_dir, remove_leftovers, version_mismatch, write_index)
 from wan_rt.runtime.graphs import ShapeProfile, components_of, graph_module, graph_names, graph_spec, shape_profile
 
 if TYPE_CHECKING:
@@ -54,7 +54,8 @@ def build_engines(model: str, backend: str, engines_dir: Path, *, precision: Opt
                   device: Optional[str] = None, log: Callable[[str], None] = print,
                   quant_config: Optional["QuantConfig"] = None,
                   trt_config: Optional["BuildConfig"] = None, quick_compile: bool = False,
-                  kernels: str = "auto", attention: str = "exact") -> list[EngineManifest]:
+                  kernels: str = "auto", attention: str = "exact",
+                  loras: Optional[Mapping[str, LoraPairs]] = None) -> list[EngineManifest]:
     """`quant_config` tunes fp8/int8 builds (calibration prompts and steps, FP8 attention,
     SmoothQuant alpha); `trt_config` the TensorRT builder (optimization level, refit, weight
     streaming); `quick_compile` (aoti) compiles scalar C++ kernels with an -O0 wrapper: about
@@ -62,7 +63,8 @@ def build_engines(model: str, backend: str, engines_dir: Path, *, precision: Opt
     GPU, else torch) and `attention` ("exact" | "int8") choose the ops compiled into AOTInductor
     DiT packages (wan_rt.runtime.fast.dit_variant); with precision fp8 their linear layers are
     FP8 GEMMs (torch._scaled_mm, dynamic activation scales: no calibration). All are recorded in
-    the manifests' build_args, so changing one rebuilds."""
+    the manifests' build_args, so changing one rebuilds. `loras` ({DiT component: [(file, scale)]})
+    are fused into those experts' weights before export; the weights fingerprint covers them."""
     backend_mod, builder = get_backend(backend), get_builder(backend)
     if not backend_mod.is_available():
         why = getattr(backend_mod, "unavailable_reason", lambda: "its libraries are not installed")()
@@ -94,6 +96,13 @@ def build_engines(model: str, backend: str, engines_dir: Path, *, precision: Opt
     unknown = [c for c in wanted if c not in components_of(spec)]
     if unknown:
         raise ValueError(f"{spec.name} has no component {unknown[0]!r}; it has {', '.join(components_of(spec))}")
+    loras = {c: list(pairs) for c, pairs in (loras or {}).items() if pairs}
+    bad = [c for c in loras if c not in spec.dit_components]
+    if bad:
+        raise ValueError(f"LoRAs go on DiT experts; {spec.name} has {', '.join(spec.dit_components)}, not {bad[0]}")
+    if loras and precision in QUANTIZED_PRECISIONS and backend != "aoti":
+        raise ValueError(f"LoRAs with {precision} Q/DQ engines are not supported (their calibration runs without "
+                         "the LoRAs); fuse them into an fp32/bf16 build, or use --backend aoti --precision fp8")
     model_id = model if not Path(model).exists() else str(Path(model).resolve())
     engines_dir = Path(engines_dir)
     engines_dir.mkdir(parents=True, exist_ok=True)
@@ -117,9 +126,12 @@ def build_engines(model: str, backend: str, engines_dir: Path, *, precision: Opt
     for name in wanted:
         # Backends that cannot serve the whole profile narrow it (aoti: DiTs need 2+ patches per axis).
         served = getattr(builder, "build_profile", lambda _s, _n, p: p)(spec, name, profile)
-        want = expected_manifest(resolved, model_id, name, backend, precision, served, dev)
+        fingerprint = component_fingerprint(resolved, name, loras.get(name, ()))
+        want = expected_manifest(resolved, model_id, name, backend, precision, served, dev, fingerprint)
         want.tool_versions = backend_mod.versions()
         want.build_args = {"height": height, "width": width, "frames": frames}
+        if name in loras:
+            want.build_args["loras"] = lora_args(loras[name])
         options: dict = {}
         if trt_config is not None and backend == "trt":
             want.build_args.update(trt_config.manifest_args())
@@ -146,7 +158,7 @@ def build_engines(model: str, backend: str, engines_dir: Path, *, precision: Opt
         log(f"  {name:<16} building ({backend}, {precision}) ...")
         start = time.perf_counter()
         manifest = _build_component(resolved, name, want, builder, served, dev, engines_dir, options,
-                                    variant if name in spec.dit_components else None)
+                                    variant if name in spec.dit_components else None, loras.get(name, ()))
         log(f"  {name:<16} built in {time.perf_counter() - start:.1f}s -> {final}")
         built.append(manifest)
     write_index(engines_dir, model_id, spec, backend, precision, [m.component for m in built])
@@ -191,13 +203,19 @@ def _quant_plan(spec: ModelSpec, config: "QuantConfig", stats) -> "QuantPlan":
 
 def _build_component(resolved: ResolvedCheckpoint, name: str, want: EngineManifest, builder,
                      profile: ShapeProfile, device: torch.device, engines_dir: Path,
-                     options: Optional[dict] = None, variant=None) -> EngineManifest:
+                     options: Optional[dict] = None, variant=None, loras: LoraPairs = ()) -> EngineManifest:
     """`options` go to the builder's build_graph (quant: a QuantPlan; TensorRT's config);
-    `variant` (a fast.DiTVariant) is applied to a DiT before its graphs are exported."""
+    `loras` are fused into a DiT's weights, then `variant` (a fast.DiTVariant) is applied to it,
+    before its graphs are exported."""
     start = time.perf_counter()
     options = options or {}
     dtype = component_dtype(name, want.precision, want.backend, device)
     model = load_component(resolved.files, name, dtype=dtype, device=device)
+    if loras:
+        from wan_rt.lora import load_lora
+
+        for path, scale in loras:
+            load_lora(model, path, scale, mode="fuse")
     if variant is not None:
         variant.apply(model)
     tmp = new_component_dir(engines_dir, name)

@@ -8,12 +8,14 @@ from the engines `wan-rt build` wrote, rebuilding stale engines when asked to.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 
 from wan_rt.build import build_engines
+from wan_rt.config import ModelSpec
 from wan_rt.eager import build_eager_components, use_triton_kernels
+from wan_rt.lora import AppliedLora, LoraRef, expert_component, load_lora
 from wan_rt.models.text_encoder import load_tokenizer
 from wan_rt.parallel import ParallelPlan, local_component_names, parallelize
 from wan_rt.parallel.plan import local_device
@@ -22,10 +24,39 @@ from wan_rt.precision import component_dtype
 from wan_rt.resolve import ResolvedCheckpoint, resolve_checkpoint
 from wan_rt.runtime.backends import get_backend
 from wan_rt.runtime.engines import check_engines_model, load_engine_components
-from wan_rt.runtime.engines_dir import build_size, is_stale, read_index
+from wan_rt.runtime.engines_dir import LoraPairs, build_size, is_stale, read_index
 from wan_rt.runtime.graphs import components_of
 
 BACKEND_CHOICES = ("eager", "ort", "aoti", "trt")
+LoraArg = Union[str, Path, tuple[Union[str, Path], float], LoraRef]
+
+
+def lora_plan(spec: ModelSpec, lora: Iterable[LoraArg] = (), lora_2: Iterable[LoraArg] = ()) -> dict[str, list[LoraRef]]:
+    """--lora / --lora-2 as {component: [LoraRef]}: `lora` for the high-noise expert (or the only
+    DiT), `lora_2` for the low-noise expert. Items: a path, (path, scale) or a LoraRef."""
+    def refs(items: Iterable[LoraArg]) -> list[LoraRef]:
+        out = []
+        for item in items:
+            if isinstance(item, LoraRef):
+                out.append(item)
+            elif isinstance(item, tuple):
+                out.append(LoraRef(Path(item[0]), float(item[1])))
+            else:
+                out.append(LoraRef(Path(item)))
+        missing = [r.path for r in out if not r.path.is_file()]
+        if missing:
+            raise FileNotFoundError(f"LoRA file not found: {missing[0]}")
+        return out
+
+    plan = {expert_component(spec, None): refs(lora)}
+    second = refs(lora_2)
+    if second:
+        plan[expert_component(spec, "low_noise")] = second
+    return {c: r for c, r in plan.items() if r}
+
+
+def lora_pairs(plan: Mapping[str, Sequence[LoraRef]]) -> dict[str, LoraPairs]:
+    return {c: [r.as_pair() for r in refs] for c, refs in plan.items()}
 
 
 def default_device() -> torch.device:
@@ -36,13 +67,16 @@ def load_components(model: Optional[str], *, backend: Optional[str] = None, engi
                     device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None,
                     backend_for: Optional[Mapping[str, str]] = None, rebuild: bool = False,
                     kernels: str = "auto", parallel: Optional[ParallelPlan] = None,
+                    loras: Optional[Mapping[str, LoraPairs]] = None,
                     ) -> tuple[ResolvedCheckpoint, dict, str]:
     """-> (resolved checkpoint, components, a few words on what runs them).
 
     With `engines_dir` the components are its engines (backend None: the engines' own; "eager":
     the eager model of the engines' checkpoint), `model` None meaning the model they were built
     from; `backend_for` pins components to "eager". Without it, everything is eager. `parallel`:
-    this rank's part of a multi-process plan (wan_rt.parallel), inside an initialized group."""
+    this rank's part of a multi-process plan (wan_rt.parallel), inside an initialized group.
+    `loras` ({component: [(file, scale)]}) are what engine experts must have been built with (a
+    rebuild fuses them); eager experts take theirs afterwards (WanPipeline.load_lora)."""
     dev = device or (default_device() if parallel is None else local_device())
     groups = parallel.groups() if parallel is not None else None
     if backend is not None and backend not in BACKEND_CHOICES:
@@ -80,11 +114,13 @@ def load_components(model: Optional[str], *, backend: Optional[str] = None, engi
     engine_names = [c for c in components_of(resolved.spec) if pinned.get(c, index["backend"]) != "eager"]
     if rebuild:
         backend_mod = get_backend(index["backend"])
-        stale = [c for c in engine_names if is_stale(engines / c, resolved, index["model"], backend_mod)]
+        stale = [c for c in engine_names
+                 if is_stale(engines / c, resolved, index["model"], backend_mod, (loras or {}).get(c, ()))]
         if stale:
             build_engines(model, index["backend"], engines, precision=index["precision"], components=stale,
+                          loras={c: p for c, p in (loras or {}).items() if c in stale},
                           **build_size(engines / engine_names[0]))
-    components = load_engine_components(engines, resolved, dev, engine_names)
+    components = load_engine_components(engines, resolved, dev, engine_names, loras)
     eager = [c for c in components_of(resolved.spec) if c not in components]
     if eager:
         base = component_dtype("dit", index["precision"], index["backend"], dev)
@@ -96,25 +132,93 @@ def load_components(model: Optional[str], *, backend: Optional[str] = None, engi
 
 
 class WanPipeline(Pipeline):
-    """The pipeline, plus diffusers-style loading."""
+    """The pipeline, plus diffusers-style loading and LoRAs per expert."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._loras: dict[str, list[AppliedLora]] = {}
 
     @classmethod
     def from_pretrained(cls, path: Optional[str] = None, backend: Optional[str] = None,
                         device: Optional[str] = None, dtype: Optional[torch.dtype] = None,
                         engines_dir: Optional[str] = None, backend_for: Optional[Mapping[str, str]] = None,
                         rebuild: bool = False, kernels: str = "auto",
-                        parallel: Optional[ParallelPlan] = None) -> "WanPipeline":
+                        parallel: Optional[ParallelPlan] = None, lora: Iterable[LoraArg] = (),
+                        lora_2: Iterable[LoraArg] = (), lora_mode: str = "fuse") -> "WanPipeline":
         """path: a diffusers-layout folder, an official Wan2.2 folder, or a preset name (None with
         engines_dir: the model the engines were built from). engines_dir: run the engines
         `wan-rt build` wrote there, on their own backend unless `backend="eager"`; backend_for
         pins components to eager; rebuild=True rebuilds stale engines instead of refusing them.
         Without engines_dir everything runs eager (dtype: default bf16 on a GPU, fp32 on a CPU).
         kernels: "auto" (Triton kernels in eager components on a CUDA GPU), "triton" or "torch".
+        lora / lora_2: LoRA files (or (file, scale)) for the high-noise expert (or the only DiT) and
+        the low-noise expert; eager experts take them fused (lora_mode "fuse") or at run time
+        ("runtime"), engines must have been built with them (rebuild=True re-weights them).
         parallel: a `wan_rt.parallel.ParallelPlan`; inside an initialized torch.distributed group
         every rank calls from_pretrained and then the pipeline with the same arguments, and every
         rank gets the same frames (device default: cuda:LOCAL_RANK, else the CPU)."""
         dev = torch.device(device) if device else (default_device() if parallel is None else local_device())
+        lora, lora_2 = list(lora), list(lora_2)
+        plan: dict[str, list[LoraRef]] = {}
+        if lora or lora_2:
+            model = path if path is not None or engines_dir is None else read_index(Path(engines_dir))["model"]
+            if model is None:
+                raise ValueError("from_pretrained needs a checkpoint path or preset name (or an engines_dir)")
+            plan = lora_plan(resolve_checkpoint(model).spec, lora, lora_2)
         resolved, components, _ = load_components(path, backend=backend, engines_dir=engines_dir, device=dev,
                                                   dtype=dtype, backend_for=backend_for, rebuild=rebuild,
-                                                  kernels=kernels, parallel=parallel)
-        return cls(resolved.spec, components, load_tokenizer(resolved.files.tokenizer), resolved.defaults, dev)
+                                                  kernels=kernels, parallel=parallel, loras=lora_pairs(plan))
+        pipe = cls(resolved.spec, components, load_tokenizer(resolved.files.tokenizer), resolved.defaults, dev)
+        pipe.apply_lora_plan(plan, lora_mode)
+        return pipe
+
+    # ------------------------------------------------------------------ LoRA (wan_rt.lora)
+    def load_lora(self, path: Union[str, Path], scale: float = 1.0, expert: Optional[str] = None,
+                  fuse: bool = False, name: Optional[str] = None) -> AppliedLora:
+        """Put a LoRA file (any Wan format) on one expert: `expert` "high_noise" / "low_noise"
+        (default: the high-noise expert, or the only DiT of TI2V-5B, which takes none). At run
+        time (a hook per Linear; `fuse_lora()` later) or fused into the weights at once."""
+        component = expert_component(self.spec, expert)
+        applied = load_lora(self._eager_module(component), path, scale, "fuse" if fuse else "runtime", name)
+        self._loras.setdefault(component, []).append(applied)
+        self._text_kv_changed(component)
+        return applied
+
+    def fuse_lora(self, expert: Optional[str] = None) -> None:
+        """Fold the run-time LoRAs of one expert (default: all) into its weights: faster steps."""
+        for component in self._lora_components(expert):
+            for applied in self._loras.get(component, []):
+                applied.fuse()
+
+    def unload_lora(self, expert: Optional[str] = None) -> None:
+        """Remove every LoRA of one expert (default: all), fused or not."""
+        for component in self._lora_components(expert):
+            for applied in reversed(self._loras.pop(component, [])):
+                applied.remove()
+            self._text_kv_changed(component)
+
+    def apply_lora_plan(self, plan: Mapping[str, Sequence[LoraRef]], mode: str = "fuse") -> None:
+        """A lora_plan's LoRAs on the eager experts (engine experts carry theirs from the build)."""
+        for component, refs in plan.items():
+            if getattr(self.components[component], "module", None) is None:
+                continue
+            for ref in refs:
+                applied = load_lora(self.components[component].module, ref.path, ref.scale, mode)  # type: ignore[arg-type]
+                self._loras.setdefault(component, []).append(applied)
+
+    def _lora_components(self, expert: Optional[str]) -> list[str]:
+        return list(self._loras) if expert is None else [expert_component(self.spec, expert)]
+
+    def _eager_module(self, component: str) -> torch.nn.Module:
+        module = getattr(self.components[component], "module", None)
+        if module is None:
+            raise ValueError(f"{component} runs as a compiled engine with its weights built in: LoRAs go in at build "
+                             "time (`wan-rt build --lora PATH[:SCALE]` / `--lora-2`, or from_pretrained(lora=..., "
+                             "rebuild=True); engines are re-weighted without recompiling)")
+        return module
+
+    def _text_kv_changed(self, component: str) -> None:
+        """The per-prompt cross-attention K/V depend on the weights a LoRA changes."""
+        cache = getattr(self.components[component], "text_kv", None)
+        if cache is not None:
+            cache.clear()

@@ -51,13 +51,28 @@ def add_parser(subparsers) -> None:
     p.add_argument("--refittable", action="store_true", help="TensorRT: engines whose weights can be refitted")
     p.add_argument("--weight-streaming", action="store_true",
                    help="TensorRT: weights stay in host memory and stream in (experts larger than the GPU)")
+    add_lora_arguments(p)
+
+
+def add_lora_arguments(p) -> None:
+    """--lora / --lora-2, shared by `wan-rt build` (fused before export) and `wan-rt run`."""
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="LoRA for the high-noise expert, or the only DiT (repeatable; any Wan format: diffusers/PEFT, "
+                        "original/ComfyUI/LightX2V, kohya/musubi)")
+    p.add_argument("--lora-2", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="LoRA for the low-noise expert (repeatable)")
 
 
 def run(args: argparse.Namespace) -> int:
     from wan_rt.build import best_backend, build_engines
+    from wan_rt.loader import lora_pairs, lora_plan
+    from wan_rt.lora import parse_lora_arg
+    from wan_rt.resolve import resolve_checkpoint
 
     backend = args.backend or best_backend()
     components = [c.strip() for c in args.components.split(",")] if args.components else None
+    loras = lora_plan(resolve_checkpoint(args.model).spec, map(parse_lora_arg, args.lora),
+                      map(parse_lora_arg, args.lora_2)) if args.lora or args.lora_2 else {}
     print(f"building {args.model} -> {args.engines_dir} ({backend})")
     start = time.perf_counter()
     quant_config = trt_config = None
@@ -76,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
                               height=args.height, width=args.width, frames=args.frames,
                               components=components, force=args.force, device=args.device,
                               quant_config=quant_config, trt_config=trt_config, quick_compile=args.quick_compile,
-                              kernels=args.kernels, attention=args.attention)
+                              kernels=args.kernels, attention=args.attention, loras=lora_pairs(loras))
     print(f"{len(manifests)} components ready in {time.perf_counter() - start:.1f}s; "
           f"run them with: wan-rt run --engines-dir {args.engines_dir}")
     return 0

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from wan_rt.cli.build import built_default_engines
+from wan_rt.cli.build import add_lora_arguments, built_default_engines
 from wan_rt.cli.plan_flags import add_plan_arguments, plan_from_args
 from wan_rt.config import DEFAULT_SPEC
 
@@ -50,6 +50,10 @@ def add_parser(subparsers) -> None:
                    help="eager DiT dtype (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"],
                    help="eager only: Triton kernels (auto: on a CUDA GPU) or PyTorch ops")
+    add_lora_arguments(p)
+    p.add_argument("--lora-mode", default="fuse", choices=["fuse", "runtime"],
+                   help="eager experts: fuse LoRAs into the weights (fastest steps) or apply them at run time "
+                        "(weights untouched); engines carry the LoRAs they were built with")
     p.add_argument("--output", default="out.mp4", help="mp4 path")
     par = add_plan_arguments(p, "multi-GPU (one video over several processes; README \"Multi-GPU\")")
     par.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
@@ -70,6 +74,7 @@ class _Request:
     steps: int
     output: Path
     timesteps: Optional[list[int]] = None  # --timesteps (few-step distilled models)
+    loras: dict = field(default_factory=dict)  # {component: [LoraRef]} from --lora / --lora-2
 
 
 def run(args: argparse.Namespace) -> int:
@@ -80,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
     from wan_rt.parallel import ParallelPlan
     from wan_rt.parallel.launch import init_process_group, launch
     from wan_rt.parallel.plan import from_environment, local_device
+    from wan_rt.loader import lora_plan
+    from wan_rt.lora import parse_lora_arg
     from wan_rt.pipeline import check_switch_step
     from wan_rt.resolve import resolve_checkpoint
     from wan_rt.scheduler import timestep_list_sigmas
@@ -127,9 +134,10 @@ def run(args: argparse.Namespace) -> int:
     if args.image and spec.task == "t2v":
         raise UsageError(f"{spec.name} is a text-to-video model; --image needs an i2v or ti2v model")
     image = load_image(args.image) if args.image else None
+    loras = lora_plan(spec, map(parse_lora_arg, args.lora), map(parse_lora_arg, args.lora_2))
     if engines_dir is not None and args.backend != "eager":
         check_fits(Path(engines_dir), spec, height, width, num_frames)
-    request = _Request(model, engines_dir, pinned, image, height, width, num_frames, steps, output, timesteps)
+    request = _Request(model, engines_dir, pinned, image, height, width, num_frames, steps, output, timesteps, loras)
     plan = _parallel_plan(args, spec)
     if plan is not None and engines_dir is not None and args.backend != "eager":
         plan.check_engine_dits([c for c in spec.dit_components if pinned.get(c) != "eager"])
@@ -150,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace, spec, request: _Request, device, plan, rank: int) -> int:
     import torch
 
-    from wan_rt.loader import WanPipeline, load_components
+    from wan_rt.loader import WanPipeline, load_components, lora_pairs
     from wan_rt.models.text_encoder import load_tokenizer
     from wan_rt.video import export_to_video
 
@@ -159,9 +167,10 @@ def _generate(args: argparse.Namespace, spec, request: _Request, device, plan, r
     resolved, components, how = load_components(request.model, backend=args.backend, engines_dir=request.engines_dir,
                                                 device=device, dtype=dtypes[args.dtype] if args.dtype else None,
                                                 backend_for=request.pinned, rebuild=args.rebuild, kernels=args.kernels,
-                                                parallel=plan)
+                                                parallel=plan, loras=lora_pairs(request.loras))
     pipe = WanPipeline(spec, components, load_tokenizer(resolved.files.tokenizer), resolved.defaults, device)
     pipe.set_progress_bar_config(disable=rank != 0)
+    pipe.apply_lora_plan(request.loras, args.lora_mode)
     load_s = time.perf_counter() - start
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     result = pipe(args.prompt, negative_prompt=args.negative_prompt, image=request.image, height=request.height,

@@ -8,7 +8,7 @@ field. Rebuilding stale engines and filling in eager components is the loader's 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import torch
 
@@ -16,7 +16,7 @@ from wan_rt.precision import component_dtype
 from wan_rt.resolve import ResolvedCheckpoint
 from wan_rt.runtime.backends import get_backend
 from wan_rt.runtime.engine_component import DiTComponent, GraphComponent, StreamingVAEComponent
-from wan_rt.runtime.engines_dir import EngineManifest, StaleEngineError, read_index, verify
+from wan_rt.runtime.engines_dir import EngineManifest, LoraPairs, StaleEngineError, read_index, verify
 from wan_rt.runtime.graphs import components_of, graph_spec
 
 
@@ -30,14 +30,15 @@ def check_engines_model(engines_dir: Path, resolved: ResolvedCheckpoint, model: 
 
 
 def load_engine_components(engines_dir: Path, resolved: ResolvedCheckpoint, device: torch.device,
-                           names: Iterable[str] | None = None) -> dict:
-    """Components `names` (default: all of the model's) from their verified engines."""
+                           names: Iterable[str] | None = None, loras: Mapping[str, LoraPairs] | None = None) -> dict:
+    """Components `names` (default: all of the model's) from their verified engines; `loras`
+    (per component) are the LoRAs their weights must have been built with."""
     engines_dir = Path(engines_dir)
     index = read_index(engines_dir)
     backend_mod = get_backend(index["backend"])
     components = {}
     for name in names if names is not None else components_of(resolved.spec):
-        manifest = verify(engines_dir / name, resolved, index["model"], backend_mod)
+        manifest = verify(engines_dir / name, resolved, index["model"], backend_mod, (loras or {}).get(name, ()))
         components[name] = _component(engines_dir / name, manifest, resolved, backend_mod, device)
     return components
 

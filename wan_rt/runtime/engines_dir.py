@@ -26,7 +26,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 
@@ -120,6 +120,28 @@ def weights_fingerprint(paths: Iterable[Path]) -> str:
                 f.seek(size - _EDGE)
                 h.update(f.read(_EDGE))
     return h.hexdigest()
+
+
+# LoRA files fused into a component's weights, with the scale each was fused at.
+LoraPairs = Sequence[tuple[Path, float]]
+
+
+def component_fingerprint(resolved: ResolvedCheckpoint, component: str, loras: LoraPairs = ()) -> str:
+    """What an engine's weights were made from: the checkpoint's files for the component, and
+    the LoRA files (and scales) fused into them at build time. Without LoRAs it is the plain
+    `weights_fingerprint`, so engines built before LoRAs existed stay valid."""
+    base = weights_fingerprint(weight_paths(resolved, component))
+    if not loras:
+        return base
+    h = hashlib.sha256(base.encode())
+    for path, scale in loras:
+        h.update(f"lora {weights_fingerprint([Path(path)])} x {float(scale)!r}\n".encode())
+    return h.hexdigest()
+
+
+def lora_args(loras: LoraPairs) -> list[list]:
+    """LoRAs as a manifest records them (build_args["loras"]): [[path, scale], ...]."""
+    return [[str(path), float(scale)] for path, scale in loras]
 
 
 def _expand(paths: Iterable[Path]) -> list[Path]:
@@ -237,18 +259,24 @@ _WHY = {
 }
 
 
-def verify(folder: Path, resolved: ResolvedCheckpoint, model: str, backend_mod) -> EngineManifest:
-    """The manifest of `folder` if it still matches the checkpoint; StaleEngineError otherwise."""
+def verify(folder: Path, resolved: ResolvedCheckpoint, model: str, backend_mod, loras: LoraPairs = ()) -> EngineManifest:
+    """The manifest of `folder` if it still matches the checkpoint (with `loras` fused into the
+    component's weights); StaleEngineError otherwise."""
     have = EngineManifest.read(folder)
     name = have.component
     fix = f"re-run `wan-rt build --model {model} --engines-dir {folder.parent}`"
-    fingerprint = weights_fingerprint(weight_paths(resolved, name))
+    fingerprint = component_fingerprint(resolved, name, loras)
     profile = ShapeProfile(**have.profile)
     want = expected_manifest(resolved, model, name, have.backend, have.precision, profile, "cpu", fingerprint)
     diff = first_difference(have, want)
     if diff is not None:
-        raise StaleEngineError(f"engine for {name} is stale: {_WHY.get(diff, diff)} since it was built "
-                               f"({diff}); {fix}")
+        why = _WHY.get(diff, diff)
+        built_with = have.build_args.get("loras", [])
+        if diff == "weights_fingerprint" and (built_with or loras):
+            why = (f"the weights or LoRAs differ (built with LoRAs {built_with or 'none'}, asked for "
+                   f"{lora_args(loras) or 'none'})")
+            fix = fix.replace("`wan-rt build", "`wan-rt build --lora/--lora-2 ...")
+        raise StaleEngineError(f"engine for {name} is stale: {why} since it was built ({diff}); {fix}")
     mismatch = version_mismatch(have, backend_mod)
     if mismatch:
         raise StaleEngineError(f"engine for {name} cannot run here: {mismatch}; {fix}")
@@ -258,9 +286,9 @@ def verify(folder: Path, resolved: ResolvedCheckpoint, model: str, backend_mod) 
     return have
 
 
-def is_stale(folder: Path, resolved: ResolvedCheckpoint, model: str, backend_mod) -> bool:
+def is_stale(folder: Path, resolved: ResolvedCheckpoint, model: str, backend_mod, loras: LoraPairs = ()) -> bool:
     try:
-        verify(folder, resolved, model, backend_mod)
+        verify(folder, resolved, model, backend_mod, loras)
         return False
     except StaleEngineError:
         return True
