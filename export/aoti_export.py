@@ -74,7 +74,7 @@ import torch
 from torch import nn
 
 from wan_rt.runtime.backends.aoti import PACKAGE_FILE, WEIGHTS_FILE, device_key, load_package, unavailable_reason
-from wan_rt.runtime.graphs import GraphSpec, ShapeProfile, sample_inputs, torch_dtype
+from wan_rt.runtime.graphs import GraphSpec, ShapeProfile, parse_dim, sample_inputs, torch_dtype
 
 # Bump when what goes into a cached package changes in a way the key does not see.
 CACHE_FORMAT = 1
@@ -119,34 +119,33 @@ def compiled_profile(module: nn.Module, profile: ShapeProfile) -> ShapeProfile:
 
 def dynamic_shapes(module: nn.Module, gspec: GraphSpec, profile: ShapeProfile) -> tuple:
     """`dynamic_shapes` for torch.export: one Dim per symbol with min < max (`k * Dim` for a
-    symbol in `patch_multiples`), `j * that` for "j*sym", None (static) for the rest; shaped
-    like `module.forward`'s parameters (the VAE chunk takes its caches as *args, which
-    torch.export wants as one nested tuple)."""
+    symbol in `patch_multiples`), `j * that` for "j*sym", that Dim itself for "sym/k" (tokens
+    per axis), None (static) for the rest; shaped like `module.forward`'s parameters (the VAE
+    chunk takes its caches as *args, which torch.export wants as one nested tuple)."""
     multiples = patch_multiples(module)
-    dims: dict[str, Any] = {}
+    bases: dict[str, Any] = {}
 
-    def dim(sym: str):
+    def axis(d: str):
+        sym, num, den = parse_dim(d)
         lo, hi = profile.min[sym], profile.max[sym]
         if lo == hi:
             return None
-        if sym not in dims:
-            k = multiples.get(sym, 1)
+        k = multiples.get(sym, 1)
+        if sym not in bases:
             if lo % k or hi % k:
                 raise AotiExportError(f"{sym} range [{lo}, {hi}] is not in multiples of {k}")
-            base = torch.export.Dim(sym if k == 1 else f"{sym}_over_{k}", min=lo // k, max=hi // k)
-            dims[sym] = base if k == 1 else k * base
-        return dims[sym]
+            bases[sym] = torch.export.Dim(sym if k == 1 else f"{sym}_over_{k}", min=lo // k, max=hi // k)
+        if num * k % den:
+            raise AotiExportError(f"{d}: not a whole multiple of {sym}'s base dim ({sym} = {k} * Dim)")
+        coefficient = num * k // den  # sym = k * base
+        return bases[sym] if coefficient == 1 else coefficient * bases[sym]
 
     per_input = []
     for t in gspec.inputs:
         axes = {}
         for i, d in enumerate(t.dims):
-            if isinstance(d, int):
-                continue
-            j, sym = d.split("*") if "*" in d else ("1", d)
-            base = dim(sym)
-            if base is not None:
-                axes[i] = base if j == "1" else int(j) * base
+            if not isinstance(d, int) and (a := axis(d)) is not None:
+                axes[i] = a
         per_input.append(axes or None)
     params = list(inspect.signature(module.forward).parameters.values())
     fixed = sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
@@ -204,7 +203,7 @@ def _check_outputs(ep: torch.export.ExportedProgram, gspec: GraphSpec, compute_d
 # ------------------------------------------------------------------------------------ compile
 def contract_metadata(gspec: GraphSpec, profile: ShapeProfile) -> str:
     """What the package accepts, as JSON: inputs/outputs (name, dtype, dims) and symbol ranges."""
-    used = {d.split("*")[-1] for t in (*gspec.inputs, *gspec.outputs) for d in t.dims if isinstance(d, str)}
+    used = {parse_dim(d)[0] for t in (*gspec.inputs, *gspec.outputs) for d in t.dims if isinstance(d, str)}
     return json.dumps({
         "inputs": [[t.name, t.dtype, list(t.dims)] for t in gspec.inputs],
         "outputs": [[t.name, t.dtype, list(t.dims)] for t in gspec.outputs],

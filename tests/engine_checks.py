@@ -98,9 +98,9 @@ def engine_components(b) -> dict:
     components = {"text_encoder": GraphComponent("text_encoder", b.runners["text_encoder", "main"],
                                                  graph_spec(spec, "text_encoder"), torch.float32, CPU)}
     for comp in spec.dit_components:
-        components[comp] = DiTComponent(comp, b.runners[comp, "text"], b.runners[comp, "main"],
-                                        graph_spec(spec, comp, "text"), graph_spec(spec, comp, "main"),
-                                        torch.float32, CPU)
+        graphs = [g for c, g in b.runners if c == comp]
+        components[comp] = DiTComponent(comp, {g: b.runners[comp, g] for g in graphs},
+                                        {g: graph_spec(spec, comp, g) for g in graphs}, torch.float32, CPU)
     return components
 
 

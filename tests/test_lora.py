@@ -177,8 +177,7 @@ def test_engine_components_take_loras_at_build_time(tmp_path):
     from wan_rt.runtime.engine_component import DiTComponent
 
     pipe = WanPipeline.from_pretrained(SPEC, device="cpu")
-    pipe.components["dit_high_noise"] = DiTComponent("dit_high_noise", None, None, None, None, torch.float32, "cpu",
-                                                     factory=lambda: (None, None))
+    pipe.components["dit_high_noise"] = DiTComponent("dit_high_noise", None, {}, torch.float32, "cpu", factory=dict)
     with pytest.raises(ValueError, match="wan-rt build --lora"):
         pipe.load_lora(tmp_path / "x.safetensors")
 

@@ -26,7 +26,7 @@ from wan_rt.runtime.backends import get_backend
 from wan_rt.runtime.engines_dir import (EngineManifest, LoraPairs, StaleEngineError, check_index, commit_component,
                                         component_fingerprint, expected_manifest, first_difference, lora_args,
                                         new_component_dir, remove_leftovers, version_mismatch, write_index)
-from wan_rt.runtime.graphs import ShapeProfile, components_of, graph_module, graph_names, graph_spec, shape_profile
+from wan_rt.runtime.graphs import ShapeProfile, components_of, graph_module, graph_spec, shape_profile
 
 if TYPE_CHECKING:
     from wan_rt.export.quantize import QuantConfig, QuantPlan
@@ -55,7 +55,7 @@ def build_engines(model: str, backend: str, engines_dir: Path, *, precision: Opt
                   quant_config: Optional["QuantConfig"] = None,
                   trt_config: Optional["BuildConfig"] = None, quick_compile: bool = False,
                   kernels: str = "auto", attention: str = "exact",
-                  loras: Optional[Mapping[str, LoraPairs]] = None) -> list[EngineManifest]:
+                  loras: Optional[Mapping[str, LoraPairs]] = None, step_cache: bool = False) -> list[EngineManifest]:
     """`quant_config` tunes fp8/int8 builds (calibration prompts and steps, FP8 attention,
     SmoothQuant alpha); `trt_config` the TensorRT builder (optimization level, refit, weight
     streaming); `quick_compile` (aoti) compiles scalar C++ kernels with an -O0 wrapper: about
@@ -64,7 +64,9 @@ def build_engines(model: str, backend: str, engines_dir: Path, *, precision: Opt
     DiT packages (wan_rt.runtime.fast.dit_variant); with precision fp8 their linear layers are
     FP8 GEMMs (torch._scaled_mm, dynamic activation scales: no calibration). All are recorded in
     the manifests' build_args, so changing one rebuilds. `loras` ({DiT component: [(file, scale)]})
-    are fused into those experts' weights before export; the weights fingerprint covers them."""
+    are fused into those experts' weights before export; the weights fingerprint covers them.
+    `step_cache` builds each DiT step as the four graphs a step cache drives (graphs.DIT_LAYOUTS
+    "split") instead of one `main` graph."""
     backend_mod, builder = get_backend(backend), get_builder(backend)
     if not backend_mod.is_available():
         why = getattr(backend_mod, "unavailable_reason", lambda: "its libraries are not installed")()
@@ -103,6 +105,9 @@ def build_engines(model: str, backend: str, engines_dir: Path, *, precision: Opt
     if loras and precision in QUANTIZED_PRECISIONS and backend != "aoti":
         raise ValueError(f"LoRAs with {precision} Q/DQ engines are not supported (their calibration runs without "
                          "the LoRAs); fuse them into an fp32/bf16 build, or use --backend aoti --precision fp8")
+    if step_cache and precision in QUANTIZED_PRECISIONS and backend != "aoti":
+        raise ValueError(f"--step-cache with {precision} Q/DQ engines is not supported (the Q/DQ plan is made for the "
+                         "one-graph step); use fp32/bf16, or --backend aoti --precision fp8")
     model_id = model if not Path(model).exists() else str(Path(model).resolve())
     engines_dir = Path(engines_dir)
     engines_dir.mkdir(parents=True, exist_ok=True)
@@ -127,9 +132,12 @@ def build_engines(model: str, backend: str, engines_dir: Path, *, precision: Opt
         # Backends that cannot serve the whole profile narrow it (aoti: DiTs need 2+ patches per axis).
         served = getattr(builder, "build_profile", lambda _s, _n, p: p)(spec, name, profile)
         fingerprint = component_fingerprint(resolved, name, loras.get(name, ()))
-        want = expected_manifest(resolved, model_id, name, backend, precision, served, dev, fingerprint)
+        layout = "split" if step_cache and name in spec.dit_components else "whole"
+        want = expected_manifest(resolved, model_id, name, backend, precision, served, dev, fingerprint, layout)
         want.tool_versions = backend_mod.versions()
         want.build_args = {"height": height, "width": width, "frames": frames}
+        if layout != "whole":
+            want.build_args["dit_graphs"] = layout
         if name in loras:
             want.build_args["loras"] = lora_args(loras[name])
         options: dict = {}
@@ -223,7 +231,7 @@ def _build_component(resolved: ResolvedCheckpoint, name: str, want: EngineManife
         if "quant" in options:  # the statistics the Q/DQ scales came from, for audits and refits
             options["quant"].stats.save(tmp / CALIBRATION_FILE)
             want.build_args["calibration_sha256"] = options["quant"].stats.fingerprint()
-        for g in graph_names(name):
+        for g in want.graphs:
             gspec = graph_spec(resolved.spec, name, g)
             sub = tmp / g
             sub.mkdir()

@@ -13,6 +13,7 @@ from typing import Iterable, Mapping, Optional, Sequence, Union
 import torch
 
 from wan_rt.build import build_engines
+from wan_rt.caching import apply_step_cache, remove_step_cache
 from wan_rt.config import ModelSpec
 from wan_rt.eager import build_eager_components, use_triton_kernels
 from wan_rt.lora import AppliedLora, LoraRef, expert_component, load_lora
@@ -24,7 +25,7 @@ from wan_rt.precision import component_dtype
 from wan_rt.resolve import ResolvedCheckpoint, resolve_checkpoint
 from wan_rt.runtime.backends import get_backend
 from wan_rt.runtime.engines import check_engines_model, load_engine_components
-from wan_rt.runtime.engines_dir import LoraPairs, build_size, is_stale, read_index
+from wan_rt.runtime.engines_dir import LoraPairs, build_size, dit_layout, is_stale, read_index
 from wan_rt.runtime.graphs import components_of
 
 BACKEND_CHOICES = ("eager", "ort", "aoti", "trt")
@@ -119,7 +120,7 @@ def load_components(model: Optional[str], *, backend: Optional[str] = None, engi
         if stale:
             build_engines(model, index["backend"], engines, precision=index["precision"], components=stale,
                           loras={c: p for c, p in (loras or {}).items() if c in stale},
-                          **build_size(engines / engine_names[0]))
+                          step_cache=dit_layout(engines) == "split", **build_size(engines / engine_names[0]))
     components = load_engine_components(engines, resolved, dev, engine_names, loras)
     eager = [c for c in components_of(resolved.spec) if c not in components]
     if eager:
@@ -171,6 +172,17 @@ class WanPipeline(Pipeline):
         pipe = cls(resolved.spec, components, load_tokenizer(resolved.files.tokenizer), resolved.defaults, dev)
         pipe.apply_lora_plan(plan, lora_mode)
         return pipe
+
+    # ------------------------------------------------------------------ step caches (wan_rt.caching)
+    def enable_step_cache(self, method: str, threshold: Optional[float] = None, **options) -> None:
+        """TeaCache / MagCache / First Block Cache on every expert ("teacache" | "magcache" |
+        "fbcache"; threshold None: the method's published default for the model, 0: compute every
+        step). Eager experts, or engines built with `wan-rt build --step-cache`. `out.timings`
+        reports each expert's steps computed and reused."""
+        self.components.update(apply_step_cache(self.components, self.spec, method, threshold, **options))
+
+    def disable_step_cache(self) -> None:
+        self.components.update(remove_step_cache(self.components))
 
     # ------------------------------------------------------------------ LoRA (wan_rt.lora)
     def load_lora(self, path: Union[str, Path], scale: float = 1.0, expert: Optional[str] = None,

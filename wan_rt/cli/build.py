@@ -51,6 +51,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--refittable", action="store_true", help="TensorRT: engines whose weights can be refitted")
     p.add_argument("--weight-streaming", action="store_true",
                    help="TensorRT: weights stay in host memory and stream in (experts larger than the GPU)")
+    p.add_argument("--step-cache", action="store_true",
+                   help="build each DiT step as the graphs a step cache drives (embed, first block, other blocks, "
+                        "head), so `wan-rt run --cache` works on these engines")
     add_lora_arguments(p)
 
 
@@ -91,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
                               height=args.height, width=args.width, frames=args.frames,
                               components=components, force=args.force, device=args.device,
                               quant_config=quant_config, trt_config=trt_config, quick_compile=args.quick_compile,
-                              kernels=args.kernels, attention=args.attention, loras=lora_pairs(loras))
+                              kernels=args.kernels, attention=args.attention, loras=lora_pairs(loras),
+                              step_cache=args.step_cache)
     print(f"{len(manifests)} components ready in {time.perf_counter() - start:.1f}s; "
           f"run them with: wan-rt run --engines-dir {args.engines_dir}")
     return 0

@@ -50,6 +50,12 @@ def add_parser(subparsers) -> None:
                    help="eager DiT dtype (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"],
                    help="eager only: Triton kernels (auto: on a CUDA GPU) or PyTorch ops")
+    p.add_argument("--cache", default=None, choices=["teacache", "magcache", "fbcache"],
+                   help="step cache: skip the DiT blocks on steps whose change the method predicts small (eager, or "
+                        "engines built with --step-cache)")
+    p.add_argument("--cache-threshold", type=float, default=None,
+                   help="the cache's threshold (default: the method's published value for the model; 0 computes "
+                        "every step)")
     add_lora_arguments(p)
     p.add_argument("--lora-mode", default="fuse", choices=["fuse", "runtime"],
                    help="eager experts: fuse LoRAs into the weights (fastest steps) or apply them at run time "
@@ -102,6 +108,8 @@ def run(args: argparse.Namespace) -> int:
     if engines_dir is None and args.model is None and args.backend in (None, "ort", "aoti", "trt"):
         engines_dir = built_default_engines()
     pinned = _parse_backend_for(args.backend_for, UsageError)
+    if args.cache_threshold is not None and args.cache is None:
+        raise UsageError("--cache-threshold needs --cache teacache|magcache|fbcache")
     if engines_dir is None:
         if args.backend not in (None, "eager"):
             raise UsageError(f"--backend {args.backend} runs built engines: run `wan-rt build --backend "
@@ -171,6 +179,8 @@ def _generate(args: argparse.Namespace, spec, request: _Request, device, plan, r
     pipe = WanPipeline(spec, components, load_tokenizer(resolved.files.tokenizer), resolved.defaults, device)
     pipe.set_progress_bar_config(disable=rank != 0)
     pipe.apply_lora_plan(request.loras, args.lora_mode)
+    if args.cache is not None:
+        pipe.enable_step_cache(args.cache, args.cache_threshold)
     load_s = time.perf_counter() - start
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     result = pipe(args.prompt, negative_prompt=args.negative_prompt, image=request.image, height=request.height,
@@ -184,10 +194,26 @@ def _generate(args: argparse.Namespace, spec, request: _Request, device, plan, r
     print(f"wrote {request.output} ({request.num_frames} frames, {request.width}x{request.height}, {spec.fps} fps) "
           f"from {spec.name} ({how})")
     print(f"  load {load_s:.2f}s", file=sys.stderr)
-    for stage, seconds in result.timings.items():
-        steps_note = f" ({result.steps_per_stage[stage]} steps)" if stage in result.steps_per_stage else ""
-        print(f"  {stage}{steps_note}: {seconds:.2f}s", file=sys.stderr)
+    for line in timing_lines(result.timings, result.steps_per_stage):
+        print(f"  {line}", file=sys.stderr)
     return 0
+
+
+def timing_lines(timings: dict[str, float], steps_per_stage: dict[str, int]) -> list[str]:
+    """Seconds per stage, with its steps and (step cache) how many computed / reused; peak GPU memory."""
+    lines = []
+    for stage, value in timings.items():
+        if "." in stage:  # "<component>.<figure>": shown on the component's line
+            continue
+        if stage == "peak_gpu_memory_gb":
+            lines.append(f"peak GPU memory: {value:.2f} GiB")
+            continue
+        notes = [f"{steps_per_stage[stage]} steps"] if stage in steps_per_stage else []
+        if f"{stage}.steps_computed" in timings:
+            notes.append(f"{timings[stage + '.steps_computed']:.0f} computed / {timings[stage + '.steps_reused']:.0f} "
+                         "reused")
+        lines.append(f"{stage}{' (' + ', '.join(notes) + ')' if notes else ''}: {value:.2f}s")
+    return lines
 
 
 def _parse_backend_for(values: list[str], error) -> dict[str, str]:

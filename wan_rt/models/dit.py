@@ -327,39 +327,59 @@ class WanDiT(nn.Module):
                 text_kv: Tensor | None = None) -> Tensor:
         """x [B, C_in, F, H, W]; timestep [B] or [B, L]; context [B, L_txt, text_dim], or instead
         text_kv = encode_text(context) (same result; lets a runtime reuse it across steps)."""
-        out_dtype = x.dtype
-        dtype = self.patch_embedding.weight.dtype
+        hidden, e, e0 = self.embed(x, timestep)
+        grid = self.token_grid(x)
+        if text_kv is None:
+            assert context is not None, "WanDiT needs context or text_kv"
+            context = self.condition_embedder.text_embedder(context)  # [B, L_txt, D]
+        # The blocks run on the tokens this forward computes (all, unless a runtime split them:
+        # RoPE tables stay the full sequence's, attention ops see local q/k/v); head gathers.
+        hidden, e, e0 = self.ops.split_tokens(hidden, e, e0)
+        hidden = self.run_blocks(hidden, e0, grid, context=context, text_kv=text_kv)
+        return self.head(hidden, e, grid).to(x.dtype)
+
+    # The pieces of `forward`, also run one by one (a step cache decides between them; the
+    # graphs in wan_rt.runtime.graphs wrap them). Same ops in the same order as forward; the
+    # token split of sequence parallelism is forward's only (step caches run unsplit).
+    def token_grid(self, x: Tensor) -> tuple[int, int, int]:
+        """(f, h, w) post-patch tokens of latents x [B, C, F, H, W]."""
         pt, ph, pw = self.config.patch_size
-        f, h, w = x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw
+        return x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw
 
+    def embed(self, x: Tensor, timestep: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """-> tokens [B, L, D] (compute dtype), e [B, n, D] and e0 [B, n, 6, D] (float32; n = 1, or
+        F for a per-token timestep)."""
         # 1. Patch embedding: [B, C_in, F, H, W] -> tokens [B, L, D], L = f*h*w in (f, h, w) order
-        hidden = self.patch_embedding(x.to(dtype))
-        rope = rope_tables(self.config, (f, h, w), hidden.device)  # 2 x [L, Dh/2] float32
-
+        hidden = self.patch_embedding(x.to(self.patch_embedding.weight.dtype))
         # 2. Condition embeddings: one modulation row per distinct timestep (n = 1 or f)
         if timestep.ndim == 2:
             # [B, L] -> [B, f]: first token per frame. reshape, not unflatten: the TorchScript ONNX
             # exporter gives unflatten's output a static shape, which froze f at the export size.
-            t = timestep.reshape(timestep.shape[0], f, -1)[:, :, 0]
+            t = timestep.reshape(timestep.shape[0], self.token_grid(x)[0], -1)[:, :, 0]
         else:
             t = timestep[:, None]  # [B] -> [B, 1]
         e, e0 = self.condition_embedder.embed_time(t)  # [B, n, D], [B, n, 6, D]
-        if text_kv is None:
-            assert context is not None, "WanDiT needs context or text_kv"
-            context = self.condition_embedder.text_embedder(context)  # [B, L_txt, D]
+        return hidden, e, e0
 
-        # 3. Transformer blocks, on the tokens this forward computes (all, unless a runtime split
-        #    them: RoPE tables stay the full sequence's, attention ops see local q/k/v)
-        hidden, e, e0 = self.ops.split_tokens(hidden, e, e0)
-        for i, block in enumerate(self.blocks):
-            hidden = block(hidden, context, e0, rope, None if text_kv is None else text_kv[i].to(dtype))
+    def run_blocks(self, hidden: Tensor, e0: Tensor, grid: tuple[int, int, int], *, context: Tensor | None = None,
+                   text_kv: Tensor | None = None, start: int = 0, stop: int | None = None) -> Tensor:
+        """3. Blocks start..stop-1 on tokens [B, L, D] of a (f, h, w) grid; context [B, L_txt, D]
+        (embedded) or every block's text_kv [num_layers, 2, B, L_txt, D]."""
+        dtype = self.patch_embedding.weight.dtype
+        rope = rope_tables(self.config, grid, hidden.device)  # 2 x [L, Dh/2] float32
+        for i in range(start, len(self.blocks) if stop is None else stop):
+            hidden = self.blocks[i](hidden, context, e0, rope, None if text_kv is None else text_kv[i].to(dtype))
+        return hidden
 
-        # 4. Output norm, modulation (from e, not e0) and projection
+    def head(self, hidden: Tensor, e: Tensor, grid: tuple[int, int, int]) -> Tensor:
+        """4. Output norm, modulation (from e, not e0) and projection; 5. unpatchify to
+        [B, C_out, F, H, W] (compute dtype)."""
+        dtype = self.patch_embedding.weight.dtype
         shift, scale = (self.scale_shift_table.float() + e.unsqueeze(2)).unbind(2)  # [B, n, D]
         hidden = _modulate(self.norm_out(hidden), shift, scale).to(dtype)
+        f, h, w = grid
         hidden = self.ops.gather_tokens(self.proj_out(hidden), f * h * w)  # [B, L, pt*ph*pw*C_out]
-
-        # 5. Unpatchify: feature index ((p*ph + q)*pw + r)*C_out + c -> [B, C_out, F, H, W]
-        hidden = hidden.reshape(x.shape[0], f, h, w, pt, ph, pw, -1)
-        hidden = hidden.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
-        return hidden.to(out_dtype)
+        # Unpatchify: feature index ((p*ph + q)*pw + r)*C_out + c -> [B, C_out, F, H, W]
+        pt, ph, pw = self.config.patch_size
+        hidden = hidden.reshape(hidden.shape[0], f, h, w, pt, ph, pw, -1)
+        return hidden.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)

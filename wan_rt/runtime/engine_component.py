@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from wan_rt.config import ModelSpec
 from wan_rt.runtime.component import OUTPUT_NAMES, HostSwappable
-from wan_rt.runtime.graphs import GraphSpec, resolve_dim, torch_dtype
+from wan_rt.runtime.graphs import DIT_STEP_GRAPHS, GraphSpec, resolve_dim, torch_dtype
 
 GraphRunner = Callable[[Mapping[str, Tensor]], dict[str, Tensor]]
 
@@ -112,14 +112,21 @@ class TextKVCache:
 
 
 class DiTComponent:
-    """An expert as two graphs: `text` once per prompt (cached), `main` every step."""
+    """An expert as graphs: `text` once per prompt (cached), then each step either the `main`
+    graph or, in the split layout (graphs.DIT_STEP_GRAPHS), embed -> first_block -> rest_blocks
+    -> head. A step cache (wan_rt.caching) runs those one by one through `run_graph`.
 
-    def __init__(self, name: str, text: GraphRunner | None, main: GraphRunner | None, text_spec: GraphSpec,
-                 main_spec: GraphSpec, compute_dtype: torch.dtype, device: torch.device,
-                 factory: Callable[[], tuple[GraphRunner, GraphRunner]] | None = None, nbytes: int = 0,
+    Built from runners, or from a `factory` making them ({graph: runner}): then `load()` /
+    `unload()` create and drop the engines, which is how the residency manager swaps experts."""
+
+    def __init__(self, name: str, runners: Mapping[str, GraphRunner] | None, specs: Mapping[str, GraphSpec],
+                 compute_dtype: torch.dtype, device: torch.device,
+                 factory: Callable[[], dict[str, GraphRunner]] | None = None, nbytes: int = 0,
                  files: Sequence[Path] = ()):
-        self.name, self.text, self.main = name, text, main
-        self.text_spec, self.main_spec = text_spec, main_spec
+        if runners is None and factory is None:
+            raise ValueError("DiTComponent needs runners or a factory")
+        self.name, self.specs = name, dict(specs)
+        self.runners: dict[str, GraphRunner] | None = None if runners is None else dict(runners)
         self.compute_dtype, self.device = compute_dtype, torch.device(device)
         self.factory, self._nbytes, self.files = factory, nbytes, list(files)
         self.text_kv = TextKVCache(self._encode_text)
@@ -128,43 +135,54 @@ class DiTComponent:
     def nbytes(self) -> int:
         return self._nbytes
 
+    @property
+    def has_step_graphs(self) -> bool:
+        """Whether the step can be run graph by graph (what a step cache needs)."""
+        return all(g in self.specs for g in DIT_STEP_GRAPHS)
+
+    def run_graph(self, graph: str, **inputs: Tensor) -> dict[str, Tensor]:
+        """One graph on named tensors (cast to the graph's dtypes); outputs as the graph gives them."""
+        self.load()
+        assert self.runners is not None
+        return self.runners[graph](_cast(inputs, self.specs[graph], self.compute_dtype, self.device))
+
     def _encode_text(self, context: Tensor) -> Tensor:
-        assert self.text is not None
-        return self.text(_cast({"context": context}, self.text_spec, self.compute_dtype, self.device))["text_kv"]
+        return self.run_graph("text", context=context)["text_kv"]
 
     def stage(self) -> None:
         GraphComponent.stage(self)  # type: ignore[arg-type]  (reads self.files the same way)
 
     def load(self) -> None:
-        if self.main is None and self.factory is not None:
-            self.text, self.main = self.factory()
+        if self.runners is None and self.factory is not None:
+            self.runners = self.factory()
 
     def unload(self) -> None:
         if self.factory is not None:
-            self.text = self.main = None
+            self.runners = None
             self.text_kv.clear()
 
     def __call__(self, *, latents: Tensor, timestep: Tensor, context: Tensor) -> dict[str, Tensor]:
-        self.load()
-        assert self.main is not None
         kv = self.text_kv(context)
-        inputs = _cast({"latents": latents, "timestep": timestep, "text_kv": kv}, self.main_spec,
-                       self.compute_dtype, self.device)
-        return {"noise_pred": self.main(inputs)["noise_pred"].float()}
+        if "main" in self.specs:
+            return {"noise_pred": self.run_graph("main", latents=latents, timestep=timestep, text_kv=kv)["noise_pred"].float()}
+        embedded = self.run_graph("embed", latents=latents, timestep=timestep)
+        hidden = self.run_graph("first_block", hidden=embedded["hidden"], temb=embedded["temb"], text_kv=kv)["hidden_out"]
+        hidden = self.run_graph("rest_blocks", hidden=hidden, temb=embedded["temb"], text_kv=kv)["hidden_out"]
+        return {"noise_pred": self.run_graph("head", hidden=hidden, tproj=embedded["tproj"])["noise_pred"].float()}
 
 
 class EagerDiTComponent(HostSwappable, DiTComponent):
-    """The eager expert: the same two graphs as PyTorch modules (identical numbers to
-    `dit(latents, timestep, context)`); residency moves its weights between host and GPU."""
+    """The eager expert: every graph of both layouts as PyTorch modules over one DiT (identical
+    numbers to `dit(latents, timestep, context)`); residency moves its weights between host and GPU."""
 
     def __init__(self, name: str, spec: ModelSpec, dit: nn.Module, compute_dtype: torch.dtype,
                  device: torch.device):
         from wan_rt.runtime.graphs import graph_module, graph_spec
 
-        text_spec, main_spec = graph_spec(spec, name, "text"), graph_spec(spec, name, "main")
-        DiTComponent.__init__(self, name, module_runner(graph_module(name, "text", dit), text_spec),
-                              module_runner(graph_module(name, "main", dit), main_spec), text_spec, main_spec,
-                              compute_dtype, device)
+        graphs = ("text", "main", *DIT_STEP_GRAPHS)
+        specs = {g: graph_spec(spec, name, g) for g in graphs}
+        DiTComponent.__init__(self, name, {g: module_runner(graph_module(name, g, dit), specs[g]) for g in graphs},
+                              specs, compute_dtype, device)
         self.module = dit
 
     def stage(self) -> None:

@@ -56,11 +56,18 @@ def _component(folder: Path, manifest: EngineManifest, resolved: ResolvedCheckpo
         (first, first_spec), (step, step_spec) = runner("first"), runner("step")
         return StreamingVAEComponent(name, spec, first, step, first_spec, step_spec, device)
     if name.startswith("dit"):
-        # Experts load lazily: the residency manager decides when (runtime/residency.py).
+        # Experts load lazily: the residency manager decides when (runtime/residency.py). The
+        # graphs are the manifest's: text + main, or text + the split step (a step cache's).
         nbytes = sum((folder / f).stat().st_size for f in manifest.files())
-        return DiTComponent(name, None, None, graph_spec(spec, name, "text"), graph_spec(spec, name, "main"),
-                            dtype, device, nbytes=nbytes, files=[folder / f for f in manifest.files()],
-                            factory=lambda: (runner("text")[0], _graphed(runner("main")[0], backend_mod, device)))
+
+        def runners() -> dict:
+            made = {g: runner(g)[0] for g in manifest.graphs}
+            if "main" in made:
+                made["main"] = _graphed(made["main"], backend_mod, device)
+            return made
+
+        return DiTComponent(name, None, {g: graph_spec(spec, name, g) for g in manifest.graphs}, dtype, device,
+                            factory=runners, nbytes=nbytes, files=[folder / f for f in manifest.files()])
     main, gspec = runner("main")
     return GraphComponent(name, main, gspec, dtype, device)
 

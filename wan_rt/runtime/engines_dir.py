@@ -220,11 +220,13 @@ def remove_leftovers(engines_dir: Path) -> None:
 
 # ------------------------------------------------------------ what a checkpoint expects
 def expected_manifest(resolved: ResolvedCheckpoint, model: str, component: str, backend: str, precision: str,
-                      profile: ShapeProfile, device, fingerprint: Optional[str] = None) -> EngineManifest:
-    """The manifest a fresh build would write (files and timings aside)."""
+                      profile: ShapeProfile, device, fingerprint: Optional[str] = None,
+                      layout: str = "whole") -> EngineManifest:
+    """The manifest a fresh build would write (files and timings aside); `layout` is a DiT's
+    graph layout (graphs.DIT_LAYOUTS: "split" for engines a step cache can drive)."""
     spec = resolved.spec
     graphs = {}
-    for g in graph_names(component):
+    for g in graph_names(component, layout):
         gs = graph_spec(spec, component, g)
         graphs[g] = {"files": [], "inputs": [dataclasses.asdict(t) for t in gs.inputs],
                      "outputs": [dataclasses.asdict(t) for t in gs.outputs]}
@@ -267,7 +269,8 @@ def verify(folder: Path, resolved: ResolvedCheckpoint, model: str, backend_mod, 
     fix = f"re-run `wan-rt build --model {model} --engines-dir {folder.parent}`"
     fingerprint = component_fingerprint(resolved, name, loras)
     profile = ShapeProfile(**have.profile)
-    want = expected_manifest(resolved, model, name, have.backend, have.precision, profile, "cpu", fingerprint)
+    want = expected_manifest(resolved, model, name, have.backend, have.precision, profile, "cpu", fingerprint,
+                             have.build_args.get("dit_graphs", "whole"))
     diff = first_difference(have, want)
     if diff is not None:
         why = _WHY.get(diff, diff)
@@ -301,6 +304,17 @@ def build_size(folder: Path) -> dict[str, int]:
     except StaleEngineError:
         return {}
     return {k: build_args[k] for k in ("height", "width", "frames") if k in build_args}
+
+
+def dit_layout(engines_dir: Path) -> str:
+    """The DiT graph layout the engines dir was built with ("split": `wan-rt build --step-cache`)."""
+    for name in read_index(engines_dir).get("components", []):
+        try:
+            if EngineManifest.read(Path(engines_dir) / name).build_args.get("dit_graphs") == "split":
+                return "split"
+        except StaleEngineError:
+            continue
+    return "whole"
 
 
 def check_fits(engines_dir: Path, spec: ModelSpec, height: int, width: int, frames: int) -> None:

@@ -2,11 +2,15 @@
 ONNX export, engine builds, the runtime and the tests.
 
 A component is one graph ("main": text_encoder) or two: a DiT has "text" (context -> every
-block's cross-attention K/V, run once per prompt) and "main" (one denoising step from those K/V);
+block's cross-attention K/V, run once per prompt) and "main" (one denoising step from those K/V),
+or, built with `--step-cache` (the "split" layout), "text" and the step in four graphs a step
+cache can run one by one: "embed" (patch + time embedding), "first_block", "rest_blocks" and
+"head" (output norm, projection, unpatchify), tokens passed between them as [B, T, h/2, w/2, D];
 the VAE streams chunk by chunk: "first" for frame 0, "step" for every later chunk, with the
 causal-conv cache as explicit inputs `cache_in_<i>` and outputs `cache_out_<i>`. Tensor dims are ints or symbols: `B` batch
 (1 or 2 for CFG), `S` text tokens, `T`/`h`/`w` latent frames/height/width, `L` DiT tokens,
-and `k*h` / `k*w` for sizes that are a fixed multiple of the latent size (VAE pixels, caches).
+`k*h` / `k*w` for sizes that are a fixed multiple of the latent size (VAE pixels, caches) and
+`h/k` / `w/k` for an exact fraction of it (DiT tokens per axis).
 """
 
 from __future__ import annotations
@@ -60,13 +64,23 @@ class ShapeProfile:
 
 
 _SCALED = re.compile(r"^(\d+)\*(\w+)$")
+_DIVIDED = re.compile(r"^(\w+)/(\d+)$")
+
+
+def parse_dim(dim: str) -> tuple[str, int, int]:
+    """A symbolic dim as (symbol, numerator, denominator): "8*h" -> ("h", 8, 1), "h/2" -> ("h", 1, 2)."""
+    if m := _SCALED.match(dim):
+        return m.group(2), int(m.group(1)), 1
+    if m := _DIVIDED.match(dim):
+        return m.group(1), 1, int(m.group(2))
+    return dim, 1, 1
 
 
 def resolve_dim(dim: Dim, sizes: dict[str, int]) -> int:
     if isinstance(dim, int):
         return dim
-    m = _SCALED.match(dim)
-    return int(m.group(1)) * sizes[m.group(2)] if m else sizes[dim]
+    sym, num, den = parse_dim(dim)
+    return sizes[sym] * num // den
 
 
 def torch_dtype(t: TensorSpec, compute_dtype: torch.dtype) -> torch.dtype:
@@ -84,8 +98,8 @@ def read_sizes(gspec: GraphSpec, inputs: Mapping[str, Tensor]) -> dict[str, int]
             if isinstance(dim, int):
                 ok = ok and dim == n
                 continue
-            k, sym = dim.split("*") if "*" in dim else ("1", dim)
-            ok = ok and n % int(k) == 0 and sizes.setdefault(sym, n // int(k)) == n // int(k)
+            sym, num, den = parse_dim(dim)
+            ok = ok and n * den % num == 0 and sizes.setdefault(sym, n * den // num) == n * den // num
         if not ok:
             raise ValueError(f"{gspec.component}/{gspec.graph}: {t.name} has shape {list(shape)}, which does not fit "
                              f"{list(t.dims)} (sizes from the inputs before it: {sizes})")
@@ -113,10 +127,15 @@ def components_of(spec: ModelSpec) -> tuple[str, ...]:
     return ("text_encoder", *spec.dit_components, "vae_encoder", "vae_decoder")
 
 
-def graph_names(component: str) -> tuple[str, ...]:
+DIT_STEP_GRAPHS = ("embed", "first_block", "rest_blocks", "head")
+DIT_LAYOUTS = {"whole": ("text", "main"), "split": ("text", *DIT_STEP_GRAPHS)}
+
+
+def graph_names(component: str, layout: str = "whole") -> tuple[str, ...]:
+    """A component's graphs; `layout` ("whole" | "split", see the module docstring) is a DiT's."""
     if component.startswith("vae_"):
         return ("first", "step")
-    return ("text", "main") if component.startswith("dit") else ("main",)
+    return DIT_LAYOUTS[layout] if component.startswith("dit") else ("main",)
 
 
 def graph_spec(spec: ModelSpec, component: str, graph: str = "main") -> GraphSpec:
@@ -129,14 +148,24 @@ def graph_spec(spec: ModelSpec, component: str, graph: str = "main") -> GraphSpe
         text_kv = TensorSpec("text_kv", "compute", (d.num_layers, 2, "B", "S", d.dim))
         if graph == "text":
             return GraphSpec(component, graph, (TensorSpec("context", "compute", ("B", "S", d.text_dim)),), (text_kv,))
-        if graph != "main":
-            raise KeyError(f"{component} graphs are 'text' and 'main', not {graph!r}")
-        timestep = ("B", "L") if d.per_token_timestep else ("B",)
-        return GraphSpec(component, graph, (
-            TensorSpec("latents", "compute", ("B", d.in_channels, "T", "h", "w")),
-            TensorSpec("timestep", "float32", timestep),
-            text_kv,
-        ), (TensorSpec("noise_pred", "compute", ("B", d.out_channels, "T", "h", "w")),))
+        latents = TensorSpec("latents", "compute", ("B", d.in_channels, "T", "h", "w"))
+        timestep = TensorSpec("timestep", "float32", ("B", "L") if d.per_token_timestep else ("B",))
+        noise_pred = TensorSpec("noise_pred", "compute", ("B", d.out_channels, "T", "h", "w"))
+        if graph == "main":
+            return GraphSpec(component, graph, (latents, timestep, text_kv), (noise_pred,))
+        if graph not in DIT_STEP_GRAPHS:
+            raise KeyError(f"{component} graphs are {', '.join(DIT_LAYOUTS['whole'] + DIT_STEP_GRAPHS)}, not {graph!r}")
+        pt, ph, pw = d.patch_size
+        assert pt == 1, "token frames are latent frames (Wan's temporal patch is 1)"
+        tokens = ("B", "T", f"h/{ph}", f"w/{pw}", d.dim)
+        rows = "T" if d.per_token_timestep else 1  # modulation rows: per latent frame, or one
+        hidden, temb = TensorSpec("hidden", "compute", tokens), TensorSpec("temb", "float32", ("B", rows, 6, d.dim))
+        tproj = TensorSpec("tproj", "float32", ("B", rows, d.dim))
+        if graph == "embed":
+            return GraphSpec(component, graph, (latents, timestep), (hidden, temb, tproj))
+        if graph == "head":
+            return GraphSpec(component, graph, (hidden, tproj), (noise_pred,))
+        return GraphSpec(component, graph, (hidden, temb, text_kv), (TensorSpec("hidden_out", "compute", tokens),))
     if component in ("vae_encoder", "vae_decoder"):
         return _vae_graph_spec(spec, component, graph)
     raise KeyError(f"{spec.name} has no component {component!r}; it has {', '.join(components_of(spec))}")
@@ -259,6 +288,53 @@ class _VAEChunk(nn.Module):
         return (y, *new_cache)
 
 
+class _DiTEmbed(nn.Module):
+    def __init__(self, dit: nn.Module):
+        super().__init__()
+        self.dit = dit
+
+    def forward(self, latents: Tensor, timestep: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        hidden, e, e0 = self.dit.embed(latents, timestep)
+        f, h, w = self.dit.token_grid(latents)
+        return hidden.reshape(hidden.shape[0], f, h, w, hidden.shape[-1]), e0, e
+
+
+class _DiTBlocks(nn.Module):
+    """Blocks start..stop-1 on a token grid [B, f, h, w, D]."""
+
+    def __init__(self, dit: nn.Module, start: int, stop: int | None):
+        super().__init__()
+        self.dit, self.start, self.stop = dit, start, stop
+
+    def forward(self, hidden: Tensor, temb: Tensor, text_kv: Tensor) -> Tensor:
+        b, f, h, w, d = hidden.shape
+        out = self.dit.run_blocks(hidden.reshape(b, f * h * w, d), temb, (f, h, w), text_kv=text_kv,
+                                  start=self.start, stop=self.stop)
+        return out.reshape(b, f, h, w, d)
+
+
+class _DiTHead(nn.Module):
+    def __init__(self, dit: nn.Module):
+        super().__init__()
+        self.dit = dit
+
+    def forward(self, hidden: Tensor, tproj: Tensor) -> Tensor:
+        b, f, h, w, d = hidden.shape
+        return self.dit.head(hidden.reshape(b, f * h * w, d), tproj, (f, h, w))
+
+
+def _dit_graph(graph: str, dit: nn.Module) -> nn.Module:
+    if graph == "text":
+        return _DiTText(dit)
+    if graph == "main":
+        return _DiTMain(dit)
+    if graph == "embed":
+        return _DiTEmbed(dit)
+    if graph == "head":
+        return _DiTHead(dit)
+    return _DiTBlocks(dit, 0, 1) if graph == "first_block" else _DiTBlocks(dit, 1, None)
+
+
 def graph_module(component: str, graph: str, model: nn.Module) -> nn.Module:
     """The nn.Module whose forward takes the graph's inputs positionally, in GraphSpec order,
     and returns its outputs (a tensor, or a tuple in GraphSpec order). `model` is the DiT, the
@@ -266,7 +342,7 @@ def graph_module(component: str, graph: str, model: nn.Module) -> nn.Module:
     if component == "text_encoder":
         return _TextMain(model).eval()
     if component.startswith("dit"):
-        return (_DiTText(model) if graph == "text" else _DiTMain(model)).eval()
+        return _dit_graph(graph, model).eval()
     if component in ("vae_encoder", "vae_decoder"):
         return _VAEChunk(model, encode=component == "vae_encoder", first=graph == "first").eval()
     raise KeyError(component)
