@@ -8,6 +8,12 @@ and optionally
 
     build_profile(spec, component, profile) -> ShapeProfile
         # the part of the requested profile the backend can serve (written into the manifest)
+    reweight_graph(module, gspec, profile, built_dir, out_dir, files, *, compute_dtype, device,
+                   **options) -> list[str] | None
+        # new weights (a LoRA fused in) for a graph built before that differs in nothing else,
+        # without exporting / building it again (ort: the initializers rewritten; trt: a refit);
+        # None when it cannot. Backends without it rebuild (aoti: the package cache makes that
+        # an export and a copy, no compile)
 
 The run side of the same backend is wan_rt.runtime.backends.<name>; it never imports this.
 Imported on first use: ONNX, inductor and TensorRT load only for the backend being built.

@@ -202,6 +202,34 @@ def build_graph(module: torch.nn.Module, gspec: GraphSpec, profile: ShapeProfile
     return [*kept, *([f"onnx/{f}" for f in files if f != REPORT_FILE] if config.keep_onnx else [])]
 
 
+def reweight_graph(module: torch.nn.Module, gspec: GraphSpec, profile: ShapeProfile, built_dir: str | os.PathLike,
+                   out_dir: str | os.PathLike, files: list[str], *, compute_dtype: torch.dtype,
+                   device: torch.device | str, quant: Optional["QuantPlan"] = None,
+                   config: Optional["BuildConfig"] = None, **_options: Any) -> Optional[list[str]]:
+    """New weights (e.g. a LoRA fused in) for a plan built before that differs in nothing else:
+    the plan in `built_dir` refitted from the re-exported ONNX and written to `out_dir`, no engine
+    build. None (build anew) for plans built without --refittable or with Q/DQ.
+    NOT RUN: no machine this was written on has TensorRT (type-checked against tensorrt-stubs)."""
+    from wan_rt.export.onnx_export import DEFAULT_OPSET, export_onnx
+    from wan_rt.runtime.backends.trt_engine import TrtEngine, refit_from_onnx
+
+    config = config or BuildConfig()
+    if not config.refittable or quant is not None or PLAN_FILE not in files:
+        return None
+    engine = TrtEngine.deserialize((Path(built_dir) / PLAN_FILE).read_bytes(), torch.device(device))
+    out = Path(out_dir)
+    onnx_dir = out / "onnx" if config.keep_onnx else Path(tempfile.mkdtemp(prefix=".onnx-", dir=out))
+    try:
+        onnx_files = export_onnx(module, gspec, profile, onnx_dir / "model.onnx", compute_dtype=compute_dtype,
+                                 device=device, opset=DEFAULT_OPSET)
+        refit_from_onnx(engine.engine, onnx_dir / "model.onnx")
+        (out / PLAN_FILE).write_bytes(bytes(engine.engine.serialize()))
+    finally:
+        if not config.keep_onnx:
+            shutil.rmtree(onnx_dir, ignore_errors=True)
+    return [PLAN_FILE, *([f"onnx/{f}" for f in onnx_files] if config.keep_onnx else [])]
+
+
 def refit_from_module(runner: "TrtRunner", module: torch.nn.Module, gspec: GraphSpec, profile: ShapeProfile, *,
                       compute_dtype: torch.dtype, quant: Optional["QuantPlan"] = None) -> int:
     """Refit a refittable engine with new weights: `module` is the graph module

@@ -196,3 +196,62 @@ def test_cli_run_with_a_lora_per_expert(loras, checkpoint, tmp_path, capsys):
                  "--lora", str(tmp_path / "missing.safetensors")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "missing.safetensors" in err[0] and not bad.exists()
+
+
+# -------------------------------------------------------------------- engines
+def test_lora_on_ort_engines_swaps_weights_without_a_reexport(checkpoint, loras, tmp_path, capsys):
+    """`wan-rt build --lora`: an ORT expert that differs only in its weights is re-weighted (the
+    ONNX graph copied, its initializers rewritten through the export-time weights map), not
+    exported again; it then runs like the eager expert with the same LoRA. The manifest's
+    fingerprint covers the LoRA files and scales: running without them, or after a LoRA file
+    changed, is refused in one line."""
+    import shutil
+
+    import onnx
+    from safetensors.torch import load_file, save_file
+
+    from wan_rt.build import build_engines
+    from wan_rt.cli import main
+    from wan_rt.loader import WanPipeline
+    from wan_rt.runtime.engines_dir import EngineManifest, StaleEngineError
+
+    pytest.importorskip("onnxruntime")
+    engines, hi = tmp_path / "engines", tmp_path / "hi.safetensors"
+    shutil.copy(loras["dit_high_noise"]["original"], hi)
+    dits = ["dit_high_noise", "dit_low_noise"]
+    size = dict(height=32, width=32, frames=5, components=dits)
+    build_engines(str(checkpoint), "ort", engines, log=lambda s: None, **size)
+    before = onnx.load(str(engines / "dit_high_noise" / "main" / "model.onnx"))
+    logs: list[str] = []
+    build_engines(str(checkpoint), "ort", engines, log=logs.append, **size,
+                  loras={"dit_high_noise": [(hi, 0.7)], "dit_low_noise": [(loras["dit_low_noise"]["kohya"], 1.0)]})
+    assert sum("re-weighted (no re-export)" in line for line in logs) == 2, logs
+    after = onnx.load(str(engines / "dit_high_noise" / "main" / "model.onnx"))
+    assert [n.SerializeToString() for n in after.graph.node] == [n.SerializeToString() for n in before.graph.node]
+    changed = [a.name for a, b in zip(after.graph.initializer, before.graph.initializer) if a.raw_data != b.raw_data]
+    assert any(name.startswith("onnx::MatMul") for name in changed), changed  # transposed Linear weights too
+    manifest = EngineManifest.read(engines / "dit_high_noise")
+    assert manifest.build_args["loras"] == [[str(hi), 0.7]] and manifest.build_args["reweighted"]
+
+    pinned = {c: "eager" for c in ("text_encoder", "vae_encoder", "vae_decoder")}
+    spec = get_spec(SPEC)
+    on_engines = WanPipeline.from_pretrained(str(checkpoint), engines_dir=str(engines), backend_for=pinned,
+                                             lora=[(hi, 0.7)], lora_2=[loras["dit_low_noise"]["kohya"]])
+    eager = WanPipeline.from_pretrained(str(checkpoint), device="cpu", dtype=torch.float32,
+                                        lora=[(hi, 0.7)], lora_2=[loras["dit_low_noise"]["kohya"]])
+    got, want = on_engines(**_call(spec)).frames, eager(**_call(spec)).frames
+    assert max_abs_error(torch.from_numpy(got), torch.from_numpy(want)) < 1e-4
+
+    with pytest.raises(StaleEngineError, match="LoRAs"):
+        WanPipeline.from_pretrained(str(checkpoint), engines_dir=str(engines), backend_for=pinned)
+    tensors = load_file(str(hi))
+    save_file({k: v * 1.5 for k, v in tensors.items()}, str(hi))  # the LoRA file changed since the build
+    args = ["run", "--engines-dir", str(engines), "--steps", "2", "--lora", f"{hi}:0.7", "--lora-2",
+            str(loras["dit_low_noise"]["kohya"]), "--output", str(tmp_path / "x.mp4")]
+    for name in pinned:
+        args += ["--backend-for", f"{name}=eager"]
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "dit_high_noise is stale" in err[0] and "--lora" in err[0]
+    assert main(args + ["--rebuild"]) == 0  # re-weighted again, then runs

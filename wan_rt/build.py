@@ -24,7 +24,7 @@ from wan_rt.precision import PRECISIONS, QUALITY_TOLERANCE, QUANTIZED_PRECISIONS
 from wan_rt.resolve import ResolvedCheckpoint, resolve_checkpoint
 from wan_rt.runtime.backends import get_backend
 from wan_rt.runtime.engines_dir import (EngineManifest, LoraPairs, StaleEngineError, check_index, commit_component,
-                                        component_fingerprint, expected_manifest, first_difference, lora_args,
+                                        component_fingerprint, expected_manifest, first_difference, identity, lora_args,
                                         new_component_dir, remove_leftovers, version_mismatch, write_index)
 from wan_rt.runtime.graphs import ShapeProfile, components_of, graph_module, graph_spec, shape_profile
 
@@ -163,11 +163,14 @@ def build_engines(model: str, backend: str, engines_dir: Path, *, precision: Opt
             if calibration is None:  # once, before the first DiT graph, for every expert
                 calibration = _calibrate(resolved, model, wanted, quant_config, (height, width, frames), dev, log)
             options["quant"] = _quant_plan(spec, quant_config, calibration[name])
-        log(f"  {name:<16} building ({backend}, {precision}) ...")
+        # Only the weights differ (other LoRAs): the backend may swap them in without a rebuild.
+        in_place = _weights_only_change(final, want, backend_mod) if hasattr(builder, "reweight_graph") else None
+        log(f"  {name:<16} {'re-weighting' if in_place else 'building'} ({backend}, {precision}) ...")
         start = time.perf_counter()
         manifest = _build_component(resolved, name, want, builder, served, dev, engines_dir, options,
-                                    variant if name in spec.dit_components else None, loras.get(name, ()))
-        log(f"  {name:<16} built in {time.perf_counter() - start:.1f}s -> {final}")
+                                    variant if name in spec.dit_components else None, loras.get(name, ()), in_place)
+        how = "re-weighted (no re-export)" if manifest.build_args.get("reweighted") else "built"
+        log(f"  {name:<16} {how} in {time.perf_counter() - start:.1f}s -> {final}")
         built.append(manifest)
     write_index(engines_dir, model_id, spec, backend, precision, [m.component for m in built])
     return built
@@ -182,6 +185,20 @@ def _up_to_date(folder: Path, want: EngineManifest, backend_mod) -> bool:
     same_args = all(have.build_args.get(k) == json.loads(json.dumps(v)) for k, v in want.build_args.items())
     return (first_difference(have, want) is None and version_mismatch(have, backend_mod) is None and same_args
             and all((folder / f).is_file() for f in have.files()))
+
+
+def _weights_only_change(folder: Path, want: EngineManifest, backend_mod) -> Optional[EngineManifest]:
+    """The engine built in `folder` if it is `want` but for its weights (LoRAs), else None."""
+    try:
+        have = EngineManifest.read(folder)
+    except StaleEngineError:
+        return None
+    same = {k: v for k, v in identity(have).items() if k != "weights_fingerprint"} == \
+        {k: v for k, v in identity(want).items() if k != "weights_fingerprint"}
+    args = {k: v for k, v in have.build_args.items() if k not in ("loras", "reweighted")}
+    wanted = {k: v for k, v in json.loads(json.dumps(want.build_args)).items() if k != "loras"}
+    complete = all((folder / f).is_file() for f in have.files())
+    return have if same and args == wanted and version_mismatch(have, backend_mod) is None and complete else None
 
 
 def _calibrate(resolved: ResolvedCheckpoint, model: str, wanted: list[str], config: "QuantConfig",
@@ -211,10 +228,12 @@ def _quant_plan(spec: ModelSpec, config: "QuantConfig", stats) -> "QuantPlan":
 
 def _build_component(resolved: ResolvedCheckpoint, name: str, want: EngineManifest, builder,
                      profile: ShapeProfile, device: torch.device, engines_dir: Path,
-                     options: Optional[dict] = None, variant=None, loras: LoraPairs = ()) -> EngineManifest:
+                     options: Optional[dict] = None, variant=None, loras: LoraPairs = (),
+                     built: Optional[EngineManifest] = None) -> EngineManifest:
     """`options` go to the builder's build_graph (quant: a QuantPlan; TensorRT's config);
     `loras` are fused into a DiT's weights, then `variant` (a fast.DiTVariant) is applied to it,
-    before its graphs are exported."""
+    before its graphs are exported. `built`: the manifest of the engine now in place when only
+    its weights change; the builder's reweight_graph then writes each graph from it where it can."""
     start = time.perf_counter()
     options = options or {}
     dtype = component_dtype(name, want.precision, want.backend, device)
@@ -231,13 +250,23 @@ def _build_component(resolved: ResolvedCheckpoint, name: str, want: EngineManife
         if "quant" in options:  # the statistics the Q/DQ scales came from, for audits and refits
             options["quant"].stats.save(tmp / CALIBRATION_FILE)
             want.build_args["calibration_sha256"] = options["quant"].stats.fingerprint()
+        reweighted = built is not None
         for g in want.graphs:
             gspec = graph_spec(resolved.spec, name, g)
             sub = tmp / g
             sub.mkdir()
-            files = builder.build_graph(graph_module(name, g, model), gspec, profile, sub,
-                                        compute_dtype=dtype, device=device, **options)
+            module = graph_module(name, g, model)
+            files = None
+            if built is not None:
+                old = [f.split("/", 1)[1] for f in built.graphs[g]["files"]]
+                files = builder.reweight_graph(module, gspec, profile, engines_dir / name / g, sub, old,
+                                               compute_dtype=dtype, device=device, **options)
+            reweighted = files is not None and reweighted
+            if files is None:
+                files = builder.build_graph(module, gspec, profile, sub, compute_dtype=dtype, device=device, **options)
             want.graphs[g]["files"] = [f"{g}/{f}" for f in files]
+        if reweighted:  # information: every graph got its new weights without an export
+            want.build_args["reweighted"] = True
         want.created_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
         want.build_seconds = round(time.perf_counter() - start, 2)
         want.write(tmp)  # last: a folder without a manifest never loads

@@ -21,12 +21,13 @@ from typing import Optional
 import torch
 
 from wan_rt.loader import WanPipeline
+from wan_rt.lora import load_lora
 from wan_rt.metrics import max_abs_error, psnr, relative_error
 from wan_rt.models import load_component
 from wan_rt.precision import QUALITY_TOLERANCE, QUANTIZED_PRECISIONS, component_dtype
 from wan_rt.resolve import resolve_checkpoint
 from wan_rt.runtime.backends import get_backend
-from wan_rt.runtime.engines_dir import EngineManifest, read_index, verify
+from wan_rt.runtime.engines_dir import EngineManifest, built_loras, read_index, verify
 from wan_rt.runtime.engine_component import module_runner
 from wan_rt.runtime.graphs import ShapeProfile, graph_module, graph_spec, sample_inputs
 
@@ -57,8 +58,9 @@ def graph_parity(engines_dir: Path, model: Optional[str] = None, device: Optiona
     backend_mod = get_backend(index["backend"])
     dev = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = []
+    loras = built_loras(engines_dir)  # fused into the engines at build time: the reference gets them too
     for name in index["components"]:
-        manifest = verify(engines_dir / name, resolved, index["model"], backend_mod)
+        manifest = verify(engines_dir / name, resolved, index["model"], backend_mod, loras.get(name, ()))
         profile = ShapeProfile(**manifest.profile)
         tol = TOLERANCE.get(manifest.precision, 0.1)
         dtype = component_dtype(name, manifest.precision, manifest.backend, dev)
@@ -67,6 +69,8 @@ def graph_parity(engines_dir: Path, model: Optional[str] = None, device: Optiona
                 continue  # on the trajectory instead: quality_report
             tol = TOLERANCE[{torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]]
         reference_model = load_component(resolved.files, name, dtype=torch.float32, device=dev)
+        for path, scale in loras.get(name, ()):
+            load_lora(reference_model, path, scale, mode="fuse")
         for graph, info in manifest.graphs.items():
             gspec = graph_spec(resolved.spec, name, graph)
             engine = backend_mod.load_graph(engines_dir / name, gspec, info["files"], compute_dtype=dtype, device=dev)
@@ -94,9 +98,11 @@ def video_parity(engines_dir: Path, model: Optional[str] = None, steps: int = 2,
     index = read_index(Path(engines_dir))
     model = model or index["model"]
     dev = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    engine_pipe = WanPipeline.from_pretrained(model, engines_dir=str(engines_dir), device=dev)
-    eager_pipe = WanPipeline.from_pretrained(model, backend="eager", device=dev, dtype=torch.float32)
-    spec = engine_pipe.spec
+    spec = resolve_checkpoint(model).spec
+    loras = built_loras(Path(engines_dir))
+    by_expert = dict(lora=loras.get(spec.dit_components[0], []), lora_2=loras.get("dit_low_noise", []))
+    engine_pipe = WanPipeline.from_pretrained(model, engines_dir=str(engines_dir), device=dev, **by_expert)
+    eager_pipe = WanPipeline.from_pretrained(model, backend="eager", device=dev, dtype=torch.float32, **by_expert)
     manifest_profile = ShapeProfile(**_first_manifest(Path(engines_dir), index).profile)
     st, sh, sw = spec.vae.stride
     height, width = manifest_profile.opt["h"] * sh, manifest_profile.opt["w"] * sw

@@ -306,6 +306,19 @@ def build_size(folder: Path) -> dict[str, int]:
     return {k: build_args[k] for k in ("height", "width", "frames") if k in build_args}
 
 
+def built_loras(engines_dir: Path) -> dict[str, list[tuple[Path, float]]]:
+    """{component: [(LoRA file, scale)]} the engines were built with (their manifests' record)."""
+    out = {}
+    for name in read_index(engines_dir).get("components", []):
+        try:
+            recorded = EngineManifest.read(Path(engines_dir) / name).build_args.get("loras")
+        except StaleEngineError:
+            continue
+        if recorded:
+            out[name] = [(Path(path), float(scale)) for path, scale in recorded]
+    return out
+
+
 def dit_layout(engines_dir: Path) -> str:
     """The DiT graph layout the engines dir was built with ("split": `wan-rt build --step-cache`)."""
     for name in read_index(engines_dir).get("components", []):
