@@ -104,28 +104,40 @@ def engine_components(b) -> dict:
     return components
 
 
-def check_pipeline(b, components: dict, label: str) -> None:
-    """4 steps with CFG on `components` against the eager pipeline, from the same latents."""
-    from wan_rt.eager import build_eager_components
+def tokenizer(b):
     from wan_rt.models.text_encoder import load_tokenizer
-    from wan_rt.loader import WanPipeline
 
-    spec, resolved = b.spec, b.resolved
-    tokenizer = load_tokenizer(resolved.files.tokenizer)
-    ours = WanPipeline(spec, components, tokenizer, resolved.defaults, "cpu")
-    eager = WanPipeline(spec, build_eager_components(resolved, CPU, torch.float32), tokenizer, resolved.defaults, "cpu")
-    frames = 5
+    return load_tokenizer(b.resolved.files.tokenizer)
+
+
+def pipeline_call(b, steps: int = 4):
+    """-> a function giving the pipeline keywords of one generation (CFG, fixed latents, image
+    for i2v / ti2v), fresh latents each time."""
+    spec, frames = b.spec, 5
     latents = torch.randn((1, *latent_shape(spec, spec.height, spec.width, frames)),
                           generator=torch.Generator().manual_seed(7))
     kwargs = dict(prompt="a fox running in the snow", negative_prompt="blurry dark", height=spec.height,
-                  width=spec.width, num_frames=frames, num_inference_steps=4, guidance_scale=4.0,
+                  width=spec.width, num_frames=frames, num_inference_steps=steps, guidance_scale=4.0,
                   guidance_scale_2=3.0, output_type="np")
     if spec.task != "t2v":
         kwargs["image"] = random_image()
+    return lambda: {**kwargs, "latents": latents.clone()}
+
+
+def check_pipeline(b, components: dict, label: str) -> None:
+    """4 steps with CFG on `components` against the eager pipeline, from the same latents."""
+    from wan_rt.eager import build_eager_components
+    from wan_rt.loader import WanPipeline
+
+    spec, resolved = b.spec, b.resolved
+    ours = WanPipeline(spec, components, tokenizer(b), resolved.defaults, "cpu")
+    eager = WanPipeline(spec, build_eager_components(resolved, CPU, torch.float32), tokenizer(b), resolved.defaults,
+                        "cpu")
+    call = pipeline_call(b)
     results = []
     for pipe in (ours, eager):
         pipe.set_progress_bar_config(disable=True)
-        results.append(pipe(latents=latents.clone(), **kwargs))
+        results.append(pipe(**call()))
     got, want = results
     assert got.steps_per_stage == want.steps_per_stage
     assert len(want.steps_per_stage) == len(spec.stages), "every expert ran"

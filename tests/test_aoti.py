@@ -30,8 +30,8 @@ from wan_rt.config import get_spec  # noqa: E402
 from wan_rt.metrics import relative_error  # noqa: E402
 from wan_rt.runtime.backends import get_backend  # noqa: E402
 from wan_rt.runtime.engine_component import module_runner  # noqa: E402
-from wan_rt.runtime.graphs import (components_of, graph_module, graph_names, graph_spec, sample_inputs,  # noqa: E402
-                                   shape_profile)
+from wan_rt.runtime.graphs import (DIT_STEP_GRAPHS, components_of, graph_module, graph_names,  # noqa: E402
+                                   graph_spec, sample_inputs, shape_profile)
 
 aoti = get_backend("aoti")
 pytestmark = pytest.mark.skipif(not aoti.is_available(), reason=f"AOTInductor unavailable: {aoti.unavailable_reason()}")
@@ -42,10 +42,12 @@ FAST = os.environ.get("WAN_RT_AOTI_TEST_FAST", "1") != "0"
 T2V_GRAPHS = [(c, g) for c in components_of(get_spec(T2V)) for g in graph_names(c)]
 VAE_GRAPHS = [(c, g) for c in ("vae_encoder", "vae_decoder") for g in ("first", "step")]
 # Compile order: the slow graphs first; graphs whose package an earlier one makes last.
+# T2V's experts also get the split step (wan-rt build --step-cache) a step cache drives.
 TASKS = ([(T2V, c, g) for c, g in VAE_GRAPHS] + ([(TI2V, c, g) for c, g in VAE_GRAPHS] if ALL else [])
          + [(T2V, "dit_high_noise", "main"), (I2V, "dit_high_noise", "main"), (TI2V, "dit", "main"),
             (T2V, "text_encoder", "main"), (T2V, "dit_high_noise", "text")]
-         + [(T2V, "dit_low_noise", g) for g in ("text", "main")]
+         + [(T2V, "dit_high_noise", g) for g in DIT_STEP_GRAPHS]
+         + [(T2V, "dit_low_noise", g) for g in ("text", "main", *DIT_STEP_GRAPHS)]
          + [(I2V, "text_encoder", "main"), (I2V, "dit_high_noise", "text")]
          + [(I2V, "dit_low_noise", g) for g in ("text", "main")]
          + [(TI2V, "text_encoder", "main"), (TI2V, "dit", "text")])
@@ -243,6 +245,83 @@ def test_pipeline_on_aoti_matches_eager(built, spec_name, engine_checks):
     components.update(engine_checks.vae_components(b) if vae_on_aoti else
                       build_eager_components(b.resolved, CPU, torch.float32, ["vae_encoder", "vae_decoder"]))
     engine_checks.check_pipeline(b, components, "AOTI")
+
+
+# ------------------------------------------------------------------------------ levers on packages
+def test_step_caches_on_aoti_packages(built, engine_checks):
+    """The experts' split step as AOTI packages (what `wan-rt build --backend aoti --step-cache`
+    makes; the low-noise expert's from the cache): threshold 0 gives the packages' uncached video,
+    First Block Cache the eager cache's decisions and frames (1e-4)."""
+    from wan_rt.caching import apply_step_cache
+    from wan_rt.eager import build_eager_components
+    from wan_rt.loader import WanPipeline
+
+    b = built[T2V]
+    assert all(b.stats["dit_low_noise", g]["cached"] for g in DIT_STEP_GRAPHS)
+    assert all(not b.stats["dit_high_noise", g]["cached"] for g in DIT_STEP_GRAPHS)
+    components = engine_checks.engine_components(b)
+    components.update(engine_checks.vae_components(b))
+    eager = build_eager_components(b.resolved, CPU, torch.float32)
+    pipes = {}
+    for label, comps in (("aoti", components), ("eager", eager)):
+        pipe = WanPipeline(b.spec, comps, engine_checks.tokenizer(b), b.resolved.defaults, CPU)
+        pipe.set_progress_bar_config(disable=True)
+        pipes[label] = pipe
+    call = engine_checks.pipeline_call(b, steps=8)
+    uncached = pipes["aoti"](**call()).frames
+    outs = {}
+    for label, pipe in pipes.items():
+        pipe.components.update(apply_step_cache(pipe.components, b.spec, "fbcache", 0.2))
+        outs[label] = pipe(**call())
+    # The uncached AOTI run used the `main` packages; threshold 0 runs the split ones, every step.
+    pipes["aoti"].components.update(apply_step_cache(pipes["aoti"].components, b.spec, "teacache", 0.0))
+    assert relative_error(torch.from_numpy(pipes["aoti"](**call()).frames), torch.from_numpy(uncached)) < TOL
+    stats = {label: {k: v for k, v in o.timings.items() if ".steps_" in k} for label, o in outs.items()}
+    assert stats["aoti"] == stats["eager"] and stats["aoti"]["dit_high_noise.steps_reused"] > 0, stats
+    assert relative_error(torch.from_numpy(outs["aoti"].frames), torch.from_numpy(outs["eager"].frames)) < TOL
+
+
+def test_lora_build_reuses_the_compiled_packages(built, tmp_path, engine_checks):
+    """`wan-rt build --lora/--lora-2` on AOTInductor: new weights.safetensors per expert, the
+    compiled packages copied from the cache (no compile: the cache gains no entry, the packages
+    are the LoRA-less build's bytes); the experts then run like eager experts with the LoRAs."""
+    import importlib.util
+    from pathlib import Path
+
+    from wan_rt.build import build_engines
+    from wan_rt.export.aoti_export import default_cache_dir
+    from wan_rt.loader import WanPipeline
+
+    spec_ = importlib.util.spec_from_file_location("wan_rt_tests_lora_files", Path(__file__).with_name("lora_files.py"))
+    lora_files = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(lora_files)
+    b = built[T2V]
+    dits = list(b.spec.dit_components)
+    files = {c: lora_files.write(lora_files.draw_deltas(b.models[c], seed=20 + i), "original", tmp_path / f"{c}.safetensors")
+             for i, c in enumerate(dits)}
+    size = dict(height=2 * b.spec.height, width=2 * b.spec.width, frames=9, device="cpu", quick_compile=FAST,
+                components=dits, log=lambda s: None)
+    plain, with_lora = tmp_path / "plain", tmp_path / "lora"
+    build_engines(T2V, "aoti", plain, **size)
+    entries = sorted(p.name for p in default_cache_dir().iterdir())
+    logs: list[str] = []
+    build_engines(T2V, "aoti", with_lora, **{**size, "log": logs.append},
+                  loras={dits[0]: [(files[dits[0]], 0.8)], dits[1]: [(files[dits[1]], 1.0)]})
+    assert sorted(p.name for p in default_cache_dir().iterdir()) == entries, "a LoRA build must not compile"
+    for comp in dits:
+        for g in ("text", "main"):
+            assert (with_lora / comp / g / "model.pt2").read_bytes() == (plain / comp / g / "model.pt2").read_bytes()
+        assert (with_lora / comp / "main" / "weights.safetensors").read_bytes() != \
+            (plain / comp / "main" / "weights.safetensors").read_bytes()
+    pinned = {c: "eager" for c in ("text_encoder", "vae_encoder", "vae_decoder")}
+    by_expert = dict(lora=[(files[dits[0]], 0.8)], lora_2=[files[dits[1]]])
+    on_aoti = WanPipeline.from_pretrained(T2V, engines_dir=str(with_lora), backend_for=pinned, device="cpu", **by_expert)
+    eager = WanPipeline.from_pretrained(T2V, device="cpu", dtype=torch.float32, **by_expert)
+    call = engine_checks.pipeline_call(b, steps=4)
+    for pipe in (on_aoti, eager):
+        pipe.set_progress_bar_config(disable=True)
+    got, want = on_aoti(**call()).frames, eager(**call()).frames
+    assert relative_error(torch.from_numpy(got), torch.from_numpy(want)) < TOL
 
 
 # ------------------------------------------------------------------------------ the commands

@@ -31,3 +31,19 @@ def test_serve_bench_smoke_writes_json(tmp_path):
     assert [r["variant"] for r in rows][-1] == "wan-rt serve, 1 CPU worker"
     assert rows[0]["variant"].startswith("warm pipeline in-process") and rows[0]["vs_pipeline"] == 1.0
     assert rows[-1]["jobs_per_min"] > 0 and rows[-1]["get_busy_p99_ms"] >= rows[-1]["get_busy_p50_ms"] > 0
+
+
+def test_levers_bench_tiny_writes_json(tmp_path):
+    out = tmp_path / "levers.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "levers.py"), "--tiny", "--workdir", str(tmp_path / "work"),
+                           "--json", str(out)], capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    rows = {(r["variant"], str(r["setting"])): r for r in data["rows"]}
+    assert {v for v, _ in rows} == {"uncached", "teacache", "magcache", "fbcache", "4-step", "lora"}
+    uncached = next(r for (v, _), r in rows.items() if v == "uncached")
+    assert uncached["psnr_db"] == float("inf") or uncached["psnr_db"] > 100  # the reference against itself
+    fused = rows["lora", "fused (vs run-time video)"]
+    assert fused["psnr_db"] > 60, "fused and run-time LoRA must make the same video"
+    caches = [r for (v, _), r in rows.items() if v in ("teacache", "magcache", "fbcache")]
+    assert all(r["steps_computed"] + r["steps_reused"] == 8 for r in caches)

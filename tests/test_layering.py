@@ -28,7 +28,7 @@ LAYERS = {
     "wan_rt.runtime": 4,
     # 5. variants applied from outside the models
     "wan_rt.kernels.integrate": 5, "wan_rt.runtime.fast": 5, "wan_rt.eager": 5, "wan_rt.parallel": 5,
-    "wan_rt.lora": 5, "wan_rt.caching": 5,
+    "wan_rt.lora": 5, "wan_rt.caching": 5, "wan_rt.offload": 5,
     # 6. the denoise loop
     "wan_rt.pipeline": 6,
     # 7. assembly: from_pretrained, builds, exporters, parity

@@ -8,7 +8,7 @@ Runtime variants are applied here, from outside the models: wan_rt's Triton kern
 from __future__ import annotations
 
 import importlib.util
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 
@@ -30,11 +30,16 @@ def use_triton_kernels(choice: str, device: torch.device) -> bool:
 
 def build_eager_components(resolved: ResolvedCheckpoint, device: torch.device, dtype: torch.dtype,
                            names: Optional[list[str]] = None, kernels: str = "auto",
-                           dit_load_device: Optional[torch.device] = None) -> dict:
-    """`names` (default: every component of the model) as eager components on `device`.
-    dit_load_device: where the DiT weights are loaded when that is not `device` (the CPU, for
-    a runtime that moves them on itself: FSDP sharding, wan_rt.parallel.shard)."""
+                           dit_load_device: Optional[torch.device] = None,
+                           placement: Optional[Mapping[str, torch.device]] = None) -> dict:
+    """`names` (default: every component of the model) as eager components on `device`, or
+    where `placement` puts them (a low-VRAM plan: text encoder / VAE on the CPU, experts in host
+    memory for block offload; wan_rt/offload.py). dit_load_device: where the DiT weights are
+    loaded when that is not their component's device (the CPU, for a runtime that moves them on
+    itself: FSDP sharding, wan_rt.parallel.shard)."""
     spec, files = resolved.spec, resolved.files
+    where = {name: torch.device((placement or {}).get(name, device))
+             for name in ("text_encoder", *spec.dit_components, "vae_encoder", "vae_decoder")}
     wanted = names or ["text_encoder", *spec.dit_components, "vae_encoder", "vae_decoder"]
     out = {}
     fast = use_triton_kernels(kernels, device)
@@ -44,20 +49,22 @@ def build_eager_components(resolved: ResolvedCheckpoint, device: torch.device, d
     # time and the official code runs the VAE in fp32 too.
     if "text_encoder" in wanted:
         te_dtype = dtype if dtype != torch.float16 else torch.float32  # umT5 overflows in fp16
-        out["text_encoder"] = EagerComponent("text_encoder", load_text_encoder(files, dtype=te_dtype, device=device),
-                                             device, te_dtype)
+        out["text_encoder"] = EagerComponent("text_encoder", load_text_encoder(files, dtype=te_dtype,
+                                                                               device=where["text_encoder"]),
+                                             where["text_encoder"], te_dtype)
     for name in spec.dit_components:
         if name in wanted:
-            dit = load_dit(files, name, dtype=dtype, device=dit_load_device or device)
+            dit = load_dit(files, name, dtype=dtype, device=(placement or {}).get(name) or dit_load_device or device)
             if fast:
                 install(dit)
-            out[name] = EagerDiTComponent(name, spec, dit, dtype, device)
+            out[name] = EagerDiTComponent(name, spec, dit, dtype, where[name])
     if "vae_encoder" in wanted or "vae_decoder" in wanted:
-        vae = load_vae(files, dtype=torch.float32, device=device)
-        if fast:
+        vae_device = where["vae_decoder"] if "vae_decoder" in wanted else where["vae_encoder"]
+        vae = load_vae(files, dtype=torch.float32, device=vae_device)
+        if fast and vae_device.type == torch.device(device).type:  # not on a VAE moved to the CPU
             install(vae)
         if "vae_encoder" in wanted:
-            out["vae_encoder"] = EagerComponent("vae_encoder", VAEEncodeGraph(vae), device, torch.float32)
+            out["vae_encoder"] = EagerComponent("vae_encoder", VAEEncodeGraph(vae), vae_device, torch.float32)
         if "vae_decoder" in wanted:
-            out["vae_decoder"] = EagerComponent("vae_decoder", VAEDecodeGraph(vae), device, torch.float32)
+            out["vae_decoder"] = EagerComponent("vae_decoder", VAEDecodeGraph(vae), vae_device, torch.float32)
     return out

@@ -18,6 +18,7 @@ from wan_rt.config import ModelSpec
 from wan_rt.eager import build_eager_components, use_triton_kernels
 from wan_rt.lora import AppliedLora, LoraRef, expert_component, load_lora
 from wan_rt.models.text_encoder import load_tokenizer
+from wan_rt.offload import MemoryPlan, apply_plan, choose_plan, weight_bytes
 from wan_rt.parallel import ParallelPlan, local_component_names, parallelize
 from wan_rt.parallel.plan import local_device
 from wan_rt.pipeline import Pipeline
@@ -69,6 +70,7 @@ def load_components(model: Optional[str], *, backend: Optional[str] = None, engi
                     backend_for: Optional[Mapping[str, str]] = None, rebuild: bool = False,
                     kernels: str = "auto", parallel: Optional[ParallelPlan] = None,
                     loras: Optional[Mapping[str, LoraPairs]] = None,
+                    placement: Optional[Mapping[str, torch.device]] = None,
                     ) -> tuple[ResolvedCheckpoint, dict, str]:
     """-> (resolved checkpoint, components, a few words on what runs them).
 
@@ -77,7 +79,8 @@ def load_components(model: Optional[str], *, backend: Optional[str] = None, engi
     from; `backend_for` pins components to "eager". Without it, everything is eager. `parallel`:
     this rank's part of a multi-process plan (wan_rt.parallel), inside an initialized group.
     `loras` ({component: [(file, scale)]}) are what engine experts must have been built with (a
-    rebuild fuses them); eager experts take theirs afterwards (WanPipeline.load_lora)."""
+    rebuild fuses them); eager experts take theirs afterwards (WanPipeline.load_lora). `placement`
+    puts eager components elsewhere than `device` (memory_placement: a low-VRAM plan)."""
     dev = device or (default_device() if parallel is None else local_device())
     groups = parallel.groups() if parallel is not None else None
     if backend is not None and backend not in BACKEND_CHOICES:
@@ -98,7 +101,7 @@ def load_components(model: Optional[str], *, backend: Optional[str] = None, engi
     if index is None or backend == "eager":
         how = "eager" + (" + Triton kernels" if use_triton_kernels(kernels, dev) else "")
         if groups is None:
-            return resolved, build_eager_components(resolved, dev, dtype, kernels=kernels), how
+            return resolved, build_eager_components(resolved, dev, dtype, kernels=kernels, placement=placement), how
         names = local_component_names(resolved.spec, groups.plan, groups.rank)
         sharded = torch.device("cpu") if groups.plan.shard_weights else None  # FSDP moves the shards
         components = build_eager_components(resolved, dev, dtype, names, kernels=kernels, dit_load_device=sharded)
@@ -125,11 +128,37 @@ def load_components(model: Optional[str], *, backend: Optional[str] = None, engi
     eager = [c for c in components_of(resolved.spec) if c not in components]
     if eager:
         base = component_dtype("dit", index["precision"], index["backend"], dev)
-        components.update(build_eager_components(resolved, dev, base, eager))
+        components.update(build_eager_components(resolved, dev, base, eager, placement=placement))
     how = f"{index['backend']} engines in {engines_dir}"
     if groups is None:
         return resolved, components, how
     return resolved, parallelize(components, resolved.spec, groups, dev), f"{how}, {groups.plan.describe()}"
+
+
+def memory_plan(resolved: ResolvedCheckpoint, budget_gb: float, dtype: torch.dtype,
+                cpu_components: Sequence[str] = (), engines: bool = False) -> MemoryPlan:
+    """The cheapest low-VRAM plan (wan_rt.offload) for a GPU memory budget, from the checkpoint's sizes."""
+    if not budget_gb > 0:
+        raise ValueError(f"--memory-budget must be a positive number of GiB; got {budget_gb}")
+    return choose_plan(resolved.spec, weight_bytes(resolved, dtype), int(budget_gb * 2**30), cpu_components, engines)
+
+
+def memory_placement(spec: ModelSpec, plan: Optional[MemoryPlan], cpu_components: Sequence[str]) -> dict[str, torch.device]:
+    """Where eager components are built: the CPU for `cpu_components`; host memory for the experts
+    of a block-offload plan (they stream to the GPU)."""
+    cpu = torch.device("cpu")
+    placement = {c: cpu for c in cpu_components}
+    if plan is not None and plan.name == "blocks":
+        placement.update({c: cpu for c in spec.dit_components})
+    return placement
+
+
+def check_cpu_components(spec: ModelSpec, names: Sequence[str]) -> list[str]:
+    allowed = ("text_encoder", "vae_encoder", "vae_decoder")
+    bad = [n for n in names if n not in allowed]
+    if bad:
+        raise ValueError(f"only {', '.join(allowed)} can run on the CPU; got {bad[0]!r}")
+    return list(names)
 
 
 class WanPipeline(Pipeline):
@@ -138,6 +167,7 @@ class WanPipeline(Pipeline):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._loras: dict[str, list[AppliedLora]] = {}
+        self.memory_plan: Optional[MemoryPlan] = None  # set by apply_memory_plan
 
     @classmethod
     def from_pretrained(cls, path: Optional[str] = None, backend: Optional[str] = None,
@@ -145,7 +175,9 @@ class WanPipeline(Pipeline):
                         engines_dir: Optional[str] = None, backend_for: Optional[Mapping[str, str]] = None,
                         rebuild: bool = False, kernels: str = "auto",
                         parallel: Optional[ParallelPlan] = None, lora: Iterable[LoraArg] = (),
-                        lora_2: Iterable[LoraArg] = (), lora_mode: str = "fuse") -> "WanPipeline":
+                        lora_2: Iterable[LoraArg] = (), lora_mode: str = "fuse",
+                        memory_budget_gb: Optional[float] = None, cpu_components: Sequence[str] = ()
+                        ) -> "WanPipeline":
         """path: a diffusers-layout folder, an official Wan2.2 folder, or a preset name (None with
         engines_dir: the model the engines were built from). engines_dir: run the engines
         `wan-rt build` wrote there, on their own backend unless `backend="eager"`; backend_for
@@ -157,21 +189,44 @@ class WanPipeline(Pipeline):
         ("runtime"), engines must have been built with them (rebuild=True re-weights them).
         parallel: a `wan_rt.parallel.ParallelPlan`; inside an initialized torch.distributed group
         every rank calls from_pretrained and then the pipeline with the same arguments, and every
-        rank gets the same frames (device default: cuda:LOCAL_RANK, else the CPU)."""
+        rank gets the same frames (device default: cuda:LOCAL_RANK, else the CPU).
+        memory_budget_gb: GPU memory to stay within; the cheapest plan that fits is applied
+        (wan_rt.offload: all resident, one expert at a time, or block offload for eager experts).
+        cpu_components: "text_encoder", "vae_encoder", "vae_decoder" to run on the CPU."""
         dev = torch.device(device) if device else (default_device() if parallel is None else local_device())
+        if parallel is not None and (memory_budget_gb is not None or cpu_components):
+            raise ValueError("memory_budget_gb and cpu_components run in one process, not with a parallel plan")
         lora, lora_2 = list(lora), list(lora_2)
         plan: dict[str, list[LoraRef]] = {}
-        if lora or lora_2:
+        memory, placement = None, {}
+        if lora or lora_2 or memory_budget_gb is not None or cpu_components:
             model = path if path is not None or engines_dir is None else read_index(Path(engines_dir))["model"]
             if model is None:
                 raise ValueError("from_pretrained needs a checkpoint path or preset name (or an engines_dir)")
-            plan = lora_plan(resolve_checkpoint(model).spec, lora, lora_2)
+            resolved = resolve_checkpoint(model)
+            plan = lora_plan(resolved.spec, lora, lora_2)
+            cpu_components = check_cpu_components(resolved.spec, cpu_components)
+            if memory_budget_gb is not None:
+                run_dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+                memory = memory_plan(resolved, memory_budget_gb, run_dtype, cpu_components,
+                                     engines=engines_dir is not None and backend != "eager")
+            placement = memory_placement(resolved.spec, memory, cpu_components)
         resolved, components, _ = load_components(path, backend=backend, engines_dir=engines_dir, device=dev,
                                                   dtype=dtype, backend_for=backend_for, rebuild=rebuild,
-                                                  kernels=kernels, parallel=parallel, loras=lora_pairs(plan))
+                                                  kernels=kernels, parallel=parallel, loras=lora_pairs(plan),
+                                                  placement=placement)
         pipe = cls(resolved.spec, components, load_tokenizer(resolved.files.tokenizer), resolved.defaults, dev)
         pipe.apply_lora_plan(plan, lora_mode)
+        if memory is not None:
+            pipe.apply_memory_plan(memory)
         return pipe
+
+    def apply_memory_plan(self, plan: MemoryPlan) -> None:
+        """Run under a low-VRAM plan (wan_rt.offload.choose_plan): block offload wraps the eager
+        experts, and the expert residency gets the plan's budget (None: both resident)."""
+        self.components.update(apply_plan(self.components, self.spec, plan, self.device))
+        self.residency.budget = plan.expert_budget
+        self.memory_plan = plan
 
     # ------------------------------------------------------------------ step caches (wan_rt.caching)
     def enable_step_cache(self, method: str, threshold: Optional[float] = None, **options) -> None:

@@ -253,11 +253,11 @@ class Pipeline:
         encoder = self.components["vae_encoder"]
         if self.spec.task == "ti2v":
             # TI2V: the image latent becomes latent frame 0; the model keeps it clean.
-            z = encoder(video=pixels[:, :, None])["latents"]
+            z = encoder(video=pixels[:, :, None])["latents"].to(self.device)
             return z.expand(batch, -1, -1, -1, -1)
         # I2V-A14B: encode [image, zeros...] and prepend a 4-channel first-frame mask.
         video = torch.cat([pixels[:, :, None], pixels.new_zeros(1, 3, num_frames - 1, height, width)], dim=2)
-        z = encoder(video=video)["latents"]
+        z = encoder(video=video)["latents"].to(self.device)  # the encoder may run elsewhere (the CPU)
         _, _, t, h, w = z.shape
         st = self.spec.vae.stride[0]
         mask = torch.zeros(1, 1, num_frames + st - 1, h, w, device=z.device)

@@ -56,6 +56,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--cache-threshold", type=float, default=None,
                    help="the cache's threshold (default: the method's published value for the model; 0 computes "
                         "every step)")
+    p.add_argument("--memory-budget", type=float, default=None, metavar="GIB",
+                   help="GPU memory to stay within: the cheapest plan that fits (both experts resident, one at a "
+                        "time, or block offload for eager experts); out.timings reports the peak")
+    p.add_argument("--text-encoder-on-cpu", action="store_true", help="run umT5 on the CPU (no GPU memory)")
+    p.add_argument("--vae-on-cpu", action="store_true", help="run the VAE on the CPU (no GPU memory)")
     add_lora_arguments(p)
     p.add_argument("--lora-mode", default="fuse", choices=["fuse", "runtime"],
                    help="eager experts: fuse LoRAs into the weights (fastest steps) or apply them at run time "
@@ -81,6 +86,8 @@ class _Request:
     output: Path
     timesteps: Optional[list[int]] = None  # --timesteps (few-step distilled models)
     loras: dict = field(default_factory=dict)  # {component: [LoraRef]} from --lora / --lora-2
+    memory: Any = None                          # wan_rt.offload.MemoryPlan from --memory-budget
+    on_cpu: list = field(default_factory=list)  # components --text-encoder-on-cpu / --vae-on-cpu move
 
 
 def run(args: argparse.Namespace) -> int:
@@ -91,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     from wan_rt.parallel import ParallelPlan
     from wan_rt.parallel.launch import init_process_group, launch
     from wan_rt.parallel.plan import from_environment, local_device
-    from wan_rt.loader import lora_plan
+    from wan_rt.loader import check_cpu_components, lora_plan, memory_plan
     from wan_rt.lora import parse_lora_arg
     from wan_rt.pipeline import check_switch_step
     from wan_rt.resolve import resolve_checkpoint
@@ -145,8 +152,20 @@ def run(args: argparse.Namespace) -> int:
     loras = lora_plan(spec, map(parse_lora_arg, args.lora), map(parse_lora_arg, args.lora_2))
     if engines_dir is not None and args.backend != "eager":
         check_fits(Path(engines_dir), spec, height, width, num_frames)
-    request = _Request(model, engines_dir, pinned, image, height, width, num_frames, steps, output, timesteps, loras)
+    on_cpu = check_cpu_components(spec, (["text_encoder"] if args.text_encoder_on_cpu else [])
+                                  + (["vae_encoder", "vae_decoder"] if args.vae_on_cpu else []))
+    memory = None
+    if args.memory_budget is not None:
+        cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+        run_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
+            args.dtype, torch.bfloat16 if cuda else torch.float32)
+        memory = memory_plan(resolve_checkpoint(model), args.memory_budget, run_dtype, on_cpu,
+                             engines=engines_dir is not None and args.backend != "eager")
+    request = _Request(model, engines_dir, pinned, image, height, width, num_frames, steps, output, timesteps, loras,
+                       memory, on_cpu)
     plan = _parallel_plan(args, spec)
+    if plan is not None and (args.cache or memory is not None or on_cpu):
+        raise UsageError("--cache, --memory-budget and --*-on-cpu run in one process; drop them or the multi-GPU flags")
     if plan is not None and engines_dir is not None and args.backend != "eager":
         plan.check_engine_dits([c for c in spec.dit_components if pinned.get(c) != "eager"])
     job = from_environment()
@@ -166,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace, spec, request: _Request, device, plan, rank: int) -> int:
     import torch
 
-    from wan_rt.loader import WanPipeline, load_components, lora_pairs
+    from wan_rt.loader import WanPipeline, load_components, lora_pairs, memory_placement
     from wan_rt.models.text_encoder import load_tokenizer
     from wan_rt.video import export_to_video
 
@@ -175,10 +194,14 @@ def _generate(args: argparse.Namespace, spec, request: _Request, device, plan, r
     resolved, components, how = load_components(request.model, backend=args.backend, engines_dir=request.engines_dir,
                                                 device=device, dtype=dtypes[args.dtype] if args.dtype else None,
                                                 backend_for=request.pinned, rebuild=args.rebuild, kernels=args.kernels,
-                                                parallel=plan, loras=lora_pairs(request.loras))
+                                                parallel=plan, loras=lora_pairs(request.loras),
+                                                placement=memory_placement(spec, request.memory, request.on_cpu))
     pipe = WanPipeline(spec, components, load_tokenizer(resolved.files.tokenizer), resolved.defaults, device)
     pipe.set_progress_bar_config(disable=rank != 0)
     pipe.apply_lora_plan(request.loras, args.lora_mode)
+    if request.memory is not None:
+        pipe.apply_memory_plan(request.memory)
+        print(f"  memory plan: {request.memory.describe()}", file=sys.stderr)
     if args.cache is not None:
         pipe.enable_step_cache(args.cache, args.cache_threshold)
     load_s = time.perf_counter() - start

@@ -8,6 +8,12 @@ Components and their tensors (the same names in eager kwargs, ONNX graphs and en
   vae_decoder:                  latents                        -> video     (in [-1, 1])
 The pipeline passes float32 tensors and gets float32 back; each component casts to its own
 compute dtype inside, so the loop never needs to know what runs underneath.
+
+Optional, for components that keep state across the steps of a generation (a step cache,
+wan_rt/caching): `begin_stage(step_indices, total_steps)`, called before the component's stage
+of the denoise loop, and `stage_report() -> {figure: value}`, whose figures the loop adds to
+`out.timings` as "<component>.<figure>". Residency (runtime/residency.py) uses `nbytes`, `load`,
+`unload` and `stage` where a component has them.
 """
 
 from __future__ import annotations
