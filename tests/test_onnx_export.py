@@ -86,7 +86,7 @@ def _unsupported(model) -> list[str]:
 def test_graph_exports_and_matches_eager(built, spec_name, comp, g, engine_checks):
     b = built(spec_name)
     gspec = graph_spec(b.spec, comp, g)
-    assert b.files[comp, g] == ["model.onnx"]
+    assert b.files[comp, g] == ["model.onnx", "weights_map.json"]
     path = b.dirs[comp, g] / "model.onnx"
     onnx.checker.check_model(str(path))
     model = onnx.load(str(path))
@@ -150,7 +150,7 @@ def test_external_data_when_over_threshold(built, tmp_path, engine_checks):
     module = graph_module("dit", "main", b.models["dit"])
     files = ort_build.build_graph(module, gspec, b.profile, tmp_path, compute_dtype=torch.float32, device=CPU,
                                     external_data_threshold=0)
-    assert files == ["model.onnx", "model.onnx.data"]
+    assert files == ["model.onnx", "model.onnx.data", "weights_map.json"]
     # The main graph holds every weight but the text side's (text embedder, cross-attention K/V),
     # which lives in the DiT's "text" graph.
     text_side = ("text_embedder", "attn2.to_k", "attn2.to_v", "attn2.norm_k")
@@ -169,6 +169,36 @@ def test_external_data_when_over_threshold(built, tmp_path, engine_checks):
     want = engine_checks.eager_runner(b, "dit", "main")(inputs)["noise_pred"]
     err = relative_error(runner(inputs)["noise_pred"], want)
     assert err < TOL, err
+
+
+def test_new_weights_rewrite_the_external_data_without_an_export(built, tmp_path):
+    """LoRAs on ORT engines (export/ort_weights.py): the graph built from one set of weights,
+    copied with another written into its initializers (in place in the external data file here),
+    computes what the new weights compute; every initializer was accounted for by the map."""
+    import copy
+    import json
+
+    from wan_rt.runtime.engine_component import module_runner
+
+    b = built("tiny-ti2v-5B")
+    gspec = graph_spec(b.spec, "dit", "main")
+    model = copy.deepcopy(b.models["dit"])
+    files = ort_build.build_graph(graph_module("dit", "main", model), gspec, b.profile, tmp_path / "a",
+                                  compute_dtype=torch.float32, device=CPU, external_data_threshold=0)
+    weights_map = json.loads((tmp_path / "a" / "weights_map.json").read_text())
+    assert weights_map["unmatched"] == [] and any(layout == "T" for _, layout in weights_map["initializers"].values())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.05)
+    (tmp_path / "b").mkdir()
+    new = ort_build.reweight_graph(graph_module("dit", "main", model), gspec, b.profile, tmp_path / "a", tmp_path / "b",
+                                   files, compute_dtype=torch.float32, device=CPU)
+    assert new == files and (tmp_path / "b" / "model.onnx.data").read_bytes() != (tmp_path / "a" / "model.onnx.data").read_bytes()
+    runner = ort_backend.load_graph(tmp_path / "b", gspec, new, compute_dtype=torch.float32, device=CPU)
+    inputs = sample_inputs(gspec, b.profile.opt, torch.float32, seed=5)
+    want = module_runner(graph_module("dit", "main", model), gspec)(inputs)["noise_pred"]
+    old = module_runner(graph_module("dit", "main", b.models["dit"]), gspec)(inputs)["noise_pred"]
+    assert relative_error(runner(inputs)["noise_pred"], want) < TOL < relative_error(old, want)
 
 
 # ------------------------------------------------------------------------------ contract checks
