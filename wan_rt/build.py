@@ -43,6 +43,8 @@ def best_backend() -> str:
 
 
 def default_precision(backend: str, device: torch.device) -> str:
+    if backend == "trt":  # built for a GPU even where it is built without one
+        return "bf16"
     if device.type != "cuda":
         return "fp32"
     return "fp16" if backend == "ort" else "bf16"
@@ -64,9 +66,11 @@ def build_engines(model: str, backend: str, engines_dir: Path, *, precision: Opt
     FP8 GEMMs (torch._scaled_mm, dynamic activation scales: no calibration). All are recorded in
     the manifests' build_args, so changing one rebuilds."""
     backend_mod, builder = get_backend(backend), get_builder(backend)
-    if not backend_mod.is_available():
-        why = getattr(backend_mod, "unavailable_reason", lambda: "its libraries are not installed")()
-        raise ValueError(f"backend {backend!r} is not available on this machine: {why}")
+    # Building may need less than running (TensorRT for RTX builds with no GPU): ask for building.
+    if not getattr(backend_mod, "can_build", backend_mod.is_available)():
+        why = getattr(backend_mod, "build_unavailable_reason",
+                      getattr(backend_mod, "unavailable_reason", lambda: "its libraries are not installed"))()
+        raise ValueError(f"backend {backend!r} cannot build on this machine: {why}")
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = precision or default_precision(backend, dev)
     if precision not in PRECISIONS:
@@ -94,6 +98,12 @@ def build_engines(model: str, backend: str, engines_dir: Path, *, precision: Opt
     unknown = [c for c in wanted if c not in components_of(spec)]
     if unknown:
         raise ValueError(f"{spec.name} has no component {unknown[0]!r}; it has {', '.join(components_of(spec))}")
+    if backend == "trt":  # targets resolved and checked against the precision before anything is written
+        from wan_rt.export.trt_build import BuildConfig
+
+        quantized_dits = [c for c in wanted if c in spec.dit_components and precision in QUANTIZED_PRECISIONS]
+        trt_config = (trt_config or BuildConfig()).for_build(
+            precision, {c: component_dtype(c, precision, backend, dev) for c in wanted}, quantized_dits)
     model_id = model if not Path(model).exists() else str(Path(model).resolve())
     engines_dir = Path(engines_dir)
     engines_dir.mkdir(parents=True, exist_ok=True)
@@ -107,11 +117,6 @@ def build_engines(model: str, backend: str, engines_dir: Path, *, precision: Opt
         quant_config = quant_config or QuantConfig(precision)
         if quant_config.precision != precision:
             raise ValueError(f"quant_config is for {quant_config.precision}, the build for {precision}")
-    if backend == "trt":
-        from wan_rt.export.trt_build import BuildConfig
-
-        trt_config = trt_config or BuildConfig()
-
     built = []
     calibration: Optional[dict] = None
     for name in wanted:
@@ -123,7 +128,7 @@ def build_engines(model: str, backend: str, engines_dir: Path, *, precision: Opt
         options: dict = {}
         if trt_config is not None and backend == "trt":
             want.build_args.update(trt_config.manifest_args())
-            options.update(config=trt_config, timing_cache=engines_dir / "timing.cache")
+            options.update(config=trt_config, timing_cache=engines_dir / "timing.cache", log=log)
         if backend == "aoti":
             want.build_args["quick_compile"] = quick_compile
             options["fast"] = quick_compile

@@ -47,6 +47,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--attention", default="exact", choices=["exact", "int8"],
                    help="aoti: int8 q·kᵀ in self-attention (SageAttention-style; needs the Triton kernels)")
     p.add_argument("--fp8-attention", action="store_true", help="fp8: quantize the attention matmuls too")
+    p.add_argument("--trt-targets", default=None,
+                   help="TensorRT: compute capabilities to build for, e.g. sm89,sm120 (TensorRT for RTX: RTX GPUs, "
+                        "built with or without a GPU; required without one). Default: the GPU present")
     p.add_argument("--trt-opt-level", type=int, default=3, help="TensorRT builder optimization level (0-5)")
     p.add_argument("--refittable", action="store_true", help="TensorRT: engines whose weights can be refitted")
     p.add_argument("--weight-streaming", action="store_true",
@@ -69,9 +72,13 @@ def run(args: argparse.Namespace) -> int:
         quant_config = QuantConfig("fp8", fp8_attention=True)
     if backend == "trt":
         from wan_rt.export.trt_build import BuildConfig
+        from wan_rt.runtime.backends.trt_lib import parse_targets
 
-        trt_config = BuildConfig(opt_level=args.trt_opt_level, refittable=args.refittable,
+        trt_config = BuildConfig(targets=parse_targets(args.trt_targets) if args.trt_targets else (),
+                                 opt_level=args.trt_opt_level, refittable=args.refittable,
                                  weight_streaming=args.weight_streaming)
+    elif args.trt_targets:
+        raise ValueError(f"--trt-targets is a TensorRT option; the {backend} backend has no such mode")
     manifests = build_engines(args.model, backend, args.engines_dir, precision=args.precision,
                               height=args.height, width=args.width, frames=args.frames,
                               components=components, force=args.force, device=args.device,

@@ -36,11 +36,46 @@ def tokenize(tokenizer, prompts: list[str], max_sequence_length: int) -> tuple[T
     return out.input_ids.long(), out.attention_mask.long()
 
 
+WAN_T5_ATTENTION = "wan_t5"
+
+
+def wan_t5_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                     scaling: float | None = None, dropout: float = 0.0, position_bias: Tensor | None = None,
+                     **kwargs) -> tuple[Tensor, None]:
+    """umT5 attention as the official `wan/modules/t5.py` computes it: q·kᵀ (umT5 does not scale
+    it) + relative position bias + additive mask, softmax in float32, back to the input dtype.
+
+    Why not transformers' default (SDPA with scale=1.0): under the TorchScript ONNX exporter an
+    explicit SDPA scale on a bf16/fp16 graph is cast with torch's dtype number used as an ONNX
+    type (bf16 -> COMPLEX128), so the text encoder would not export below fp32."""
+    scores = torch.matmul(query, key.transpose(2, 3))
+    if scaling is not None and scaling != 1.0:
+        scores = scores * scaling
+    if position_bias is not None:
+        scores = scores + position_bias
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    probs = torch.softmax(scores.float(), dim=-1).to(scores.dtype)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
+
+
+def _register_wan_t5_attention() -> None:
+    """Make WAN_T5_ATTENTION a transformers attention implementation, with the additive float
+    mask its eager implementation uses. Idempotent."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(WAN_T5_ATTENTION, wan_t5_attention)
+    AttentionMaskInterface.register(WAN_T5_ATTENTION, eager_mask)
+
+
 class TextEncoder(nn.Module):
     """input_ids, attention_mask [B, L] -> context [B, L, D] with zeros past each true length."""
 
     def __init__(self, encoder: nn.Module):
         super().__init__()
+        _register_wan_t5_attention()
+        encoder.set_attn_implementation(WAN_T5_ATTENTION)
         self.encoder = encoder
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:

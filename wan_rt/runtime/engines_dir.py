@@ -249,6 +249,11 @@ def verify(folder: Path, resolved: ResolvedCheckpoint, model: str, backend_mod) 
     if diff is not None:
         raise StaleEngineError(f"engine for {name} is stale: {_WHY.get(diff, diff)} since it was built "
                                f"({diff}); {fix}")
+    # What this machine lacks to run it (a GPU among a TensorRT plan's targets): rebuilding here
+    # would not help, so no rebuild hint.
+    refusal = getattr(backend_mod, "run_refusal", lambda _m: None)(have)
+    if refusal:
+        raise StaleEngineError(f"engine for {name} cannot run here: {refusal}")
     mismatch = version_mismatch(have, backend_mod)
     if mismatch:
         raise StaleEngineError(f"engine for {name} cannot run here: {mismatch}; {fix}")
