@@ -92,8 +92,11 @@ class BuildConfig:
         present unless given) and checked against what the build will hold: `dtypes` maps each
         component to build to its compute dtype, `quantized` names those with fp8/int8 GEMMs.
         ValueError (one line naming the target and the precision) before anything is built."""
-        lib = trt_lib.require()
-        targets = lib.build_targets(self.targets, trt_lib.gpu_target())
+        lib, gpu = trt_lib.require(), trt_lib.gpu_target()
+        targets = lib.build_targets(self.targets, gpu)
+        if self.refittable and gpu is None and not lib.refits_without_gpu:
+            raise ValueError(f"--refittable: {lib.title} {lib.version} cannot build refittable plans without a GPU "
+                             "(its compiler needs CUDA for them); build them on an RTX GPU, or drop --refittable")
         needs: dict[str, str] = {}  # GEMM operand kind -> the first component that has it
         for component in quantized:
             needs.setdefault(precision, component)

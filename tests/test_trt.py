@@ -214,6 +214,18 @@ def test_precision_a_target_cannot_run_is_refused(rtx, precision, targets, dtype
     assert str(err.value).startswith(refusal) and "\n" not in str(err.value), str(err.value)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only check (no GPU)")
+def test_refittable_plans_without_a_gpu_are_refused_before_building(rtx):
+    """TensorRT for RTX 1.7.1 fails inside its compiler on any refittable build with no GPU
+    (measured: every dtype, REFIT and REFIT_INDIVIDUAL); wan_rt says so up front."""
+    from wan_rt.export.trt_build import BuildConfig
+
+    with pytest.raises(ValueError, match=r"^--refittable: TensorRT for RTX .* cannot build refittable plans without a "
+                                         r"GPU"):
+        BuildConfig(targets=("sm89",), refittable=True).for_build("bf16", {"dit": torch.bfloat16})
+    assert BuildConfig(targets=("sm89",), weight_streaming=True).for_build("bf16", {"dit": torch.bfloat16}).targets
+
+
 def test_what_each_target_runs(rtx):
     from wan_rt.export.trt_build import BuildConfig
 
@@ -301,8 +313,9 @@ def test_layer_report_of_a_qdq_network(rtx, tmp_path, quantized):
 
 
 def test_build_flags_reach_a_real_build(rtx, tmp_path):
-    """TensorRT for RTX accepts what BuildConfig sets (refit, weight streaming, optimization level,
-    workspace) and builds; the flags are read back from its builder config."""
+    """TensorRT for RTX accepts what BuildConfig sets (weight streaming, optimization level,
+    workspace, several targets; refit where a GPU is present) and builds; the flags are read back
+    from its builder config."""
     from onnx import TensorProto
 
     from wan_rt.export.trt_build import BuildConfig, build_engine
@@ -310,8 +323,11 @@ def test_build_flags_reach_a_real_build(rtx, tmp_path):
     _qdq_matmul_onnx(tmp_path / "m.onnx", TensorProto.INT8)
     gspec = GraphSpec("dit", "main", (TensorSpec("x", "compute", ("B", 64)),), (TensorSpec("y", "compute", ("B", 8)),))
     profile = ShapeProfile(min={"B": 1}, opt={"B": 1}, max={"B": 2})
-    for config in (BuildConfig(targets=("sm86", "sm120"), opt_level=2, refittable=True, weight_streaming=True,
-                               workspace_gib=0.5), BuildConfig(targets=("sm89",))):
+    configs = [BuildConfig(targets=("sm86", "sm120"), opt_level=2, weight_streaming=True, workspace_gib=0.5),
+               BuildConfig(targets=("sm89",))]
+    if torch.cuda.is_available():  # refittable plans need a GPU to build (test below)
+        configs.append(BuildConfig(targets=(trt_lib.gpu_target(),), refittable=True))
+    for config in configs:
         info = build_engine(tmp_path / "m.onnx", gspec, profile, tmp_path / "m.plan", config=config)
         assert (tmp_path / "m.plan").stat().st_size == info["plan_bytes"] > 0 and (tmp_path / "layers.json").is_file()
         assert info["builder"] == {"opt_level": config.opt_level, "refit": config.refittable,

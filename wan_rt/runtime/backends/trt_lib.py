@@ -99,6 +99,7 @@ class TrtLibrary:
     swaps_weights = False       # ICudaEngine.unload_weights / load_weights (deferred weight loading)
     has_runtime_cache = False   # kernels compiled at run time, kept in RUNTIME_CACHE
     has_timing_cache = True     # tactic timings measured at build time, kept in a timing cache
+    refits_without_gpu = True   # can build refittable plans with no GPU present
     # Oldest compute capability whose GEMMs take each kind of operand (a compute dtype or a
     # quantized type): FP8 tensor cores arrived with Ada (SM89), bf16 with Ampere (SM80).
     min_sm: Mapping[str, int] = {"fp32": 0, "fp16": 0, "bf16": 80, "int8": 0, "fp8": 89}
@@ -173,6 +174,10 @@ class TensorRTForRTX(TrtLibrary):
     # It times no tactics when it builds: its timing-cache calls are no-ops (deprecated since
     # 1.2), and reading a cache file wants a CUDA device.
     has_timing_cache = False
+    # Measured with 1.7.1 on a machine with no GPU: any refittable build (BuilderFlag.REFIT, or
+    # REFIT_INDIVIDUAL with marked weights; fp32, bf16, fp16, fp8, int8 alike) fails inside its
+    # compiler ("CHECK(status == CUDA_SUCCESS) failed"): refittable plans are built on an RTX GPU.
+    refits_without_gpu = False
     # Turing (SM75) has no FP32 or BF16 GEMMs in TensorRT for RTX ("FP32 GEMM is not supported"):
     # only fp16, int8 (on fp16) run there.
     min_sm = {**TrtLibrary.min_sm, "fp32": 80}
