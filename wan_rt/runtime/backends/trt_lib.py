@@ -97,7 +97,6 @@ class TrtLibrary:
     gpus = "a CUDA GPU"         # what runs its plans, for messages
     builds_without_gpu = False
     swaps_weights = False       # ICudaEngine.unload_weights / load_weights (deferred weight loading)
-    has_runtime_cache = False   # kernels compiled at run time, kept in RUNTIME_CACHE
     has_timing_cache = True     # tactic timings measured at build time, kept in a timing cache
     refits_without_gpu = True   # can build refittable plans with no GPU present
     # Oldest compute capability whose GEMMs take each kind of operand (a compute dtype or a
@@ -170,7 +169,7 @@ class TensorRTForRTX(TrtLibrary):
     """TensorRT for RTX: RTX GPUs, built for chosen compute capabilities with or without a GPU."""
 
     name, title, gpus = "tensorrt_rtx", "TensorRT for RTX", RTX_GPUS
-    builds_without_gpu = swaps_weights = has_runtime_cache = True
+    builds_without_gpu = swaps_weights = True
     # It times no tactics when it builds: its timing-cache calls are no-ops (deprecated since
     # 1.2), and reading a cache file wants a CUDA device.
     has_timing_cache = False
