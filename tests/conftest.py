@@ -43,9 +43,12 @@ def write_diffusers_checkpoint(spec_name: str, folder: Path) -> Path:
     _perturb(vae, 200)
     text_encoder = UMT5EncoderModel(UMT5Config(**hf_config.text_encoder_to_hf(spec.text_encoder)))
     _perturb(text_encoder, 300)
-    tok_dir = folder / "_tok"
+    tok_dir = folder / SPIECE_DIR
     _write_tokenizer(tok_dir, spec.text_encoder.vocab_size)
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    # diffusers saves tokenizer.json only; the sentencepiece model it came from stays beside the
+    # checkpoint, the source that prompt_ids_check holds the checkpoint's tokenizer to.
+    assert len(tokenizer) == _sentencepiece(tok_dir / "spiece.model").get_piece_size()
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                         flow_shift=spec.sample_shift, solver_order=2, solver_type="bh2",
                                         final_sigmas_type="zero", lower_order_final=True)
@@ -59,6 +62,49 @@ def write_diffusers_checkpoint(spec_name: str, folder: Path) -> Path:
     # A small shard size makes the transformer sharded with an index json, like real checkpoints.
     pipe.save_pretrained(folder / "ckpt", max_shard_size="200KB", safe_serialization=True)
     return folder / "ckpt"
+
+
+SPIECE_DIR = "_tok"  # beside write_diffusers_checkpoint's "ckpt": the tokenizer's spiece.model
+
+
+def _sentencepiece(model_file: Path):
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_file=str(model_file))
+
+
+def sentencepiece_ids(model_file: Path, prompts: list[str], length: int) -> torch.Tensor:
+    """What Wan's tokenization must give, from sentencepiece itself: each cleaned prompt's
+    pieces, EOS (id 1), then padding (id 0) to `length`."""
+    from wan_rt.models.text_encoder import clean_prompt
+
+    sp = _sentencepiece(model_file)
+    assert (sp.eos_id(), sp.pad_id()) == (1, 0)
+    rows = []
+    for prompt in prompts:
+        ids = sp.encode(clean_prompt(prompt)) + [sp.eos_id()]
+        assert len(ids) <= length, f"test prompt {prompt!r} is meant to fit in {length} tokens"
+        rows.append(ids + [sp.pad_id()] * (length - len(ids)))
+    return torch.tensor(rows)
+
+
+@pytest.fixture(scope="session")
+def prompt_ids_check():
+    """prompt_ids_check(tokenizer, spiece_model, prompts, length) -> ids, after asserting that
+    Wan's tokenization of `prompts` gives sentencepiece's own ids and that no two prompts share
+    ids: tests comparing two sides that share a tokenizer check it against its source this way,
+    and a tokenizer mapping every word to one id fails them."""
+    from wan_rt.models.text_encoder import tokenize
+
+    def check(tokenizer, spiece_model: Path, prompts: list[str], length: int) -> torch.Tensor:
+        ids, mask = tokenize(tokenizer, prompts, max_sequence_length=length)
+        want = sentencepiece_ids(spiece_model, prompts, length)
+        assert torch.equal(ids, want), f"tokenizer ids {ids.tolist()} != sentencepiece's {want.tolist()}"
+        assert torch.equal(mask, (want != 0).long())
+        assert len({tuple(row) for row in ids.tolist()}) == len(prompts), f"prompts share ids: {ids.tolist()}"
+        return ids
+
+    return check
 
 
 @pytest.fixture(scope="session")

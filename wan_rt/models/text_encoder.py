@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import html
 import re
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -88,6 +89,25 @@ def build_umt5_encoder(hf_config_kwargs: dict, dtype: torch.dtype = torch.float3
 
     model = UMT5EncoderModel(UMT5Config(**hf_config_kwargs))
     return model.to(dtype).eval()
+
+
+# A tokenizer this many times smaller than the embedding table is broken, not merely trimmed
+# (umT5-xxl: 256,300 tokens for 256,384 rows; the tiny presets: 145 for 256).
+DEGENERATE_RATIO = 4
+
+
+def check_tokenizer(tokenizer, vocab_size: int, where: str) -> bool:
+    """Warn in one line when the tokenizer's vocabulary is far smaller than the text encoder's
+    embedding table (`vocab_size` rows): such a tokenizer (e.g. transformers 5's
+    `T5Tokenizer(vocab_file=...)`, which builds 4 tokens) maps every prompt to a few ids, and the
+    model then ignores its prompt. Returns True when the tokenizer looks sound."""
+    size = len(tokenizer)
+    if size * DEGENERATE_RATIO >= vocab_size:
+        return True
+    warnings.warn(f"{where}: the tokenizer has {size} tokens for a text encoder with {vocab_size} embeddings; "
+                  "prompts will encode to a handful of ids (rebuild the tokenizer from its spiece.model)",
+                  stacklevel=2)
+    return False
 
 
 def load_tokenizer(folder):
