@@ -107,7 +107,7 @@ def engine_components(b) -> dict:
 def check_pipeline(b, components: dict, label: str) -> None:
     """4 steps with CFG on `components` against the eager pipeline, from the same latents."""
     from wan_rt.eager import build_eager_components
-    from wan_rt.models.text_encoder import load_tokenizer
+    from wan_rt.models.text_encoder import load_tokenizer, tokenize
     from wan_rt.loader import WanPipeline
 
     spec, resolved = b.spec, b.resolved
@@ -117,9 +117,13 @@ def check_pipeline(b, components: dict, label: str) -> None:
     frames = 5
     latents = torch.randn((1, *latent_shape(spec, spec.height, spec.width, frames)),
                           generator=torch.Generator().manual_seed(7))
-    kwargs = dict(prompt="a fox running in the snow", negative_prompt="blurry dark", height=spec.height,
-                  width=spec.width, num_frames=frames, num_inference_steps=4, guidance_scale=4.0,
+    kwargs = dict(prompt="a fox running in the snow", negative_prompt="a dark misty night in rain",
+                  height=spec.height, width=spec.width, num_frames=frames, num_inference_steps=4, guidance_scale=4.0,
                   guidance_scale_2=3.0, output_type="np")
+    # One word count, different words: only a working tokenizer (the tiny preset's, checked against
+    # sentencepiece in test_text_encoder) gives cond and uncond different ids.
+    ids, _ = tokenize(tokenizer, [kwargs["prompt"], kwargs["negative_prompt"]], spec.dit.text_len)
+    assert not torch.equal(ids[0], ids[1]), f"prompt and negative prompt share ids {ids[0].tolist()}"
     if spec.task != "t2v":
         kwargs["image"] = random_image()
     results = []

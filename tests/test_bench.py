@@ -31,3 +31,14 @@ def test_serve_bench_smoke_writes_json(tmp_path):
     assert [r["variant"] for r in rows][-1] == "wan-rt serve, 1 CPU worker"
     assert rows[0]["variant"].startswith("warm pipeline in-process") and rows[0]["vs_pipeline"] == 1.0
     assert rows[-1]["jobs_per_min"] > 0 and rows[-1]["get_busy_p99_ms"] >= rows[-1]["get_busy_p50_ms"] > 0
+
+
+def test_build_bench_tiny_writes_json(tmp_path):
+    out = tmp_path / "build.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_build.py"), "--tiny", "--workdir", str(tmp_path / "work"),
+                           "--json", str(out)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["build"] for r in rows] == ["default size", "128x128x17"]
+    assert all(r["seconds"] > 0 and "--components dit_high_noise" in r["command"] for r in rows)
+    assert rows[1]["vs 128x128x17"] == 1.0

@@ -52,7 +52,7 @@ def default_precision(backend: str, device: torch.device) -> str:
 
 def build_engines(model: str, backend: str, engines_dir: Path, *, precision: Optional[str] = None,
                   height: Optional[int] = None, width: Optional[int] = None, frames: Optional[int] = None,
-                  components: Optional[list[str]] = None, force: bool = False,
+                  text_len: Optional[int] = None, components: Optional[list[str]] = None, force: bool = False,
                   device: Optional[str] = None, log: Callable[[str], None] = print,
                   quant_config: Optional["QuantConfig"] = None,
                   trt_config: Optional["BuildConfig"] = None, quick_compile: bool = False,
@@ -93,7 +93,7 @@ def build_engines(model: str, backend: str, engines_dir: Path, *, precision: Opt
     height, width = height or spec.height, width or spec.width
     frames = frames or spec.num_frames
     check_request(spec, height, width, frames, 1)
-    profile = shape_profile(spec, height=height, width=width, frames=frames)
+    profile = shape_profile(spec, height=height, width=width, frames=frames, text_len=text_len)
     wanted = components or list(components_of(spec))
     unknown = [c for c in wanted if c not in components_of(spec)]
     if unknown:
@@ -172,15 +172,15 @@ def _up_to_date(folder: Path, want: EngineManifest, backend_mod) -> bool:
 def _calibrate(resolved: ResolvedCheckpoint, model: str, wanted: list[str], config: "QuantConfig",
                size: tuple[int, int, int], device: torch.device, log: Callable[[str], None]) -> dict:
     """Activation statistics of every expert to build, from the fp32 eager pipeline's own
-    denoising trajectory at the build's size (export/calibrate.py)."""
-    from wan_rt.export.calibrate import calibrate_experts, record_trajectory
+    denoising trajectory at a small size (export/calibrate.py: calibration_size)."""
+    from wan_rt.export.calibrate import calibrate_experts, calibration_size, record_trajectory
 
     dits = [c for c in wanted if c in resolved.spec.dit_components]
     steps = min(config.calib_steps, resolved.spec.sample_steps)
     log(f"  calibrating {', '.join(dits)}: {len(config.calib_prompts)} prompts x {steps} steps of the fp32 "
         "eager pipeline ...")
     start = time.perf_counter()
-    height, width, frames = size
+    height, width, frames = calibration_size(resolved.spec, *size)
     trajectory = record_trajectory(model, prompts=config.calib_prompts, steps=steps, height=height, width=width,
                                    frames=frames, device=device)
     stats = calibrate_experts(resolved, trajectory, dits, device, log)

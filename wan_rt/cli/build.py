@@ -21,8 +21,7 @@ def built_default_engines() -> str | None:
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("build", help="export components and build engines",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = subparsers.add_parser("build", help="export components and build engines")
     p.add_argument("--model", default=DEFAULT_SPEC,
                    help="checkpoint folder (diffusers or official layout) or preset name")
     p.add_argument("--backend", default=None, choices=["ort", "aoti", "trt"],
@@ -34,8 +33,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--height", type=int, default=None, help="largest height the engines serve (default: the model's)")
     p.add_argument("--width", type=int, default=None, help="largest width (default: the model's)")
     p.add_argument("--frames", type=int, default=None, help="largest frame count, 4k+1 (default: the model's)")
-    p.add_argument("--components", default=None, help="comma-separated subset, e.g. dit_high_noise,vae_decoder")
-    p.add_argument("--engines-dir", default=DEFAULT_ENGINES_DIR)
+    p.add_argument("--text-len", type=int, default=None,
+                   help="text tokens the engines serve: prompts are padded to this length (max_sequence_length; "
+                        "default: the model's, 512)")
+    p.add_argument("--components", default=None,
+                   help="comma-separated subset, e.g. dit_high_noise,vae_decoder (default: all of the model's)")
+    p.add_argument("--engines-dir", default=DEFAULT_ENGINES_DIR, help="where the engines go")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     p.add_argument("--force", action="store_true", help="rebuild even if the manifests verify")
     p.add_argument("--quick-compile", action="store_true",
@@ -80,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.trt_targets:
         raise ValueError(f"--trt-targets is a TensorRT option; the {backend} backend has no such mode")
     manifests = build_engines(args.model, backend, args.engines_dir, precision=args.precision,
-                              height=args.height, width=args.width, frames=args.frames,
+                              height=args.height, width=args.width, frames=args.frames, text_len=args.text_len,
                               components=components, force=args.force, device=args.device,
                               quant_config=quant_config, trt_config=trt_config, quick_compile=args.quick_compile,
                               kernels=args.kernels, attention=args.attention)
