@@ -47,23 +47,32 @@ def main() -> int:
         engines = Path(tempfile.mkdtemp(prefix="engines-", dir=work))
         cmd = ["build", "--model", str(ckpt), "--backend", args.backend, "--components", args.components,
                "--engines-dir", str(engines), *sizes]
-        start = time.perf_counter()
+        cpu0, start = _children_cpu(), time.perf_counter()
         # A fresh process per build, as a user runs it (nothing cached in memory).
         proc = subprocess.run([sys.executable, "-c", "import sys; from wan_rt.cli import main; sys.exit(main())",
                                *cmd], capture_output=True, text=True)
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, _children_cpu() - cpu0
         if proc.returncode:
             print(proc.stderr, file=sys.stderr)
             return proc.returncode
-        rows.append({"build": label, "seconds": seconds, "command": "wan-rt " + " ".join(cmd)})
+        rows.append({"build": label, "seconds": seconds, "cpu_seconds": cpu, "command": "wan-rt " + " ".join(cmd)})
     for row in rows:
         row["vs 128x128x17"] = row["seconds"] / rows[-1]["seconds"]
     print(f"`wan-rt build --backend {args.backend} --components {args.components}` on {spec.name} "
           f"({spec.dit.num_layers} layers x {spec.dit.dim})")
-    print_table(rows, ["build", "seconds", "vs 128x128x17"])
+    print_table(rows, ["build", "seconds", "cpu_seconds", "vs 128x128x17"])
     if args.json:
         write_json(args.json, {"environment": environment(), "spec": spec.name, "rows": rows})
     return 0
+
+
+def _children_cpu() -> float:
+    """User + system CPU seconds of finished child processes (steadier than wall time on a
+    shared machine)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 if __name__ == "__main__":

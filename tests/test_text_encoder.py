@@ -41,7 +41,7 @@ def test_degenerate_tokenizer_warns_in_one_line(tmp_path):
     vocab = get_spec("tiny-t2v-A14B").text_encoder.vocab_size
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert check_tokenizer(load_tokenizer(spm_file.parent), vocab, "tiny-t2v-A14B")
+        assert check_tokenizer(load_tokenizer(spm_file.parent, vocab), vocab, "tiny-t2v-A14B")
     # The construction transformers 5 gets wrong (what the tiny presets used to save).
     shutil.copy(spm_file, tmp_path / "spiece.model")
     broken = T5Tokenizer(vocab_file=str(tmp_path / "spiece.model"), extra_ids=0)
@@ -51,6 +51,10 @@ def test_degenerate_tokenizer_warns_in_one_line(tmp_path):
                                          f"{vocab} embeddings") as caught:
         assert not check_tokenizer(broken, vocab, "ckpt/tokenizer")
     assert len(caught) == 1 and "\n" not in str(caught[0].message)
+    # Loading such a tokenizer with the encoder's vocabulary size warns the same way.
+    broken.save_pretrained(tmp_path / "saved")
+    with pytest.warns(UserWarning, match=f"^{tmp_path / 'saved'}: the tokenizer has"):
+        load_tokenizer(tmp_path / "saved", vocab)
 
 
 def test_encode_prompt_matches_diffusers(diffusers_checkpoint, prompt_ids_check):

@@ -106,17 +106,21 @@ def check_tokenizer(tokenizer, vocab_size: int, where: str) -> bool:
         return True
     warnings.warn(f"{where}: the tokenizer has {size} tokens for a text encoder with {vocab_size} embeddings; "
                   "prompts will encode to a handful of ids (rebuild the tokenizer from its spiece.model)",
-                  stacklevel=2)
+                  stacklevel=3)
     return False
 
 
-def load_tokenizer(folder):
-    """The checkpoint's own tokenizer (diffusers `tokenizer/` or official `google/umt5-xxl/`)."""
+def load_tokenizer(folder, vocab_size: int | None = None):
+    """The checkpoint's own tokenizer (diffusers `tokenizer/` or official `google/umt5-xxl/`);
+    with `vocab_size` (the text encoder's embedding rows) a degenerate one warns (check_tokenizer)."""
     from transformers import AutoTokenizer
 
     from wan_rt.models.checkpoint import CheckpointError
 
     try:
-        return AutoTokenizer.from_pretrained(str(folder))
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{folder}: cannot load tokenizer ({exc})") from None
+    if vocab_size is not None:
+        check_tokenizer(tokenizer, vocab_size, str(folder))
+    return tokenizer
