@@ -143,7 +143,8 @@ def _generate(args: argparse.Namespace, spec, request: _Request, device, plan, r
                                                 device=device, dtype=dtypes[args.dtype] if args.dtype else None,
                                                 backend_for=request.pinned, rebuild=args.rebuild, kernels=args.kernels,
                                                 parallel=plan)
-    pipe = WanPipeline(spec, components, load_tokenizer(resolved.files.tokenizer), resolved.defaults, device)
+    tokenizer = load_tokenizer(resolved.files.tokenizer, spec.text_encoder.vocab_size)  # warns if degenerate
+    pipe = WanPipeline(spec, components, tokenizer, resolved.defaults, device)
     pipe.set_progress_bar_config(disable=rank != 0)
     load_s = time.perf_counter() - start
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
