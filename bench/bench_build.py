@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cpu_e2e import bench_spec  # noqa: E402
+from bench_cpu_e2e import bench_checkpoint  # noqa: E402
 from common import environment, print_table, write_json  # noqa: E402
 
 SMALL = ["--height", "128", "--width", "128", "--frames", "17"]
@@ -35,13 +35,7 @@ def main() -> int:
     p.add_argument("--json", default=None)
     args = p.parse_args()
 
-    from wan_rt.tiny import write_tiny_checkpoint
-
-    spec = bench_spec(args.tiny)
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="wan_rt_bench_build_"))
-    ckpt = work / "checkpoint"
-    if not (ckpt / "model_index.json").is_file():
-        write_tiny_checkpoint(spec, ckpt)
+    spec, work, ckpt = bench_checkpoint(args.tiny, args.workdir)
     rows = []
     for label, sizes in (("default size", []), ("128x128x17", SMALL)):
         engines = Path(tempfile.mkdtemp(prefix="engines-", dir=work))
