@@ -92,7 +92,8 @@ def build_umt5_encoder(hf_config_kwargs: dict, dtype: torch.dtype = torch.float3
 
 
 # A tokenizer this many times smaller than the embedding table is broken, not merely trimmed
-# (umT5-xxl: 256,300 tokens for 256,384 rows; the tiny presets: 145 for 256).
+# (umT5-xxl's table is padded a little past its tokenizer's 256k pieces; the tiny presets'
+# tokenizers have 145 tokens for 256 rows).
 DEGENERATE_RATIO = 4
 
 
