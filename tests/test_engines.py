@@ -118,6 +118,10 @@ def test_text_len_flag_sets_the_text_length_engines_serve(checkpoint, tmp_path, 
     assert main([*build, "--text-len", "8"]) == 0
     profile = EngineManifest.read(engines / "text_encoder").profile
     assert profile["min"]["S"] == profile["max"]["S"] == 8
+    # Loading those engines pads prompts to the 8 tokens they were built for.
+    pipe = WanPipeline.from_pretrained(str(checkpoint), engines_dir=str(engines), backend_for={
+        c: "eager" for c in ("dit_high_noise", "dit_low_noise", "vae_encoder", "vae_decoder")})
+    assert pipe.text_len == 8 and pipe.encode_prompt("a cat").shape[1] == 8
     capsys.readouterr()
     assert main([*build, "--text-len", "8"]) == 0 and "up to date" in capsys.readouterr().out
     assert main(build) == 0 and "building" in capsys.readouterr().out  # the model's 16 is another engine

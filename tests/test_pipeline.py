@@ -215,3 +215,25 @@ def test_interrupt_stops_at_the_next_step_and_the_pipeline_runs_again():
     calls.clear()
     out = pipe("a cat", num_inference_steps=8, output_type="latent", max_sequence_length=8)
     assert len(calls) == 8 and out.frames.shape[0] == 1  # interrupt is cleared by the next call
+
+
+def test_prompts_are_padded_to_the_text_length_the_components_serve():
+    """Engines built with `wan-rt build --text-len N` serve only N tokens: the pipeline pads to N."""
+    seen = []
+
+    class _FixedText(_FakeText):
+        text_len = 6
+
+        def __call__(self, *, input_ids, attention_mask):
+            seen.append(input_ids.shape[1])
+            return super().__call__(input_ids=input_ids, attention_mask=attention_mask)
+
+    pipe = _fake_pipeline([])
+    assert pipe.text_len == pipe.spec.dit.text_len
+    pipe.components["text_encoder"] = _FixedText()
+    pipe = type(pipe)(pipe.spec, pipe.components, pipe.tokenizer, pipe.defaults)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.text_len == 6
+    pipe("a cat", num_inference_steps=2, output_type="latent")
+    pipe("a cat", num_inference_steps=2, output_type="latent", max_sequence_length=9)
+    assert seen == [6, 6, 9, 9]  # prompt + negative prompt per call; a call's own length wins

@@ -117,4 +117,5 @@ class WanPipeline(Pipeline):
         resolved, components, _ = load_components(path, backend=backend, engines_dir=engines_dir, device=dev,
                                                   dtype=dtype, backend_for=backend_for, rebuild=rebuild,
                                                   kernels=kernels, parallel=parallel)
-        return cls(resolved.spec, components, load_tokenizer(resolved.files.tokenizer), resolved.defaults, dev)
+        tokenizer = load_tokenizer(resolved.files.tokenizer, resolved.spec.text_encoder.vocab_size)  # warns if degenerate
+        return cls(resolved.spec, components, tokenizer, resolved.defaults, dev)
