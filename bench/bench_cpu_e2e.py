@@ -36,6 +36,19 @@ def bench_spec(small: bool):
                                num_frames=17, sample_steps=4)
 
 
+def bench_checkpoint(small: bool, workdir: str | None):
+    """(spec, work folder, checkpoint folder): bench_spec's weights written once in the diffusers
+    layout under `workdir` (default: a new temp dir) and reused after."""
+    from wan_rt.tiny import write_tiny_checkpoint
+
+    spec = bench_spec(small)
+    work = Path(workdir or tempfile.mkdtemp(prefix="wan_rt_bench_"))
+    ckpt = work / "checkpoint"
+    if not (ckpt / "model_index.json").is_file():
+        write_tiny_checkpoint(spec, ckpt)
+    return spec, work, ckpt
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny", action="store_true", help="tiny config, one round: a smoke test")
@@ -49,13 +62,8 @@ def main() -> int:
     from wan_rt.metrics import max_abs_error
     from wan_rt.loader import WanPipeline
     from wan_rt.runtime.backends import get_backend
-    from wan_rt.tiny import write_tiny_checkpoint
 
-    spec = bench_spec(args.tiny)
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="wan_rt_bench_"))
-    ckpt = work / "checkpoint"
-    if not (ckpt / "model_index.json").is_file():
-        write_tiny_checkpoint(spec, ckpt)
+    spec, work, ckpt = bench_checkpoint(args.tiny, args.workdir)
     repeats = 1 if args.tiny else args.repeats
     call = dict(prompt="a red fox running through snow", negative_prompt="blurry", height=spec.height,
                 width=spec.width, num_frames=spec.num_frames, num_inference_steps=spec.sample_steps,

@@ -8,9 +8,11 @@
 
 Dynamic shapes. Every contract symbol whose profile min < max is one `torch.export.Dim` over
 [min, max]; "k*h" is the derived dim `k * Dim("h")`; a symbol with min == max (the text length S:
-the pipeline pads to one length) is static. Example inputs are the profile's max (batch 2: a
-size-1 example would be specialised). Two DiT-specific points (`patch_multiples`,
-`compiled_profile`, `at_least_two_patches`):
+the pipeline pads to one length) is static. The example inputs are `graphs.example_sizes`: the
+smallest the profile allows with every dynamic dim >= 2 (a size-1 example would be specialised)
+and distinct from the others (batch 2), so an export costs one small forward whatever the
+profile's max. Two DiT-specific points (`graphs.patch_multiples`, `compiled_profile`,
+`at_least_two_patches`):
 * the DiT step graph splits latent h, w into 2x2 patches; a plain Dim("h") fails export (the
   reshape's `h % 2 == 0` cannot be stated on it), so h is declared `2 * Dim("h_over_2")`;
 * one token per axis (the profile's min: h = 2 latents) cannot be exported: the contiguity
@@ -74,7 +76,8 @@ import torch
 from torch import nn
 
 from wan_rt.runtime.backends.aoti import PACKAGE_FILE, WEIGHTS_FILE, device_key, load_package, unavailable_reason
-from wan_rt.runtime.graphs import GraphSpec, ShapeProfile, parse_dim, sample_inputs, torch_dtype
+from wan_rt.runtime.graphs import (GraphSpec, ShapeProfile, example_sizes, parse_dim, patch_multiples,
+                                   sample_inputs, torch_dtype)
 
 # Bump when what goes into a cached package changes in a way the key does not see.
 CACHE_FORMAT = 1
@@ -100,17 +103,6 @@ class AotiExportError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------------ export
-def patch_multiples(module: nn.Module) -> dict[str, int]:
-    """Symbols whose every value is a multiple of a fixed factor the graph relies on: a DiT step
-    graph splits the latent h, w into patches (h = 2 * tokens). torch.export must be told
-    (h = 2 * Dim), or the reshape's `h % 2 == 0` guard cannot be stated on a plain Dim."""
-    cfg = getattr(getattr(module, "dit", None), "config", None)
-    if cfg is None or not hasattr(cfg, "patch_size"):
-        return {}
-    _, ph, pw = cfg.patch_size
-    return {"h": ph, "w": pw}
-
-
 def compiled_profile(module: nn.Module, profile: ShapeProfile) -> ShapeProfile:
     """The profile the package is compiled for: a DiT step graph needs two tokens per latent
     axis at least (h, w >= 2 * patch; at_least_two_patches)."""
@@ -156,9 +148,10 @@ def dynamic_shapes(module: nn.Module, gspec: GraphSpec, profile: ShapeProfile) -
 
 def export_graph(module: nn.Module, gspec: GraphSpec, profile: ShapeProfile, *, compute_dtype: torch.dtype,
                  device: torch.device | str) -> torch.export.ExportedProgram:
-    """torch.export at the profile's max sizes (`profile` as compiled_profile gives it)."""
+    """torch.export at graphs.example_sizes (small, batch 2), every dynamic dim stated over the
+    profile's [min, max] (`profile` as compiled_profile gives it)."""
     where = f"{gspec.component}/{gspec.graph}"
-    inputs = sample_inputs(gspec, profile.max, compute_dtype, device=device)
+    inputs = sample_inputs(gspec, example_sizes(profile, patch_multiples(module)), compute_dtype, device=device)
     args = tuple(inputs[n] for n in gspec.input_names)
     try:
         with torch.no_grad():

@@ -1,6 +1,7 @@
 """Post-training calibration on the model's own denoising trajectory.
 
     trajectory = record_trajectory("tiny-t2v-A14B", prompts=[...], steps=4, height=32, ...)
+    # (a build calibrates at calibration_size(spec, height, width, frames): small)
     stats = calibrate_experts(resolved, trajectory, ["dit_high_noise", "dit_low_noise"])
 
 1. `record_trajectory` runs the eager float32 pipeline (the oracle) and records every DiT call:
@@ -33,6 +34,24 @@ DEFAULT_PROMPTS = (
     "a red fox running through snow, cinematic, golden light",
     "a city street at night, neon lights, rain, a camera tracks a cyclist",
 )
+# The trajectory is for activation statistics (amax per layer and channel), which depend on the
+# content far more than on the token count; a full-size one (720p x 81 frames) would cost 2
+# prompts x up to 8 steps x CFG of full-size forwards before the first engine is built.
+CALIB_MAX_SIDE = 256    # pixels on the longer side
+CALIB_MAX_FRAMES = 17   # 5 latent frames
+
+
+def calibration_size(spec, height: int, width: int, frames: int) -> tuple[int, int, int]:
+    """The (height, width, frames) a build calibrates at: the build's size scaled down to at most
+    CALIB_MAX_SIDE px on the longer side (aspect kept, multiples of the model's spatial multiple,
+    two DiT patches per axis at least) and CALIB_MAX_FRAMES frames; never larger than the build."""
+    m = spec.spatial_multiple
+    scale = min(1.0, CALIB_MAX_SIDE / max(height, width))
+
+    def side(n: int) -> int:
+        return min(n, max(2 * m, int(n * scale) // m * m))
+
+    return side(height), side(width), min(frames, CALIB_MAX_FRAMES)
 
 
 # ------------------------------------------------------------------------------------ trajectory

@@ -43,7 +43,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from wan_rt.runtime.graphs import GraphSpec, ShapeProfile, TensorSpec, resolve_dim, sample_inputs
+from wan_rt.runtime.graphs import (GraphSpec, ShapeProfile, TensorSpec, example_sizes, patch_multiples, resolve_dim,
+                                   sample_inputs)
 
 DEFAULT_OPSET = 18
 SUPPORTED_OPSETS = (17, 18, 19)
@@ -72,7 +73,9 @@ class OnnxExportError(RuntimeError):
 def export_onnx(module: nn.Module, gspec: GraphSpec, profile: ShapeProfile, path: str | os.PathLike, *,
                 compute_dtype: torch.dtype, opset: int = DEFAULT_OPSET, device: torch.device | str | None = None,
                 external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> list[str]:
-    """Trace `module` (graphs.graph_module) at the profile's opt sizes and write `path`.
+    """Trace `module` (graphs.graph_module) at graphs.example_sizes (the smallest general sizes
+    in the profile, batch 2: one cheap forward) and write `path`; every symbolic dim is dynamic,
+    and the profile's min / opt / max are for the engine builders (TensorRT's profile).
 
     Returns the files written, as names relative to `path`'s folder. `device` is where the
     example inputs go (default: the module's parameters' device)."""
@@ -85,7 +88,7 @@ def export_onnx(module: nn.Module, gspec: GraphSpec, profile: ShapeProfile, path
     data_path = path.with_name(path.name + DATA_SUFFIX)
     if device is None:
         device = next((p.device for p in module.parameters()), torch.device("cpu"))
-    sizes = example_sizes(profile)
+    sizes = example_sizes(profile, patch_multiples(module))
     inputs = sample_inputs(gspec, sizes, compute_dtype, device=device)
     args = tuple(inputs[n] for n in gspec.input_names)
     shapes: list[tuple[int, ...]] = []
@@ -124,15 +127,6 @@ def export_onnx(module: nn.Module, gspec: GraphSpec, profile: ShapeProfile, path
     onnx.checker.check_model(str(path))
     check_trt_compatible(onnx.load(str(path), load_external_data=False))
     return [path.name, data_path.name] if external else [path.name]
-
-
-def example_sizes(profile: ShapeProfile) -> dict[str, int]:
-    """The profile's opt sizes, with batch 2 when the profile allows it: a batch-1 trace cannot
-    tell a batch dim from a broadcast one."""
-    sizes = dict(profile.opt)
-    if sizes.get("B") == 1 and profile.max.get("B", 1) >= 2:
-        sizes["B"] = 2
-    return sizes
 
 
 # ------------------------------------------------------------------------------- trace helpers

@@ -87,6 +87,9 @@ class QuantReport:
     quantized: dict[str, str] = field(default_factory=dict)
     # module path (node name if it matches no module) -> why it stays high precision
     kept: dict[str, str] = field(default_factory=dict)
+    # weight initializer of every matched linear, as named in the written graph (the stored
+    # int8/fp8 tensor where quantized) -> module path: ties a backend's layers to wan_rt.precision
+    weights: dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> str:
         return f"{len(self.quantized)} matmuls quantized, {len(self.kept)} kept high precision"
@@ -333,6 +336,7 @@ def _quantize_linears(g: _Graph, plan: QuantPlan, paths: Mapping[str, str], repo
             reason = "Gemm with transA (not a linear layer)"
         if reason is not None:
             report.kept[path] = reason
+            report.weights[node.input[1]] = path
             continue
         if path not in stats.linear:
             raise QuantizeError(f"no calibration statistics for {path!r} (node {node.name}); "
@@ -382,6 +386,7 @@ def _quantize_linears(g: _Graph, plan: QuantPlan, paths: Mapping[str, str], repo
             g.dropped.add(n.input[1])
             n.input[0], n.input[1] = dq, w_dq
             report.quantized[path] = f"linear {cfg.precision}"
+            report.weights[w_q] = path
 
 
 _POINTWISE = {"Mul", "Div", "Add", "Sub", "Cast", "Where", "Identity"}

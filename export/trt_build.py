@@ -1,55 +1,65 @@
-"""Build a TensorRT engine (a .plan) from one component graph's ONNX and its GraphSpec.
+"""Build TensorRT engines (.plan) from component graphs: the build side of the trt backend.
 
-    build_engine(onnx_path, gspec, profile, plan_path, config=BuildConfig(), timing_cache=cache)
+    files = build_graph(graph_module, gspec, profile, out_dir, compute_dtype=torch.bfloat16,
+                        device="cpu", quant=plan, config=BuildConfig(targets=("sm89",)),
+                        timing_cache=engines_dir / "timing.cache")
 
-**This module has never run**: TensorRT cannot be installed on any machine this project has had.
-It is type-checked with mypy against tensorrt-stubs 10.13 (tests/test_trt.py), its pure parts
-(`profile_shapes`, `BuildConfig`, the identity strings) are unit-tested, and it is written
-against NVIDIA's documented Python API (TensorRT 10: Builder, strongly typed networks,
-IOptimizationProfile, ITimingCache, BuilderFlag.REFIT / WEIGHT_STREAMING).
+The graph is exported to ONNX on `device` in its compute dtype (Q/DQ-quantized for fp8/int8
+DiTs, export/quantize.py), parsed and built by the active TensorRT library
+(runtime/backends/trt_lib.py): with TensorRT for RTX on a machine with no GPU, for the compute
+capabilities in `BuildConfig.targets`; with TensorRT, for the GPU present. Built here, on CPUs
+with no GPU, by tests/test_trt_build.py; never executed (no RTX GPU has been available).
 
 What a build does, and why:
-* **strongly typed network** (NetworkDefinitionCreationFlag.STRONGLY_TYPED): every tensor's
-  precision comes from the ONNX (exported in the compute dtype, bf16 for the DiTs) and from its
-  Q/DQ nodes (export/quantize.py), so no FP16/BF16/FP8 builder flags are set (TensorRT rejects
-  them on strongly typed networks) and no layer silently changes precision;
+* **strongly typed network**: every tensor's precision comes from the ONNX (exported in the
+  compute dtype) and its Q/DQ nodes, so no precision builder flags are set and no layer silently
+  changes precision;
 * **one optimization profile** from the ShapeProfile: min/opt/max of every input, the VAE's
   `k*h` cache dims resolved from the same symbols, batch 1 (opt) to 2 (max, CFG);
-* **timing cache** shared by every engine of an engines dir (`engines_dir/timing.cache`), loaded
-  before and merged back after each build, so rebuilding (new weights, other sizes) skips most
-  tactic timing. A cache from another TensorRT or GPU is ignored, with a warning;
-* the **builder optimization level** (0-5, TensorRT's default 3) and optional **refittable**
-  engines (BuilderFlag.REFIT: new weights without a rebuild, runtime/backends/trt.py) and
-  **weight streaming** (BuilderFlag.WEIGHT_STREAMING: weights stay in host memory and stream in,
-  for experts larger than the GPU) come from `BuildConfig`, whose fields go into the manifest.
+* **timing cache** (TensorRT) shared by the engines of an engines dir (`timing.cache`), loaded
+  before and merged back after each build; one from another version or GPU is ignored, with a
+  note. TensorRT for RTX times no tactics at build time (its timing cache is a no-op): it
+  compiles kernels when an engine first runs, into `runtime.cache` beside the engines
+  (runtime/backends/trt_engine.py);
+* the **optimization level**, **refit** (BuilderFlag.REFIT: new weights without a rebuild,
+  `refit_from_module`) and **weight streaming** (BuilderFlag.WEIGHT_STREAMING) come from
+  `BuildConfig`, whose fields, targets included, go into the manifest's build_args;
+* a **per-layer precision report** (`layers.json` beside the plan): every layer of the parsed,
+  strongly typed network with its operand types, GEMMs fed by DequantizeLinear marked with the
+  quantized type (TensorRT fuses Q/DQ into the GEMM). It is the network's view: the built
+  engine's own (IEngineInspector) needs a deserialized engine, i.e. a GPU.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
-from wan_rt.runtime.backends.trt import gpu_identity, trt_version  # noqa: F401  (re-exported)
+from wan_rt.runtime.backends import trt_lib
+from wan_rt.runtime.backends.trt_lib import host_bytes, trt
 from wan_rt.runtime.graphs import GraphSpec, ShapeProfile
 
 if TYPE_CHECKING:
-    import tensorrt as trt
-
     from wan_rt.export.quantize import QuantPlan
     from wan_rt.runtime.backends.trt_engine import TrtRunner
 
 PLAN_FILE = "model.plan"
+LAYER_REPORT = "layers.json"
 TIMING_CACHE = "timing.cache"
 MAX_OPT_LEVEL = 5
 
 Shape = tuple[int, ...]
+
+# The operand kind a compute dtype means for TensorRT's GEMMs (trt_lib.TrtLibrary.min_sm).
+DTYPE_KIND = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 class TrtBuildError(RuntimeError):
@@ -60,6 +70,7 @@ class TrtBuildError(RuntimeError):
 class BuildConfig:
     """Build flags; `manifest_args()` is what the manifest records under build_args."""
 
+    targets: tuple[str, ...] = ()      # compute capabilities ("sm89"); () = the GPU present
     opt_level: int = 3                 # IBuilderConfig.builder_optimization_level
     refittable: bool = False           # BuilderFlag.REFIT
     weight_streaming: bool = False     # BuilderFlag.WEIGHT_STREAMING (needs a strongly typed network)
@@ -73,7 +84,31 @@ class BuildConfig:
             raise ValueError(f"workspace_gib must be positive, got {self.workspace_gib}")
 
     def manifest_args(self) -> dict[str, Any]:
-        return {"trt": dataclasses.asdict(self)}
+        return {"trt": {**dataclasses.asdict(self), "targets": list(self.targets)}}
+
+    def for_build(self, precision: str, dtypes: Mapping[str, torch.dtype], quantized: Sequence[str] = ()
+                  ) -> "BuildConfig":
+        """This config with its targets resolved by the active library on this machine (the GPU
+        present unless given) and checked against what the build will hold: `dtypes` maps each
+        component to build to its compute dtype, `quantized` names those with fp8/int8 GEMMs.
+        ValueError (one line naming the target and the precision) before anything is built."""
+        lib, gpu = trt_lib.require(), trt_lib.gpu_target()
+        targets = lib.build_targets(self.targets, gpu)
+        if self.refittable and gpu is None and not lib.refits_without_gpu:
+            raise ValueError(f"--refittable: {lib.title} {lib.version} cannot build refittable plans without a GPU "
+                             "(its compiler needs CUDA for them); build them on an RTX GPU, or drop --refittable")
+        needs: dict[str, str] = {}  # GEMM operand kind -> the first component that has it
+        for component in quantized:
+            needs.setdefault(precision, component)
+        for component, dtype in dtypes.items():
+            needs.setdefault(DTYPE_KIND[dtype], component)
+        for kind, component in needs.items():
+            need = lib.min_sm.get(kind, 0)
+            for t in targets:
+                if trt_lib.sm_number(t) < need:
+                    raise ValueError(f"--precision {precision} cannot target {t}: {component} has {kind} GEMMs, "
+                                     f"which {lib.title} runs on sm{need} or newer only")
+        return dataclasses.replace(self, targets=targets)
 
 
 # ------------------------------------------------------------------------------------ profiles
@@ -90,17 +125,41 @@ def profile_shapes(gspec: GraphSpec, profile: ShapeProfile) -> dict[str, tuple[S
     return out
 
 
-# ------------------------------------------------------------------------------------ build
-def _logger() -> "trt.ILogger":
-    import tensorrt as trt
+# ------------------------------------------------------------------------------------ graph -> plan
+def build_graph(module: torch.nn.Module, gspec: GraphSpec, profile: ShapeProfile, out_dir: str | os.PathLike, *,
+                compute_dtype: torch.dtype, device: torch.device | str, quant: Optional["QuantPlan"] = None,
+                config: Optional[BuildConfig] = None, timing_cache: Optional[Path] = None,
+                log: Callable[[str], None] = print) -> list[str]:
+    """Export `module` to ONNX on `device` (opset 19 with Q/DQ when `quant` is given), build
+    `model.plan` and its `layers.json` into out_dir; returns the files written (the ONNX too
+    with config.keep_onnx). `config.targets` must be resolved (BuildConfig.for_build)."""
+    from wan_rt.export.onnx_export import DEFAULT_OPSET, export_onnx
+    from wan_rt.export.quantize import QDQ_OPSET, REPORT_FILE
 
-    return trt.Logger(trt.Logger.WARNING)
+    config = config or BuildConfig()
+    out = Path(out_dir)
+    onnx_dir = out / "onnx" if config.keep_onnx else Path(tempfile.mkdtemp(prefix=".onnx-", dir=out))
+    try:
+        onnx_path = onnx_dir / "model.onnx"
+        files = export_onnx(module, gspec, profile, onnx_path, compute_dtype=compute_dtype, device=device,
+                            opset=QDQ_OPSET if quant is not None else DEFAULT_OPSET)
+        kept = [PLAN_FILE, LAYER_REPORT]
+        modules: dict[str, str] = {}
+        if quant is not None:
+            files = quant.apply(onnx_path, module)
+            shutil.copy(onnx_dir / REPORT_FILE, out / REPORT_FILE)  # which matmuls are quantized
+            modules = json.loads((out / REPORT_FILE).read_text())["weights"]
+            kept.append(REPORT_FILE)
+        build_engine(onnx_path, gspec, profile, out / PLAN_FILE, config=config, timing_cache=timing_cache,
+                     modules=modules, log=log)
+    finally:
+        if not config.keep_onnx:
+            shutil.rmtree(onnx_dir, ignore_errors=True)
+    return [*kept, *([f"onnx/{f}" for f in files if f != REPORT_FILE] if config.keep_onnx else [])]
 
 
 def _parse(builder: "trt.Builder", onnx_path: Path, gspec: GraphSpec,
            logger: "trt.ILogger") -> tuple["trt.INetworkDefinition", "trt.OnnxParser"]:
-    import tensorrt as trt
-
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
@@ -127,25 +186,26 @@ def _load_timing_cache(config: "trt.IBuilderConfig", path: Optional[Path],
     return cache
 
 
-def _save_timing_cache(cache: "trt.ITimingCache", path: Path) -> None:
-    """Write atomically: a concurrent reader never sees half a cache."""
+def _save_atomically(data: bytes, path: Path) -> None:
+    """A concurrent reader never sees half a file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(cache.serialize())
+    tmp.write_bytes(data)
     os.replace(tmp, path)
 
 
 def build_engine(onnx_path: Path, gspec: GraphSpec, profile: ShapeProfile, plan_path: Path, *,
                  config: BuildConfig = BuildConfig(), timing_cache: Optional[Path] = None,
-                 log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Parse `onnx_path`, build with one optimization profile, write `plan_path`; returns facts
-    for the manifest (plan size, TensorRT version, GPU)."""
-    import tensorrt as trt
-
-    logger = _logger()
+                 modules: Optional[Mapping[str, str]] = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Parse `onnx_path`, build with one optimization profile for `config.targets`, write
+    `plan_path` and the layer report beside it (`modules`: weight initializer -> module path,
+    from the quantization report); returns facts for the manifest."""
+    lib = trt_lib.require()
+    logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network, _parser = _parse(builder, Path(onnx_path), gspec, logger)
     bconfig = builder.create_builder_config()
     bconfig.builder_optimization_level = config.opt_level
+    lib.set_targets(bconfig, config.targets)
     if config.workspace_gib is not None:
         bconfig.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(config.workspace_gib * 2**30))
     if config.refittable:
@@ -158,84 +218,167 @@ def build_engine(onnx_path: Path, gspec: GraphSpec, profile: ShapeProfile, plan_
         opt_profile.set_shape(name, trt.Dims(list(lo)), trt.Dims(list(mid)), trt.Dims(list(hi)))
     if bconfig.add_optimization_profile(opt_profile) < 0:
         raise TrtBuildError(f"{gspec.component}/{gspec.graph}: TensorRT rejected the optimization profile")
-    cache = _load_timing_cache(bconfig, timing_cache, log)
+    if not lib.has_timing_cache:
+        timing_cache = None
+    cache = _load_timing_cache(bconfig, timing_cache, log) if timing_cache is not None else None
 
+    plan_path = Path(plan_path)
+    report = layer_report(network, modules or {})
+    report.update(library=f"{lib.name} {lib.version}", targets=list(config.targets))
+    write_layer_report(report, plan_path.parent / LAYER_REPORT)
     serialized = builder.build_serialized_network(network, bconfig)
     if serialized is None:
-        raise TrtBuildError(f"{gspec.component}/{gspec.graph}: TensorRT failed to build {onnx_path} "
-                            "(its log above says why)")
-    plan_path = Path(plan_path)
-    plan_path.write_bytes(serialized)
-    if timing_cache is not None:
-        _save_timing_cache(cache, Path(timing_cache))
-    return {"plan_bytes": plan_path.stat().st_size, "tensorrt": trt.__version__, "gpu": gpu_identity()}
+        raise TrtBuildError(f"{gspec.component}/{gspec.graph}: {lib.title} failed to build {onnx_path} for "
+                            f"{','.join(config.targets)} (its log above says why)")
+    plan_path.write_bytes(host_bytes(serialized))
+    if timing_cache is not None and cache is not None:
+        _save_atomically(host_bytes(cache.serialize()), Path(timing_cache))
+    builder_said = {"opt_level": bconfig.builder_optimization_level, "refit": bconfig.get_flag(trt.BuilderFlag.REFIT),
+                    "weight_streaming": bconfig.get_flag(trt.BuilderFlag.WEIGHT_STREAMING)}
+    return {"plan_bytes": plan_path.stat().st_size, "library": lib.name, "version": lib.version,
+            "builder": builder_said}
 
 
-# ------------------------------------------------------------------ the builder interface
-def build_graph(module: torch.nn.Module, gspec: GraphSpec, profile: ShapeProfile, out_dir: str | os.PathLike, *,
-                compute_dtype: torch.dtype, device: torch.device | str, quant: Optional["QuantPlan"] = None,
-                config: Optional["BuildConfig"] = None, timing_cache: Optional[Path] = None) -> list[str]:
-    """Export `module` to ONNX (opset 19 with Q/DQ when `quant` is given), build `model.plan`
-    into out_dir; returns the files written (the ONNX only with config.keep_onnx)."""
-    from wan_rt.export.onnx_export import DEFAULT_OPSET, export_onnx
-    from wan_rt.export.quantize import QDQ_OPSET, REPORT_FILE
-
-    device = torch.device(device)
-    if device.type != "cuda":
-        raise ValueError("TensorRT engines are built on a CUDA device")
-    config = config or BuildConfig()
-    out = Path(out_dir)
-    onnx_dir = out / "onnx" if config.keep_onnx else Path(tempfile.mkdtemp(prefix=".onnx-", dir=out))
-    try:
-        onnx_path = onnx_dir / "model.onnx"
-        files = export_onnx(module, gspec, profile, onnx_path, compute_dtype=compute_dtype, device=device,
-                            opset=QDQ_OPSET if quant is not None else DEFAULT_OPSET)
-        kept = [PLAN_FILE]
-        if quant is not None:
-            files = quant.apply(onnx_path, module)
-            shutil.copy(onnx_dir / REPORT_FILE, out / REPORT_FILE)  # which matmuls are quantized
-            kept.append(REPORT_FILE)
-        build_engine(onnx_path, gspec, profile, out / PLAN_FILE, config=config, timing_cache=timing_cache)
-    finally:
-        if not config.keep_onnx:
-            shutil.rmtree(onnx_dir, ignore_errors=True)
-    return [*kept, *([f"onnx/{f}" for f in files if f != REPORT_FILE] if config.keep_onnx else [])]
+# ------------------------------------------------------------------------------------ layer report
+_DTYPE_NAMES = {"FLOAT": "fp32", "HALF": "fp16", "BF16": "bf16", "FP8": "fp8", "INT8": "int8", "INT4": "int4",
+                "FP4": "fp4", "INT32": "int32", "INT64": "int64", "BOOL": "bool", "UINT8": "uint8"}
+GEMM_LAYERS = ("MATRIX_MULTIPLY", "CONVOLUTION", "DECONVOLUTION")
+# Layers a weight passes through between its constant and the GEMM (layout and type only).
+_LAYOUT = ("SHUFFLE", "IDENTITY")
+_PASS_THROUGH = (*_LAYOUT, "CAST")
 
 
+def _dtype(t: "trt.ITensor") -> str:
+    return _DTYPE_NAMES.get(t.dtype.name, t.dtype.name.lower())
+
+
+def layer_report(network: "trt.INetworkDefinition", modules: Mapping[str, str]) -> dict[str, Any]:
+    """Every layer of a parsed (strongly typed) network: its operand and result types and its
+    precision. A GEMM (MatMul, Conv) whose float operands all come from DequantizeLinear runs in
+    the quantized type those dequantize (TensorRT fuses the DQ into the GEMM), else in its
+    operands' type. A GEMM with a constant operand names it ("weight", the ONNX initializer) and,
+    where `modules` knows that initializer, the model's module path ("module")."""
+    producer: dict[str, "trt.ILayer"] = {}
+    layers = [network.get_layer(i) for i in range(network.num_layers)]
+    for layer in layers:
+        for j in range(layer.num_outputs):
+            producer[layer.get_output(j).name] = layer
+
+    def source(t: "trt.ITensor") -> "trt.ILayer | None":
+        return producer.get(t.name)
+
+    rows: list[dict[str, Any]] = []
+    gemms: dict[str, int] = {}  # precision -> GEMM layers
+    for layer in layers:
+        inputs = [layer.get_input(j) for j in range(layer.num_inputs)]
+        row: dict[str, Any] = {"name": layer.name, "type": layer.type.name,
+                               "inputs": [_dtype(t) if t is not None else None for t in inputs],
+                               "outputs": [_dtype(layer.get_output(j)) for j in range(layer.num_outputs)]}
+        row["precision"] = row["outputs"][0] if row["outputs"] else None
+        if layer.type.name in GEMM_LAYERS:
+            operands = [t for t in inputs[:2] if t is not None]
+            sources = [source(t) for t in operands]
+            # The parser broadcasts a weight with a SHUFFLE after its DQ; TensorRT moves DQ past layout ops.
+            behind = [_behind_layout(s, source) for s in sources]
+            dequantized = [s for s in behind if s is not None and s.type.name == "DEQUANTIZE"]
+            if operands and len(dequantized) == len(operands):
+                row["precision"] = _dtype(dequantized[0].get_input(0))
+            else:
+                row["precision"] = _dtype(operands[0]) if operands else row["precision"]
+            weight = next((w for w in (_constant_behind(s, source) for s in sources) if w), None)
+            if weight is not None:
+                row["weight"] = weight
+                module = modules.get(weight) or (_parameter_module(weight) if modules else None)
+                if module:
+                    row["module"] = module
+            gemms[row["precision"]] = gemms.get(row["precision"], 0) + 1
+        rows.append(row)
+    return {"source": "parsed network (strongly typed; Q/DQ fused into the GEMMs they feed)",
+            "gemms": gemms, "layers": rows}
+
+
+def write_layer_report(report: Mapping[str, Any], path: Path) -> None:
+    """JSON with one layer per line (a 40-block expert has tens of thousands of layers)."""
+    head = json.dumps({k: v for k, v in report.items() if k != "layers"}, indent=1)
+    rows = ",\n  ".join(json.dumps(row) for row in report["layers"])
+    path.write_text(f'{head[:-2]},\n "layers": [\n  {rows}\n ]\n}}\n')
+
+
+def _parameter_module(weight: str) -> Optional[str]:
+    """"dit.patch_embedding.weight" -> "patch_embedding": a parameter the exporter kept by name
+    (the patch embedding is a Conv3d exported as a MatMul, so no nn.Linear matches it)."""
+    parts = weight.split(".")
+    return ".".join(parts[1:-1]) if len(parts) > 2 and parts[0] == "dit" and parts[-1] == "weight" else None
+
+
+def _behind_layout(layer: "trt.ILayer | None", source: Callable[["trt.ITensor"], "trt.ILayer | None"]
+                   ) -> "trt.ILayer | None":
+    """The first layer at or before `layer` that is not a pure layout change (reshape, transpose)."""
+    for _ in range(8):
+        if layer is None or layer.type.name not in _LAYOUT or layer.num_inputs == 0:
+            return layer
+        layer = source(layer.get_input(0))
+    return layer
+
+
+def _constant_behind(layer: "trt.ILayer | None", source: Callable[["trt.ITensor"], "trt.ILayer | None"]
+                     ) -> Optional[str]:
+    """The constant (ONNX initializer) name a GEMM operand comes from, through DQ and layout layers."""
+    for _ in range(8):
+        if layer is None:
+            return None
+        if layer.type.name == "CONSTANT":
+            return str(layer.name)
+        if layer.type.name not in ("DEQUANTIZE", *_PASS_THROUGH) or layer.num_inputs == 0:
+            return None
+        layer = source(layer.get_input(0))
+    return None
+
+
+# ------------------------------------------------------------------------------------ reweight
 def reweight_graph(module: torch.nn.Module, gspec: GraphSpec, profile: ShapeProfile, built_dir: str | os.PathLike,
                    out_dir: str | os.PathLike, files: list[str], *, compute_dtype: torch.dtype,
                    device: torch.device | str, quant: Optional["QuantPlan"] = None,
                    config: Optional["BuildConfig"] = None, **_options: Any) -> Optional[list[str]]:
     """New weights (e.g. a LoRA fused in) for a plan built before that differs in nothing else:
     the plan in `built_dir` refitted from the re-exported ONNX and written to `out_dir`, no engine
-    build. None (build anew) for plans built without --refittable or with Q/DQ.
-    NOT RUN: no machine this was written on has TensorRT (type-checked against tensorrt-stubs)."""
+    build. None (build anew) for plans built without --refittable, with Q/DQ, or where no GPU can
+    deserialize the plan. NOT RUN: refitting needs a GPU, which no machine this ran on had."""
     from wan_rt.export.onnx_export import DEFAULT_OPSET, export_onnx
-    from wan_rt.runtime.backends.trt_engine import TrtEngine, refit_from_onnx
+    from wan_rt.runtime.backends.trt_engine import refit_from_onnx
 
     config = config or BuildConfig()
-    if not config.refittable or quant is not None or PLAN_FILE not in files:
+    device = torch.device(device)
+    if not config.refittable or quant is not None or PLAN_FILE not in files or device.type != "cuda":
         return None
-    engine = TrtEngine.deserialize((Path(built_dir) / PLAN_FILE).read_bytes(), torch.device(device))
+    lib = trt_lib.require()
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    engine = runtime.deserialize_cuda_engine((Path(built_dir) / PLAN_FILE).read_bytes())
+    if engine is None:
+        raise TrtBuildError(f"{gspec.component}/{gspec.graph}: {lib.title} could not deserialize the plan to refit")
     out = Path(out_dir)
     onnx_dir = out / "onnx" if config.keep_onnx else Path(tempfile.mkdtemp(prefix=".onnx-", dir=out))
     try:
         onnx_files = export_onnx(module, gspec, profile, onnx_dir / "model.onnx", compute_dtype=compute_dtype,
                                  device=device, opset=DEFAULT_OPSET)
-        refit_from_onnx(engine.engine, onnx_dir / "model.onnx")
-        (out / PLAN_FILE).write_bytes(bytes(engine.engine.serialize()))
+        refit_from_onnx(engine, onnx_dir / "model.onnx")
+        (out / PLAN_FILE).write_bytes(host_bytes(engine.serialize()))
+        for extra in (f for f in files if f != PLAN_FILE and not f.startswith("onnx/")):
+            shutil.copy(Path(built_dir) / extra, out / extra)  # layers.json: the same network
     finally:
         if not config.keep_onnx:
             shutil.rmtree(onnx_dir, ignore_errors=True)
-    return [PLAN_FILE, *([f"onnx/{f}" for f in onnx_files] if config.keep_onnx else [])]
+    kept = [f for f in files if not f.startswith("onnx/")]
+    return [*kept, *([f"onnx/{f}" for f in onnx_files] if config.keep_onnx else [])]
 
 
+# ------------------------------------------------------------------------------------ refit
 def refit_from_module(runner: "TrtRunner", module: torch.nn.Module, gspec: GraphSpec, profile: ShapeProfile, *,
                       compute_dtype: torch.dtype, quant: Optional["QuantPlan"] = None) -> int:
     """Refit a refittable engine with new weights: `module` is the graph module
-    (runtime.graphs.graph_module) holding them, e.g. after `model.load_state_dict(new)`. The graph
-    is re-exported exactly as the build did (and re-quantized with `quant`), and TensorRT takes the
-    new initializers by name. Returns the number of weights in the engine."""
+    (runtime.graphs.graph_module) holding them, e.g. after `model.load_state_dict(new)` or a
+    LoRA merge. The graph is re-exported exactly as the build did (and re-quantized with
+    `quant`), and TensorRT takes the new initializers by name. Returns the engine's weight count."""
     from wan_rt.export.onnx_export import DEFAULT_OPSET, export_onnx
     from wan_rt.export.quantize import QDQ_OPSET
     from wan_rt.runtime.backends.trt_engine import refit_from_onnx

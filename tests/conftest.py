@@ -43,9 +43,12 @@ def write_diffusers_checkpoint(spec_name: str, folder: Path) -> Path:
     _perturb(vae, 200)
     text_encoder = UMT5EncoderModel(UMT5Config(**hf_config.text_encoder_to_hf(spec.text_encoder)))
     _perturb(text_encoder, 300)
-    tok_dir = folder / "_tok"
+    tok_dir = folder / SPIECE_DIR
     _write_tokenizer(tok_dir, spec.text_encoder.vocab_size)
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    # diffusers saves tokenizer.json only; the sentencepiece model it came from stays beside the
+    # checkpoint, the source that prompt_ids_check holds the checkpoint's tokenizer to.
+    assert len(tokenizer) == _sentencepiece(tok_dir / "spiece.model").get_piece_size()
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                         flow_shift=spec.sample_shift, solver_order=2, solver_type="bh2",
                                         final_sigmas_type="zero", lower_order_final=True)
@@ -59,6 +62,49 @@ def write_diffusers_checkpoint(spec_name: str, folder: Path) -> Path:
     # A small shard size makes the transformer sharded with an index json, like real checkpoints.
     pipe.save_pretrained(folder / "ckpt", max_shard_size="200KB", safe_serialization=True)
     return folder / "ckpt"
+
+
+SPIECE_DIR = "_tok"  # beside write_diffusers_checkpoint's "ckpt": the tokenizer's spiece.model
+
+
+def _sentencepiece(model_file: Path):
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_file=str(model_file))
+
+
+def sentencepiece_ids(model_file: Path, prompts: list[str], length: int) -> torch.Tensor:
+    """What Wan's tokenization must give, from sentencepiece itself: each cleaned prompt's
+    pieces, EOS (id 1), then padding (id 0) to `length`."""
+    from wan_rt.models.text_encoder import clean_prompt
+
+    sp = _sentencepiece(model_file)
+    assert (sp.eos_id(), sp.pad_id()) == (1, 0)
+    rows = []
+    for prompt in prompts:
+        ids = sp.encode(clean_prompt(prompt)) + [sp.eos_id()]
+        assert len(ids) <= length, f"test prompt {prompt!r} is meant to fit in {length} tokens"
+        rows.append(ids + [sp.pad_id()] * (length - len(ids)))
+    return torch.tensor(rows)
+
+
+@pytest.fixture(scope="session")
+def prompt_ids_check():
+    """prompt_ids_check(tokenizer, spiece_model, prompts, length) -> ids, after asserting that
+    Wan's tokenization of `prompts` gives sentencepiece's own ids and that no two prompts share
+    ids: tests comparing two sides that share a tokenizer check it against its source this way,
+    and a tokenizer mapping every word to one id fails them."""
+    from wan_rt.models.text_encoder import tokenize
+
+    def check(tokenizer, spiece_model: Path, prompts: list[str], length: int) -> torch.Tensor:
+        ids, mask = tokenize(tokenizer, prompts, max_sequence_length=length)
+        want = sentencepiece_ids(spiece_model, prompts, length)
+        assert torch.equal(ids, want), f"tokenizer ids {ids.tolist()} != sentencepiece's {want.tolist()}"
+        assert torch.equal(mask, (want != 0).long())
+        assert len({tuple(row) for row in ids.tolist()}) == len(prompts), f"prompts share ids: {ids.tolist()}"
+        return ids
+
+    return check
 
 
 @pytest.fixture(scope="session")
@@ -115,18 +161,21 @@ def spy_launches(monkeypatch):
     return spy
 
 
-# ---- mypy against tensorrt-stubs (tests/test_trt.py, tests/kernels/test_trt_plugin.py) ----------
+# ---- mypy against TensorRT's APIs (tests/test_trt.py, tests/kernels/test_trt_plugin.py) ----------
 @pytest.fixture(scope="session")
 def trt_mypy(tmp_path_factory):
-    """trt_mypy(*paths) -> (report, exit status) of mypy --disallow-untyped-defs over `paths`,
-    with `import tensorrt` resolved to the installed tensorrt-stubs. TensorRT itself cannot be
-    installed here, so this is the only check its API use gets.
+    """trt_mypy(*paths, against="tensorrt_rtx") -> (report, exit status) of mypy
+    --disallow-untyped-defs over `paths`, with `import tensorrt_rtx` resolved to stubs generated
+    (mypy's stubgen) from the installed TensorRT for RTX bindings, and `import tensorrt` to the
+    installed tensorrt-stubs (TensorRT itself cannot be installed here). `against="tensorrt"`
+    checks wan_rt's shared TensorRT code (trt_lib.trt) against tensorrt-stubs instead.
 
     tensorrt-stubs 10.13 does not parse as shipped (a parameter named `in`, a non-default
     parameter after defaults) and has no py.typed marker, so mypy reads a copy with those two
-    mechanical repairs, put on mypy_path, errors inside the stubs silenced. Everything else
-    (torch, wan_rt) is skipped, i.e. Any: only tensorrt's types are checked. Each caller also
-    runs a deliberately wrong snippet, so a pass means the stubs were really in use."""
+    mechanical repairs; the bindings of tensorrt_rtx ship no stubs at all. Both go on mypy_path,
+    errors inside them silenced. Everything else (torch, wan_rt outside `paths`) is skipped,
+    i.e. Any: only TensorRT's types are checked. Each caller also runs a deliberately wrong
+    snippet, so a pass means the stubs were really in use."""
     from importlib import metadata
     import re
     import shutil
@@ -138,25 +187,28 @@ def trt_mypy(tmp_path_factory):
         pytest.skip("needs tensorrt-stubs (the test extra)")
     src = Path(str(dist.locate_file("tensorrt"))).parent
     root = tmp_path_factory.mktemp("trt_stubs")
+    stubs = root / "stubs"
     for pkg in ("tensorrt", "tensorrt_bindings"):
-        shutil.copytree(src / pkg, root / "stubs" / pkg)
-    pyi = root / "stubs" / "tensorrt_bindings" / "tensorrt.pyi"
+        shutil.copytree(src / pkg, stubs / pkg)
+    pyi = stubs / "tensorrt_bindings" / "tensorrt.pyi"
     text = pyi.read_text()
     text, n_in = re.subn(r"([(,]\s*)in:", r"\1in_:", text)  # `in` is a keyword
     text, n_def = re.subn(r"(= None, channel_axis: int)\)", r"\1 = ...)", text)  # add_scale_nd
     assert n_in + n_def > 0, "tensorrt-stubs changed: revisit the repairs"
     pyi.write_text(text)
+    has_rtx = _generate_rtx_stubs(stubs)
     cfg = root / "mypy.ini"
     cfg.write_text(
         "[mypy]\n"
-        "follow_imports = skip\n"  # torch & co. are Any: only tensorrt's types matter here
-        f"mypy_path = {root / 'stubs'}\n"
+        "follow_imports = skip\n"  # torch & co. are Any: only TensorRT's types matter here
+        f"mypy_path = {stubs}\n"
         f"cache_dir = {root / 'cache'}\n"
         "warn_unused_ignores = False\n"
-        "[mypy-tensorrt,tensorrt.*,tensorrt_bindings,tensorrt_bindings.*]\n"
+        "[mypy-tensorrt,tensorrt.*,tensorrt_bindings,tensorrt_bindings.*,"
+        "tensorrt_rtx,tensorrt_rtx.*,tensorrt_rtx_bindings,tensorrt_rtx_bindings.*]\n"
         "follow_imports = normal\n"
         "ignore_errors = True\n"
-        "[mypy-tensorrt_libs]\n"
+        "[mypy-tensorrt_libs,tensorrt_rtx_libs]\n"
         "ignore_missing_imports = True\n"
         # export/ and kernels/ install as wan_rt.export / wan_rt.kernels through a path mapping
         # mypy cannot see; they are skipped (Any) like every other non-tensorrt import anyway.
@@ -164,9 +216,34 @@ def trt_mypy(tmp_path_factory):
         "ignore_missing_imports = True\n"
     )
 
-    def run(*paths: Path) -> tuple[str, int]:
+    def run(*paths: Path, against: str = "tensorrt_rtx") -> tuple[str, int]:
+        if not has_rtx and any("tensorrt_rtx" in Path(p).read_text() for p in paths):
+            pytest.skip("needs tensorrt_rtx (pip install 'wan-rt[trt-rtx]') to generate its stubs")
+        flags = [f"--always-{'true' if against == 'tensorrt' else 'false'}=TYPECHECK_WITH_TENSORRT"]
         out, err, status = mypy_api.run(["--config-file", str(cfg), "--disallow-untyped-defs",
-                                         "--no-incremental", *map(str, paths)])
+                                         "--no-incremental", *flags, *map(str, paths)])
         return out + err, status
 
     return run
+
+
+def _generate_rtx_stubs(stubs: Path) -> bool:
+    """Stubs of the installed tensorrt_rtx (and its pybind11 bindings) into `stubs`, written by
+    mypy's stubgen from the real module's signatures; False if tensorrt_rtx does not import."""
+    import re
+    import subprocess
+    import sys
+
+    try:
+        import tensorrt_rtx  # noqa: F401
+    except (ImportError, OSError):
+        return False
+    subprocess.run([sys.executable, "-c", "from mypy.stubgen import main; main()", "-p", "tensorrt_rtx_bindings",
+                    "-m", "tensorrt_rtx", "-o", str(stubs), "--quiet"], check=True)
+    # The bindings' own signature has the bug tensorrt-stubs has (add_scale_nd: a required
+    # parameter after defaults); the same repair.
+    pyi = stubs / "tensorrt_rtx_bindings" / "tensorrt_rtx.pyi"
+    text, n = re.subn(r"(= \.\.\., channel_axis: typing\.SupportsInt)\)", r"\1 = ...)", pyi.read_text())
+    assert n == 1, "tensorrt_rtx's add_scale_nd signature changed: revisit the repair"
+    pyi.write_text(text)
+    return True

@@ -59,7 +59,8 @@ CPU = torch.device("cpu")
 def _profile(spec):
     """Twice the default size, 9 frames: T in [1, 3], latent h, w in [2, 8] (the DiT: [4, 8],
     two tokens per axis at least); the pipeline (default size, 5 frames) and the size tests
-    run at sizes other than the export's example (the max)."""
+    run at sizes other than the export's example (graphs.example_sizes: B=2, T=3, DiT 8x4
+    latents, VAE 4x5)."""
     return shape_profile(spec, height=2 * spec.height, width=2 * spec.width, frames=9)
 
 
@@ -101,7 +102,7 @@ def built(tmp_path_factory, engine_checks):
 # ------------------------------------------------------------------------------ every graph
 @pytest.mark.parametrize("comp,g", T2V_GRAPHS, ids=[f"{c}-{g}" for c, g in T2V_GRAPHS])
 def test_t2v_graph_matches_eager(built, comp, g, engine_checks):
-    """At batch 1, T = 2 latent frames, 4x4 latents: none of them the export's example sizes."""
+    """At batch 1, T = 2 latent frames, 4x4 latents: not the export's example sizes."""
     b = built[T2V]
     assert b.files[comp, g] == ["model.pt2", "weights.safetensors"]
     err = engine_checks.compare_graph(b, comp, g, engine_checks.grid_sizes(b, 1, 2, 4, 4))
@@ -164,7 +165,7 @@ def test_package_holds_no_weights(built):
 # ------------------------------------------------------------------------------ dynamic shapes
 @pytest.mark.parametrize("spec_name,comp", [(T2V, "dit_high_noise"), (TI2V, "dit")])
 def test_dit_graph_serves_two_sizes(built, spec_name, comp, engine_checks):
-    """Exported at B=2, T=3, 8x8 latents; run at two other grids in the profile, batch 1 and 2
+    """Exported at B=2, T=3, 8x4 latents; run at two other grids in the profile, batch 1 and 2
     (TI2V's per-token timestep: L is its own dim, the hardest dynamic case)."""
     b = built[spec_name]
     for batch, t, h, w in ((1, 1, 4, 8), (2, 3, 6, 4)):
@@ -195,6 +196,10 @@ def test_runner_rejects_shapes_outside_the_package(built, engine_checks):
     inputs["cache_in_3"] = inputs["cache_in_3"][..., :1]  # width no longer the latent's
     with pytest.raises(ValueError, match="cache_in_3"):
         b.runners["vae_decoder", "step"](inputs)
+    # The text length is fixed at build time: the refusal says which flag sets it.
+    text = graph_spec(b.spec, "text_encoder")
+    with pytest.raises(ValueError, match=r"S = 8 is outside .*\[16, 16\].*max_sequence_length=16.*--text-len 8"):
+        b.runners["text_encoder", "main"](sample_inputs(text, {"B": 1, "S": 8}, torch.float32))
     inputs = sample_inputs(gspec, engine_checks.grid_sizes(b, 1, 1, 4, 4), torch.float32)
     with pytest.raises(TypeError, match="float64"):
         runner({k: v.double() for k, v in inputs.items()})

@@ -47,3 +47,14 @@ def test_levers_bench_tiny_writes_json(tmp_path):
     assert fused["psnr_db"] > 60, "fused and run-time LoRA must make the same video"
     caches = [r for (v, _), r in rows.items() if v in ("teacache", "magcache", "fbcache")]
     assert all(r["steps_computed"] + r["steps_reused"] == 8 for r in caches)
+
+
+def test_build_bench_tiny_writes_json(tmp_path):
+    out = tmp_path / "build.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_build.py"), "--tiny", "--workdir", str(tmp_path / "work"),
+                           "--json", str(out)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["build"] for r in rows] == ["default size", "128x128x17"]
+    assert all(r["seconds"] > 0 and "--components dit_high_noise" in r["command"] for r in rows)
+    assert rows[1]["vs 128x128x17"] == 1.0

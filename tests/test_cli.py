@@ -84,3 +84,30 @@ def test_repo_root_is_not_importable_as_kernels():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=os.path.expanduser("~"), timeout=120)
     assert proc.stdout.strip() == "True", proc.stderr
+
+
+def test_help_states_each_default_once(capsys):
+    """Every subcommand's --help: no "(default: None)" / "(default: False)", no "(default: X)"
+    after a help that states its own default; real defaults still shown."""
+    import re
+
+    from wan_rt.cli import SUBCOMMANDS, build_parser
+
+    parser, _ = build_parser()
+    subparsers = next(a for a in parser._actions if a.choices and set(a.choices) == set(SUBCOMMANDS))
+    shown = {}
+    for name, sub in subparsers.choices.items():
+        assert main([name, "--help"]) == 0
+        text = " ".join(capsys.readouterr().out.split())
+        assert "(default: None)" not in text and "(default: False)" not in text and "(default: [])" not in text
+        formatter = sub._get_formatter()
+        for action in sub._actions:
+            if action.help and action.help != "==SUPPRESS==":
+                help_text = formatter._expand_help(action)
+                assert len(re.findall(r"\bdefault:", help_text, re.I)) <= 1, (name, action.dest, help_text)
+                shown[name, action.dest] = help_text
+    assert shown["build", "trt_opt_level"].endswith("(default: 3)")
+    assert shown["build", "height"] == "largest height the engines serve (default: the model's)"
+    assert shown["run", "output"] == "mp4 path (default: out.mp4)"
+    assert shown["run", "seed"].endswith("(default: 0)")
+    assert shown["parity", "steps"].endswith("(default: 2)")

@@ -111,6 +111,33 @@ def test_stale_weights_are_refused_then_rebuilt(checkpoint, tmp_path):
         weights.write_bytes(original)
 
 
+def test_text_len_flag_sets_the_text_length_engines_serve(checkpoint, tmp_path, capsys):
+    engines = tmp_path / "engines"
+    build = ["build", "--model", str(checkpoint), "--backend", "ort", "--components", "text_encoder",
+             "--engines-dir", str(engines)]
+    assert main([*build, "--text-len", "8"]) == 0
+    profile = EngineManifest.read(engines / "text_encoder").profile
+    assert profile["min"]["S"] == profile["max"]["S"] == 8
+    # Loading those engines pads prompts to the 8 tokens they were built for.
+    pipe = WanPipeline.from_pretrained(str(checkpoint), engines_dir=str(engines), backend_for={
+        c: "eager" for c in ("dit_high_noise", "dit_low_noise", "vae_encoder", "vae_decoder")})
+    assert pipe.text_len == 8 and pipe.encode_prompt("a cat").shape[1] == 8
+    capsys.readouterr()
+    assert main([*build, "--text-len", "8"]) == 0 and "up to date" in capsys.readouterr().out
+    assert main(build) == 0 and "building" in capsys.readouterr().out  # the model's 16 is another engine
+    assert EngineManifest.read(engines / "text_encoder").profile["max"]["S"] == 16
+    assert main([*build, "--text-len", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "wan-rt build: error: the text length must be >= 1 token; got 0"
+
+
+def test_outside_profile_hint_names_what_to_do():
+    from wan_rt.runtime.graphs import outside_profile_hint
+
+    hint = outside_profile_hint("S", 32, 512, 512)
+    assert "max_sequence_length=512" in hint and "wan-rt build --text-len 32" in hint
+    assert "--frames" in outside_profile_hint("T", 30, 1, 21) and "--width" in outside_profile_hint("w", 2, 4, 8)
+
+
 def test_interrupted_build_leaves_nothing_that_loads(checkpoint, tmp_path, monkeypatch):
     from wan_rt.export import ort_build
 
@@ -166,6 +193,13 @@ def test_readme_main_job_on_a_fresh_engines_dir(tmp_path):
     build = subprocess.run(["wan-rt", "build"], cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert build.returncode == 0, build.stderr
     assert (tmp_path / "engines" / "engines.json").is_file()
+    # Built at the model's full size (the export traced a small example: graphs.example_sizes).
+    from wan_rt.config import get_spec
+    from wan_rt.runtime.graphs import shape_profile
+
+    spec = get_spec(SPEC)
+    full = shape_profile(spec, height=spec.height, width=spec.width, frames=spec.num_frames).max
+    assert EngineManifest.read(tmp_path / "engines" / "dit_high_noise").profile["max"] == full
     run = subprocess.run(["wan-rt", "run", "--steps", "2", "--output", "out.mp4"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import types
 
+import numpy as np
 import pytest
 import torch
 
@@ -21,8 +22,8 @@ from wan_rt.export.onnx_export import OnnxExportError, check_trt_compatible, exp
 from wan_rt.metrics import relative_error  # noqa: E402
 from wan_rt.export import ort_build  # noqa: E402
 from wan_rt.runtime.backends import get_backend  # noqa: E402
-from wan_rt.runtime.graphs import (components_of, graph_module, graph_names, graph_spec, sample_inputs,  # noqa: E402
-                                   shape_profile)
+from wan_rt.runtime.graphs import (components_of, example_sizes, graph_module, graph_names, graph_spec,  # noqa: E402
+                                   sample_inputs, shape_profile)
 
 ort_backend = get_backend("ort")
 SPEC_NAMES = ("tiny-t2v-A14B", "tiny-i2v-A14B", "tiny-ti2v-5B")
@@ -141,6 +142,80 @@ def test_runner_rejects_shapes_that_fit_no_sizes(built, engine_checks):
     inputs["cache_in_3"] = inputs["cache_in_3"][..., :1]  # width no longer the latent's
     with pytest.raises(ValueError, match="cache_in_3"):
         b.runners["vae_decoder", "step"](inputs)
+
+
+# ------------------------------------------------------------------------------ trace size
+def test_example_sizes_are_the_smallest_general_ones():
+    """What every export traces at: batch 2, every dynamic symbol >= 2 (DiT h, w: two patches),
+    distinct where the range leaves room, inside the profile; L consistent with T, h, w."""
+    spec = get_spec("t2v-A14B")
+    full = shape_profile(spec, height=720, width=1280, frames=81)
+    assert full.max == {"B": 2, "S": 512, "T": 21, "h": 90, "w": 160, "L": 75600}
+    assert example_sizes(full, {"h": 2, "w": 2}) == {"B": 2, "S": 512, "T": 3, "h": 8, "w": 10, "L": 3 * 4 * 5}
+    assert {k: v for k, v in example_sizes(full).items() if k != "L"} == {"B": 2, "S": 512, "T": 3, "h": 4, "w": 5}
+    # Ranges too narrow for distinct values (the tiny default: T <= 2, h, w <= 4) or for 2 (one frame).
+    tiny = get_spec("tiny-t2v-A14B")
+    narrow = shape_profile(tiny, height=32, width=32, frames=5)
+    assert example_sizes(narrow, {"h": 2, "w": 2}) == {"B": 2, "S": 16, "T": 2, "h": 4, "w": 4, "L": 8}
+    one_frame = shape_profile(spec, height=720, width=1280, frames=1)
+    assert example_sizes(one_frame, {"h": 2, "w": 2})["T"] == 1
+    for profile in (full, narrow, one_frame, shape_profile(tiny, height=48, width=64, frames=9)):
+        for multiples in ({}, {"h": 2, "w": 2}):
+            sizes = example_sizes(profile, multiples)
+            assert all(profile.min[k] <= v <= profile.max[k] for k, v in sizes.items() if k != "L" or multiples)
+            assert all(v >= 2 for k, v in sizes.items() if profile.max[k] >= 2 * multiples.get(k, 1))
+
+
+def test_export_traces_small_whatever_the_profile(built, tmp_path, engine_checks):
+    """A DiT graph built for 1280x720x81 (75,600 tokens a sample) is traced with one forward at
+    graphs.example_sizes, never at the profile's size; the engine then serves the profile."""
+    b = built("tiny-t2v-A14B")
+    full = shape_profile(b.spec, height=720, width=1280, frames=81)
+    module = graph_module("dit_high_noise", "main", b.models["dit_high_noise"])
+    traced = []
+
+    def spy(_module, args):
+        shape = tuple(int(n) for n in args[0].shape)  # (the tracer hands sizes over as tensors)
+        traced.append(shape)
+        assert np.prod(shape) < 10_000, f"the export ran a forward at latents {shape}"
+
+    handle = module.register_forward_pre_hook(spy)
+    try:
+        files = ort_build.build_graph(module, graph_spec(b.spec, "dit_high_noise", "main"), full, tmp_path,
+                                      compute_dtype=torch.float32, device=CPU)
+    finally:
+        handle.remove()
+    assert traced and set(traced) == {(2, 16, 3, 8, 10)}
+    runner = ort_backend.load_graph(tmp_path, graph_spec(b.spec, "dit_high_noise", "main"), files,
+                                    compute_dtype=torch.float32, device=CPU)
+    for batch, t, h, w in ((1, 2, 4, 4), (2, 5, 6, 12)):
+        err = engine_checks.compare_graph(b, "dit_high_noise", "main", engine_checks.grid_sizes(b, batch, t, h, w),
+                                          runner=runner)
+        assert err < TOL, f"B={batch} T={t} {h}x{w}: relative error {err:.2e}"
+
+
+def test_text_encoder_with_a_vocabulary_under_64_exports(tmp_path, engine_checks):
+    """sample_inputs draws ids below the graph's vocabulary (a 40-token umT5 used to fail export
+    with an IndexError inside torch)."""
+    import dataclasses
+
+    from wan_rt.models import hf_config
+    from wan_rt.models.text_encoder import TextEncoder, build_umt5_encoder
+
+    base = get_spec("tiny-t2v-A14B")
+    spec = dataclasses.replace(base, text_encoder=dataclasses.replace(base.text_encoder, vocab_size=40))
+    gspec = graph_spec(spec, "text_encoder")
+    assert gspec.vocab_size == 40
+    ids = sample_inputs(gspec, {"B": 2, "S": 64}, torch.float32)["input_ids"]
+    assert int(ids.min()) >= 0 and int(ids.max()) < 40 and len(ids.unique()) > 20
+    torch.manual_seed(0)
+    model = TextEncoder(build_umt5_encoder(hf_config.text_encoder_to_hf(spec.text_encoder)))
+    module = graph_module("text_encoder", "main", model)
+    profile = shape_profile(spec, height=spec.height, width=spec.width, frames=5)
+    files = ort_build.build_graph(module, gspec, profile, tmp_path, compute_dtype=torch.float32, device=CPU)
+    runner = ort_backend.load_graph(tmp_path, gspec, files, compute_dtype=torch.float32, device=CPU)
+    b = types.SimpleNamespace(spec=spec, models={"text_encoder": model}, runners={("text_encoder", "main"): runner})
+    assert engine_checks.compare_graph(b, "text_encoder", "main", {"B": 2, "S": 16}) < TOL
 
 
 # ------------------------------------------------------------------------------ external data

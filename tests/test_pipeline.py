@@ -28,7 +28,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_pipeline_matches_diffusers(case, diffusers_checkpoint):
+def test_pipeline_matches_diffusers(case, diffusers_checkpoint, prompt_ids_check):
     import diffusers
 
     spec_name, ref_class, with_image, expected_steps = CASES[case]
@@ -46,9 +46,13 @@ def test_pipeline_matches_diffusers(case, diffusers_checkpoint):
     frames = 5
     shape = (1, *latent_shape(spec, spec.height, spec.width, frames))
     latents = torch.randn(shape, generator=torch.Generator().manual_seed(7))
-    kwargs = dict(prompt="a fox running in the snow", negative_prompt="blurry dark", height=spec.height,
+    # Prompt and negative prompt of one word count: only a working tokenizer tells them apart.
+    kwargs = dict(prompt="a fox running in the snow", negative_prompt="a dark misty night in rain", height=spec.height,
                   width=spec.width, num_frames=frames, num_inference_steps=4, guidance_scale=4.0,
                   max_sequence_length=16, output_type="np")
+    # Both sides share the checkpoint's tokenizer: hold it to its sentencepiece source.
+    prompt_ids_check(ours.tokenizer, folder.parent / "_tok" / "spiece.model",
+                     [kwargs["prompt"], kwargs["negative_prompt"]], 16)
     if len(spec.stages) > 1:
         kwargs["guidance_scale_2"] = 3.0
     if with_image:
@@ -146,11 +150,15 @@ def test_guidance_mapping_and_no_cfg_at_scale_one():
     assert len(calls) == 3  # no unconditional pass when guidance is off
 
 
-def test_batched_cfg_equals_sequential_cfg(diffusers_checkpoint):
-    pipe = WanPipeline.from_pretrained(str(diffusers_checkpoint("tiny-t2v-A14B")), dtype=torch.float32)
+def test_batched_cfg_equals_sequential_cfg(diffusers_checkpoint, prompt_ids_check):
+    folder = diffusers_checkpoint("tiny-t2v-A14B")
+    pipe = WanPipeline.from_pretrained(str(folder), dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     latents = torch.randn(1, 16, 2, 4, 4, generator=torch.Generator().manual_seed(3))
-    kwargs = dict(prompt="a fox", negative_prompt="blur", num_frames=5, num_inference_steps=3, output_type="latent")
+    kwargs = dict(prompt="a fox", negative_prompt="dark blur", num_frames=5, num_inference_steps=3,
+                  output_type="latent")
+    # cond and uncond must differ for the batch order to matter: different ids at one word count.
+    prompt_ids_check(pipe.tokenizer, folder.parent / "_tok" / "spiece.model", ["a fox", "dark blur"], 16)
     batched = pipe(latents=latents.clone(), **kwargs).frames
     pipe.cfg_batch = False
     sequential = pipe(latents=latents.clone(), **kwargs).frames
@@ -207,3 +215,25 @@ def test_interrupt_stops_at_the_next_step_and_the_pipeline_runs_again():
     calls.clear()
     out = pipe("a cat", num_inference_steps=8, output_type="latent", max_sequence_length=8)
     assert len(calls) == 8 and out.frames.shape[0] == 1  # interrupt is cleared by the next call
+
+
+def test_prompts_are_padded_to_the_text_length_the_components_serve():
+    """Engines built with `wan-rt build --text-len N` serve only N tokens: the pipeline pads to N."""
+    seen = []
+
+    class _FixedText(_FakeText):
+        text_len = 6
+
+        def __call__(self, *, input_ids, attention_mask):
+            seen.append(input_ids.shape[1])
+            return super().__call__(input_ids=input_ids, attention_mask=attention_mask)
+
+    pipe = _fake_pipeline([])
+    assert pipe.text_len == pipe.spec.dit.text_len
+    pipe.components["text_encoder"] = _FixedText()
+    pipe = type(pipe)(pipe.spec, pipe.components, pipe.tokenizer, pipe.defaults)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.text_len == 6
+    pipe("a cat", num_inference_steps=2, output_type="latent")
+    pipe("a cat", num_inference_steps=2, output_type="latent", max_sequence_length=9)
+    assert seen == [6, 6, 9, 9]  # prompt + negative prompt per call; a call's own length wins

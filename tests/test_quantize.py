@@ -374,6 +374,41 @@ def test_quantized_tiny_dit_runs_in_onnxruntime_with_small_real_error(tiny, tmp_
     assert 1e-4 < min(errors) and max(errors) < 0.1, errors
 
 
+# ------------------------------------------------------------------------------------ calibration size
+def test_calibration_size_is_small_and_valid():
+    from wan_rt.config import get_spec
+    from wan_rt.export.calibrate import calibration_size
+    from wan_rt.config import check_request
+
+    cases = {("t2v-A14B", 720, 1280, 81): (144, 256, 17), ("ti2v-5B", 704, 1280, 121): (128, 256, 17),
+             ("t2v-A14B", 1280, 720, 5): (256, 144, 5), (SPEC, 32, 32, 5): (32, 32, 5)}  # tiny: unchanged
+    for (name, height, width, frames), want in cases.items():
+        spec = get_spec(name)
+        assert calibration_size(spec, height, width, frames) == want
+        check_request(spec, *want, 1)
+
+
+def test_a_quantized_build_calibrates_at_the_small_size(monkeypatch, tmp_path):
+    """`wan-rt build --precision fp8` at 1280x720x81 records its trajectory at 256x144x17."""
+    import wan_rt.export.calibrate as calibrate
+    from wan_rt.build import build_engines
+
+    class Recorded(Exception):
+        pass
+
+    seen = {}
+
+    def record(model, **kwargs):
+        seen.update(kwargs)
+        raise Recorded  # what follows is the tested fp8 build
+
+    monkeypatch.setattr(calibrate, "record_trajectory", record)
+    with pytest.raises(Recorded):
+        build_engines(SPEC, "ort", tmp_path / "engines", precision="fp8", height=720, width=1280, frames=81,
+                      components=["dit_high_noise"], log=lambda s: None)
+    assert (seen["height"], seen["width"], seen["frames"]) == (144, 256, 17)
+
+
 # ------------------------------------------------------------------------------------ end to end
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["int8", "fp8"])

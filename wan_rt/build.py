@@ -43,6 +43,8 @@ def best_backend() -> str:
 
 
 def default_precision(backend: str, device: torch.device) -> str:
+    if backend == "trt":  # built for a GPU even where it is built without one
+        return "bf16"
     if device.type != "cuda":
         return "fp32"
     return "fp16" if backend == "ort" else "bf16"
@@ -50,7 +52,7 @@ def default_precision(backend: str, device: torch.device) -> str:
 
 def build_engines(model: str, backend: str, engines_dir: Path, *, precision: Optional[str] = None,
                   height: Optional[int] = None, width: Optional[int] = None, frames: Optional[int] = None,
-                  components: Optional[list[str]] = None, force: bool = False,
+                  text_len: Optional[int] = None, components: Optional[list[str]] = None, force: bool = False,
                   device: Optional[str] = None, log: Callable[[str], None] = print,
                   quant_config: Optional["QuantConfig"] = None,
                   trt_config: Optional["BuildConfig"] = None, quick_compile: bool = False,
@@ -68,9 +70,11 @@ def build_engines(model: str, backend: str, engines_dir: Path, *, precision: Opt
     `step_cache` builds each DiT step as the four graphs a step cache drives (graphs.DIT_LAYOUTS
     "split") instead of one `main` graph."""
     backend_mod, builder = get_backend(backend), get_builder(backend)
-    if not backend_mod.is_available():
-        why = getattr(backend_mod, "unavailable_reason", lambda: "its libraries are not installed")()
-        raise ValueError(f"backend {backend!r} is not available on this machine: {why}")
+    # Building may need less than running (TensorRT for RTX builds with no GPU): ask for building.
+    if not getattr(backend_mod, "can_build", backend_mod.is_available)():
+        why = getattr(backend_mod, "build_unavailable_reason",
+                      getattr(backend_mod, "unavailable_reason", lambda: "its libraries are not installed"))()
+        raise ValueError(f"backend {backend!r} cannot build on this machine: {why}")
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = precision or default_precision(backend, dev)
     if precision not in PRECISIONS:
@@ -93,7 +97,7 @@ def build_engines(model: str, backend: str, engines_dir: Path, *, precision: Opt
     height, width = height or spec.height, width or spec.width
     frames = frames or spec.num_frames
     check_request(spec, height, width, frames, 1)
-    profile = shape_profile(spec, height=height, width=width, frames=frames)
+    profile = shape_profile(spec, height=height, width=width, frames=frames, text_len=text_len)
     wanted = components or list(components_of(spec))
     unknown = [c for c in wanted if c not in components_of(spec)]
     if unknown:
@@ -108,6 +112,12 @@ def build_engines(model: str, backend: str, engines_dir: Path, *, precision: Opt
     if step_cache and precision in QUANTIZED_PRECISIONS and backend != "aoti":
         raise ValueError(f"--step-cache with {precision} Q/DQ engines is not supported (the Q/DQ plan is made for the "
                          "one-graph step); use fp32/bf16, or --backend aoti --precision fp8")
+    if backend == "trt":  # targets resolved and checked against the precision before anything is written
+        from wan_rt.export.trt_build import BuildConfig
+
+        quantized_dits = [c for c in wanted if c in spec.dit_components and precision in QUANTIZED_PRECISIONS]
+        trt_config = (trt_config or BuildConfig()).for_build(
+            precision, {c: component_dtype(c, precision, backend, dev) for c in wanted}, quantized_dits)
     model_id = model if not Path(model).exists() else str(Path(model).resolve())
     engines_dir = Path(engines_dir)
     engines_dir.mkdir(parents=True, exist_ok=True)
@@ -121,11 +131,6 @@ def build_engines(model: str, backend: str, engines_dir: Path, *, precision: Opt
         quant_config = quant_config or QuantConfig(precision)
         if quant_config.precision != precision:
             raise ValueError(f"quant_config is for {quant_config.precision}, the build for {precision}")
-    if backend == "trt":
-        from wan_rt.export.trt_build import BuildConfig
-
-        trt_config = trt_config or BuildConfig()
-
     built = []
     calibration: Optional[dict] = None
     for name in wanted:
@@ -143,7 +148,7 @@ def build_engines(model: str, backend: str, engines_dir: Path, *, precision: Opt
         options: dict = {}
         if trt_config is not None and backend == "trt":
             want.build_args.update(trt_config.manifest_args())
-            options.update(config=trt_config, timing_cache=engines_dir / "timing.cache")
+            options.update(config=trt_config, timing_cache=engines_dir / "timing.cache", log=log)
         if backend == "aoti":
             want.build_args["quick_compile"] = quick_compile
             options["fast"] = quick_compile
@@ -204,15 +209,15 @@ def _weights_only_change(folder: Path, want: EngineManifest, backend_mod) -> Opt
 def _calibrate(resolved: ResolvedCheckpoint, model: str, wanted: list[str], config: "QuantConfig",
                size: tuple[int, int, int], device: torch.device, log: Callable[[str], None]) -> dict:
     """Activation statistics of every expert to build, from the fp32 eager pipeline's own
-    denoising trajectory at the build's size (export/calibrate.py)."""
-    from wan_rt.export.calibrate import calibrate_experts, record_trajectory
+    denoising trajectory at a small size (export/calibrate.py: calibration_size)."""
+    from wan_rt.export.calibrate import calibrate_experts, calibration_size, record_trajectory
 
     dits = [c for c in wanted if c in resolved.spec.dit_components]
     steps = min(config.calib_steps, resolved.spec.sample_steps)
     log(f"  calibrating {', '.join(dits)}: {len(config.calib_prompts)} prompts x {steps} steps of the fp32 "
         "eager pipeline ...")
     start = time.perf_counter()
-    height, width, frames = size
+    height, width, frames = calibration_size(resolved.spec, *size)
     trajectory = record_trajectory(model, prompts=config.calib_prompts, steps=steps, height=height, width=width,
                                    frames=frames, device=device)
     stats = calibrate_experts(resolved, trajectory, dits, device, log)

@@ -215,7 +215,8 @@ class WanPipeline(Pipeline):
                                                   dtype=dtype, backend_for=backend_for, rebuild=rebuild,
                                                   kernels=kernels, parallel=parallel, loras=lora_pairs(plan),
                                                   placement=placement)
-        pipe = cls(resolved.spec, components, load_tokenizer(resolved.files.tokenizer), resolved.defaults, dev)
+        tokenizer = load_tokenizer(resolved.files.tokenizer, resolved.spec.text_encoder.vocab_size)  # warns if degenerate
+        pipe = cls(resolved.spec, components, tokenizer, resolved.defaults, dev)
         pipe.apply_lora_plan(plan, lora_mode)
         if memory is not None:
             pipe.apply_memory_plan(memory)

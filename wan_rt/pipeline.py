@@ -79,6 +79,11 @@ class Pipeline:
         # (GenerationInterrupted); cleared when a call starts.
         self.interrupt = False
         self.num_timesteps = 0  # steps of the current (or last) call, as diffusers exposes it
+        # Prompts are padded to this many tokens unless a call says otherwise: the model's own
+        # length, or the one its engines were built for (components built for a fixed text
+        # length say so in `text_len`: `wan-rt build --text-len`).
+        served = {int(c.text_len) for c in self.components.values() if getattr(c, "text_len", None)}
+        self.text_len = min(served) if served else spec.dit.text_len
 
     def set_progress_bar_config(self, disable: bool = False) -> None:
         self.progress = not disable
@@ -86,7 +91,7 @@ class Pipeline:
     # ------------------------------------------------------------------ text
     def encode_prompt(self, prompts: Union[str, list[str]], max_sequence_length: Optional[int] = None) -> Tensor:
         """-> context [B, max_sequence_length, D], zero past each prompt's true length."""
-        max_sequence_length = max_sequence_length or self.spec.dit.text_len
+        max_sequence_length = max_sequence_length or self.text_len
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         input_ids, mask = tokenize(self.tokenizer, prompts, max_sequence_length)
         return self.components["text_encoder"](input_ids=input_ids, attention_mask=mask)["context"]
@@ -136,7 +141,7 @@ class Pipeline:
             raise ValueError(f"output_type must be one of np, pt, pil, latent; got {output_type!r}")
         guide = self._guide_scales(guidance_scale, guidance_scale_2)
         # The text length the DiT was trained with (512; 16 for tiny presets) unless asked otherwise.
-        max_sequence_length = max_sequence_length or spec.dit.text_len
+        max_sequence_length = max_sequence_length or self.text_len
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         batch = len(prompts)
         if negative_prompt is None:

@@ -22,7 +22,7 @@ from wan_rt.config import ModelSpec, get_spec, spec_hash
 from wan_rt.models import hf_config
 
 # Bump when the on-disk format of a tiny preset changes, so stale caches are regenerated.
-_FORMAT = 1
+_FORMAT = 2  # 2: the tokenizer converted from spiece.model faithfully
 _WORDS = (
     "a the of in on at with and under over near by cat dog bird fish horse fox astronaut robot girl boy "
     "woman man child dancer surfer chef knight dragon car train boat ship plane bicycle city forest beach "
@@ -150,9 +150,11 @@ def _write_tokenizer(folder: Path, vocab_size: int) -> None:
         num_threads=1, minloglevel=2,
     )
     folder.mkdir(parents=True)
-    spm_path = folder / "spiece.model"
-    spm_path.write_bytes(model.getvalue())
-    T5Tokenizer(vocab_file=str(spm_path), extra_ids=0).save_pretrained(folder)
+    (folder / "spiece.model").write_bytes(model.getvalue())
+    # from_pretrained on the folder converts spiece.model faithfully (its pieces and scores, pad 0,
+    # EOS 1, unk 2). `T5Tokenizer(vocab_file=...)` does not on transformers 5: it builds a
+    # 4-token vocabulary that maps every word to the same two ids.
+    T5Tokenizer.from_pretrained(str(folder), extra_ids=0).save_pretrained(folder)
 
 
 def _contiguous(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

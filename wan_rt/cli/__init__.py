@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
 from typing import Optional, Sequence
 
@@ -18,19 +19,43 @@ class UsageError(Exception):
     """A bad argument or input: printed as one line, exit code 2, no traceback (WAN_RT_DEBUG=1 shows it)."""
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" to an option's help only where it tells something: not after a help
+    that states its own default ("default: the model's"), nor for None / False / [] (values the
+    code works out, flags off, nothing repeated)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if default is None or default is False or default == [] or re.search(r"\bdefault:", text, re.I):
+            return text
+        return super()._get_help_string(action) or text
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad argument is one line (no usage dump) and exit code 2."""
+    """argparse, but a bad argument is one line (no usage dump) and exit code 2; option help
+    through HelpFormatter."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def build_parser() -> tuple[argparse.ArgumentParser, dict]:
+    """The `wan-rt` parser and its subcommand modules by name."""
     parser = _Parser(prog="wan-rt", description="Run Wan 2.2 video models from compiled engines.")
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     modules = {name: importlib.import_module(f"wan_rt.cli.{name}") for name in SUBCOMMANDS}
     for module in modules.values():
         module.add_parser(subparsers)
+    return parser, modules
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser, modules = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = parser.parse_args(argv)

@@ -21,8 +21,7 @@ def built_default_engines() -> str | None:
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("build", help="export components and build engines",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = subparsers.add_parser("build", help="export components and build engines")
     p.add_argument("--model", default=DEFAULT_SPEC,
                    help="checkpoint folder (diffusers or official layout) or preset name")
     p.add_argument("--backend", default=None, choices=["ort", "aoti", "trt"],
@@ -34,8 +33,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--height", type=int, default=None, help="largest height the engines serve (default: the model's)")
     p.add_argument("--width", type=int, default=None, help="largest width (default: the model's)")
     p.add_argument("--frames", type=int, default=None, help="largest frame count, 4k+1 (default: the model's)")
-    p.add_argument("--components", default=None, help="comma-separated subset, e.g. dit_high_noise,vae_decoder")
-    p.add_argument("--engines-dir", default=DEFAULT_ENGINES_DIR)
+    p.add_argument("--text-len", type=int, default=None,
+                   help="text tokens the engines serve: prompts are padded to this length (max_sequence_length; "
+                        "default: the model's, 512)")
+    p.add_argument("--components", default=None,
+                   help="comma-separated subset, e.g. dit_high_noise,vae_decoder (default: all of the model's)")
+    p.add_argument("--engines-dir", default=DEFAULT_ENGINES_DIR, help="where the engines go")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     p.add_argument("--force", action="store_true", help="rebuild even if the manifests verify")
     p.add_argument("--quick-compile", action="store_true",
@@ -47,6 +50,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--attention", default="exact", choices=["exact", "int8"],
                    help="aoti: int8 q·kᵀ in self-attention (SageAttention-style; needs the Triton kernels)")
     p.add_argument("--fp8-attention", action="store_true", help="fp8: quantize the attention matmuls too")
+    p.add_argument("--trt-targets", default=None,
+                   help="TensorRT: compute capabilities to build for, e.g. sm89,sm120 (TensorRT for RTX: RTX GPUs, "
+                        "built with or without a GPU; required without one). Default: the GPU present")
     p.add_argument("--trt-opt-level", type=int, default=3, help="TensorRT builder optimization level (0-5)")
     p.add_argument("--refittable", action="store_true", help="TensorRT: engines whose weights can be refitted")
     p.add_argument("--weight-streaming", action="store_true",
@@ -87,11 +93,15 @@ def run(args: argparse.Namespace) -> int:
         quant_config = QuantConfig("fp8", fp8_attention=True)
     if backend == "trt":
         from wan_rt.export.trt_build import BuildConfig
+        from wan_rt.runtime.backends.trt_lib import parse_targets
 
-        trt_config = BuildConfig(opt_level=args.trt_opt_level, refittable=args.refittable,
+        trt_config = BuildConfig(targets=parse_targets(args.trt_targets) if args.trt_targets else (),
+                                 opt_level=args.trt_opt_level, refittable=args.refittable,
                                  weight_streaming=args.weight_streaming)
+    elif args.trt_targets:
+        raise ValueError(f"--trt-targets is a TensorRT option; the {backend} backend has no such mode")
     manifests = build_engines(args.model, backend, args.engines_dir, precision=args.precision,
-                              height=args.height, width=args.width, frames=args.frames,
+                              height=args.height, width=args.width, frames=args.frames, text_len=args.text_len,
                               components=components, force=args.force, device=args.device,
                               quant_config=quant_config, trt_config=trt_config, quick_compile=args.quick_compile,
                               kernels=args.kernels, attention=args.attention, loras=lora_pairs(loras),

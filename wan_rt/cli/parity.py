@@ -9,14 +9,13 @@ from wan_rt.cli.build import DEFAULT_ENGINES_DIR
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("parity", help="compare engines with the eager oracle",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--engines-dir", default=DEFAULT_ENGINES_DIR)
+    p = subparsers.add_parser("parity", help="compare engines with the eager oracle")
+    p.add_argument("--engines-dir", default=DEFAULT_ENGINES_DIR, help="the engines to check")
     p.add_argument("--model", default=None, help="default: the model the engines were built from")
     p.add_argument("--steps", type=int, default=2,
                    help="steps of the end-to-end check (0 skips it; fp8/int8 engines: their quality report "
                         "runs the model's default steps)")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -17,7 +17,7 @@ DEFAULT_PROMPT = "a red fox running through fresh snow at sunrise, cinematic, de
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("run", help="generate a video", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = subparsers.add_parser("run", help="generate a video")
     p.add_argument("--model", default=None,
                    help="checkpoint folder (diffusers or official Wan2.2 layout) or preset name; default: the "
                         f"model of --engines-dir, else ./engines if built, else {DEFAULT_SPEC}")
@@ -27,7 +27,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--backend-for", action="append", default=[], metavar="COMPONENT=eager",
                    help="run one component on eager instead of its engine (repeatable)")
     p.add_argument("--rebuild", action="store_true", help="rebuild stale engines instead of refusing them")
-    p.add_argument("--prompt", default=DEFAULT_PROMPT)
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="what to generate")
     p.add_argument("--negative-prompt", default=None, help="default: the checkpoint's own default")
     p.add_argument("--image", default=None, help="first frame for image-to-video (i2v, ti2v)")
     p.add_argument("--height", type=int, default=None, help="default: the model's")
@@ -40,11 +40,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("--switch-step", type=int, default=None,
                    help="hand over to the low-noise expert at this step index (a distilled A14B model's "
                         "boundary_step_index, e.g. 2), not at the boundary timestep")
-    p.add_argument("--guidance", type=float, default=None, help="CFG scale of the high-noise expert (or the only DiT)")
-    p.add_argument("--guidance-2", type=float, default=None, help="CFG scale of the low-noise expert")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="CFG scale of the high-noise expert (or the only DiT); default: the model's")
+    p.add_argument("--guidance-2", type=float, default=None,
+                   help="CFG scale of the low-noise expert; default: the model's")
     p.add_argument("--shift", type=float, default=None, help="flow shift; default: the checkpoint's")
-    p.add_argument("--solver", default=None, choices=["unipc", "dpm++", "euler"])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--solver", default=None, choices=["unipc", "dpm++", "euler"], help="default: the checkpoint's")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
                    help="eager DiT dtype (default: bf16 on GPU, fp32 on CPU)")
@@ -196,7 +198,8 @@ def _generate(args: argparse.Namespace, spec, request: _Request, device, plan, r
                                                 backend_for=request.pinned, rebuild=args.rebuild, kernels=args.kernels,
                                                 parallel=plan, loras=lora_pairs(request.loras),
                                                 placement=memory_placement(spec, request.memory, request.on_cpu))
-    pipe = WanPipeline(spec, components, load_tokenizer(resolved.files.tokenizer), resolved.defaults, device)
+    tokenizer = load_tokenizer(resolved.files.tokenizer, spec.text_encoder.vocab_size)  # warns if degenerate
+    pipe = WanPipeline(spec, components, tokenizer, resolved.defaults, device)
     pipe.set_progress_bar_config(disable=rank != 0)
     pipe.apply_lora_plan(request.loras, args.lora_mode)
     if request.memory is not None:

@@ -14,8 +14,7 @@ DEFAULT_DATA_DIR = "serve-data"
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("serve", help="serve the OpenAI-compatible video API and web page",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = subparsers.add_parser("serve", help="serve the OpenAI-compatible video API and web page")
     p.add_argument("--model", default=None,
                    help="checkpoint folder or preset name; default: the model of --engines-dir, else ./engines "
                         "if built, else the embedded tiny preset")

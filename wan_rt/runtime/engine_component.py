@@ -130,6 +130,7 @@ class DiTComponent:
         self.compute_dtype, self.device = compute_dtype, torch.device(device)
         self.factory, self._nbytes, self.files = factory, nbytes, list(files)
         self.text_kv = TextKVCache(self._encode_text)
+        self._weights_out = False  # weights unloaded by unload(), engines kept
 
     @property
     def nbytes(self) -> int:
@@ -149,15 +150,37 @@ class DiTComponent:
     def _encode_text(self, context: Tensor) -> Tensor:
         return self.run_graph("text", context=context)["text_kv"]
 
+    # Residency (runtime/residency.py). Runners that can drop their weights (TensorRT for RTX:
+    # TrtRunner.swaps_weights) keep their engines, contexts and compiled kernels, and only the
+    # weights leave and return; other runners are dropped and made again by the factory.
+    def _weight_swapping(self) -> list:
+        runners = list((self.runners or {}).values())
+        return runners if runners and all(getattr(r, "swaps_weights", False) for r in runners) else []
+
     def stage(self) -> None:
-        GraphComponent.stage(self)  # type: ignore[arg-type]  (reads self.files the same way)
+        swapping = self._weight_swapping()
+        if swapping:
+            for r in swapping:
+                r.stage_weights()
+        else:
+            GraphComponent.stage(self)  # type: ignore[arg-type]  (reads self.files the same way)
 
     def load(self) -> None:
         if self.runners is None and self.factory is not None:
             self.runners = self.factory()
+        elif self._weights_out:
+            for r in self._weight_swapping():
+                r.load_weights()
+            self._weights_out = False
 
     def unload(self) -> None:
-        if self.factory is not None:
+        swapping = self._weight_swapping()
+        if swapping and not self._weights_out:
+            for r in swapping:
+                r.unload_weights()
+            self._weights_out = True
+            self.text_kv.clear()
+        elif self.factory is not None and not swapping:
             self.runners = None
             self.text_kv.clear()
 

@@ -40,6 +40,8 @@ def load_engine_components(engines_dir: Path, resolved: ResolvedCheckpoint, devi
     for name in names if names is not None else components_of(resolved.spec):
         manifest = verify(engines_dir / name, resolved, index["model"], backend_mod, (loras or {}).get(name, ()))
         components[name] = _component(engines_dir / name, manifest, resolved, backend_mod, device)
+        if "S" in manifest.profile["max"]:  # the text length the engine was built for (--text-len)
+            components[name].text_len = manifest.profile["max"]["S"]
     return components
 
 

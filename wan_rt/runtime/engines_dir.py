@@ -280,6 +280,11 @@ def verify(folder: Path, resolved: ResolvedCheckpoint, model: str, backend_mod, 
                    f"{lora_args(loras) or 'none'})")
             fix = fix.replace("`wan-rt build", "`wan-rt build --lora/--lora-2 ...")
         raise StaleEngineError(f"engine for {name} is stale: {why} since it was built ({diff}); {fix}")
+    # What this machine lacks to run it (a GPU among a TensorRT plan's targets): rebuilding here
+    # would not help, so no rebuild hint.
+    refusal = getattr(backend_mod, "run_refusal", lambda _m: None)(have)
+    if refusal:
+        raise StaleEngineError(f"engine for {name} cannot run here: {refusal}")
     mismatch = version_mismatch(have, backend_mod)
     if mismatch:
         raise StaleEngineError(f"engine for {name} cannot run here: {mismatch}; {fix}")

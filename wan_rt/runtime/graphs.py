@@ -41,6 +41,7 @@ class GraphSpec:
     graph: str                 # "main" | "first" | "step"
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    vocab_size: int | None = None  # token ids (text_encoder's input_ids) lie in [0, vocab_size)
 
     @property
     def input_names(self) -> list[str]:
@@ -142,7 +143,8 @@ def graph_spec(spec: ModelSpec, component: str, graph: str = "main") -> GraphSpe
     if component == "text_encoder":
         return GraphSpec(component, graph,
                          (TensorSpec("input_ids", "int64", ("B", "S")), TensorSpec("attention_mask", "int64", ("B", "S"))),
-                         (TensorSpec("context", "compute", ("B", "S", spec.text_encoder.d_model)),))
+                         (TensorSpec("context", "compute", ("B", "S", spec.text_encoder.d_model)),),
+                         vocab_size=spec.text_encoder.vocab_size)
     if component in spec.dit_components:
         d = spec.dit
         text_kv = TensorSpec("text_kv", "compute", (d.num_layers, 2, "B", "S", d.dim))
@@ -213,9 +215,11 @@ def shape_profile(spec: ModelSpec, *, height: int, width: int, frames: int, text
                   max_batch: int = 2) -> ShapeProfile:
     """Profile whose opt and max are the requested video size; min is the smallest valid one
     (one latent frame, one DiT patch per axis) unless given. `S` is fixed at the text length
-    the pipeline pads to (max_sequence_length, 512 by default)."""
+    the pipeline pads to (max_sequence_length: `text_len`, default the model's, 512)."""
     st, sh, sw = spec.vae.stride
     _, ph, pw = spec.dit.patch_size
+    if text_len is not None and text_len < 1:
+        raise ValueError(f"the text length must be >= 1 token; got {text_len}")
     s = text_len or spec.dit.text_len
 
     def sizes(h: int, w: int, f: int, b: int) -> dict[str, int]:
@@ -228,15 +232,75 @@ def shape_profile(spec: ModelSpec, *, height: int, width: int, frames: int, text
                         opt=sizes(height, width, frames, 1), max=sizes(height, width, frames, max_batch))
 
 
+# The `wan-rt build` flag that sets each symbol's range (shape_profile's arguments).
+BUILD_FLAGS = {"S": "--text-len", "T": "--frames", "h": "--height", "w": "--width",
+               "L": "--height/--width/--frames"}
+
+
+def outside_profile_hint(sym: str, n: int, lo: int, hi: int) -> str:
+    """What to do about a size an engine was not built for: the `wan-rt build` flag to change,
+    or for the text length (fixed at build time) the padding the engine serves."""
+    if sym == "S":
+        return (f"the text length is fixed when engines are built: pad prompts to {hi} tokens "
+                f"(max_sequence_length={hi}), or rebuild with `wan-rt build --text-len {n}`")
+    if sym == "B":
+        return "engines serve batches of 1 or 2 (a prompt and its negative)"
+    return f"rebuild for this size (`wan-rt build {BUILD_FLAGS.get(sym, '--height/--width/--frames')}`)"
+
+
+def example_sizes(profile: ShapeProfile, multiples: Mapping[str, int] | None = None) -> dict[str, int]:
+    """The sizes an export traces at: the smallest the profile allows, so that the one forward a
+    trace runs is cheap (the profile's max is a 720p forward of a 14B expert), but no smaller
+    than what keeps every dynamic dim general:
+    * every symbol with min < max is at least 2 (batch 2: CFG's): torch.export specialises a
+      size-1 example to a constant, and a trace at 1 cannot tell a dim from a broadcast one;
+    * a symbol in `multiples` (a DiT step graph's latent h, w: `patch_multiples`) is a multiple
+      of it, with at least two patches (one token per axis pins the axis in torch.export);
+    * the symbols' values (of h, w: the patch counts, what torch.export makes symbols of) are
+      pairwise different where the ranges leave room, and different from the static ones (the
+      text length S): equal example sizes let a trace relate dims that are unrelated;
+    * L (TI2V's per-token timestep length) is T * (h / patch) * (w / patch) at those sizes.
+    Static symbols (min == max) keep their value; a range too narrow for a distinct value takes
+    its smallest general one. The profile itself (min / opt / max) is what the builders serve."""
+    multiples = dict(multiples or {})
+    sizes = {s: n for s, n in profile.max.items() if profile.min[s] == n}
+    taken = {n // multiples.get(s, 1) for s, n in sizes.items()}
+    for sym in ("B", *(s for s in profile.max if s not in ("B", "L"))):
+        if sym not in profile.max or sym in sizes:
+            continue
+        k = multiples.get(sym, 1)
+        lo, hi = max(-(-profile.min[sym] // k), 2), profile.max[sym] // k  # in multiples of k
+        if lo > hi:  # the range holds no general value (e.g. max 1): its largest one
+            lo = hi = max(profile.max[sym] // k, 1)
+        base = next((n for n in range(lo, hi + 1) if n not in taken), lo)
+        taken.add(base)
+        sizes[sym] = base * k
+    if "L" in profile.max and "L" not in sizes:
+        sizes["L"] = sizes["T"] * (sizes["h"] // multiples.get("h", 1)) * (sizes["w"] // multiples.get("w", 1))
+    return sizes
+
+
+def patch_multiples(module: nn.Module) -> dict[str, int]:
+    """Symbols whose every value is a multiple of a factor the graph relies on: a DiT graph
+    (graph_module's `dit`) splits the latent h, w into patches (h = patch * tokens). torch.export
+    must be told (h = 2 * Dim), or the reshape's `h % 2 == 0` guard cannot be stated on a Dim."""
+    cfg = getattr(getattr(module, "dit", None), "config", None)
+    if cfg is None or not hasattr(cfg, "patch_size"):
+        return {}
+    _, ph, pw = cfg.patch_size
+    return {"h": ph, "w": pw}
+
+
 def sample_inputs(gspec: GraphSpec, sizes: dict[str, int], compute_dtype: torch.dtype,
                   device: torch.device | str = "cpu", seed: int = 0) -> dict[str, Tensor]:
-    """Random inputs of the given sizes (ids in a small vocabulary, a ones mask, t in [0, 1000))."""
+    """Random inputs of the given sizes (ids below the graph's vocabulary, at most 64 distinct;
+    a ones mask; t in [0, 1000))."""
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for t in gspec.inputs:
         shape = tuple(resolve_dim(d, sizes) for d in t.dims)
         if t.name == "input_ids":
-            value = torch.randint(0, 64, shape, generator=gen)
+            value = torch.randint(0, min(64, gspec.vocab_size or 64), shape, generator=gen)
         elif t.name == "attention_mask":
             value = torch.ones(shape, dtype=torch.int64)
         elif t.name == "timestep":

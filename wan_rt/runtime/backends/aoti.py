@@ -28,7 +28,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from wan_rt.runtime.graphs import GraphSpec, engine_inputs, read_sizes
+from wan_rt.runtime.graphs import GraphSpec, engine_inputs, outside_profile_hint, read_sizes
 
 NAME = "aoti"
 FILE_SUFFIX = ".pt2"
@@ -163,8 +163,9 @@ class AotiRunner:
         sizes = read_sizes(self.gspec, inputs)
         for sym, n in sizes.items():
             if not self.min[sym] <= n <= self.max[sym]:
+                lo, hi = self.min[sym], self.max[sym]
                 raise ValueError(f"{self.where}: {sym} = {n} is outside the range this package was compiled "
-                                 f"for [{self.min[sym]}, {self.max[sym]}]; rebuild for this size")
+                                 f"for [{lo}, {hi}]; {outside_profile_hint(sym, n, lo, hi)}")
         return sizes
 
     def __call__(self, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:

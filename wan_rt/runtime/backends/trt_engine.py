@@ -1,23 +1,32 @@
 """TensorRT runtime: deserialized engines behind the GraphRunner contract.
 
-**This module has never run with TensorRT**: no machine this project has had can install it.
-It is type-checked with mypy against tensorrt-stubs 10.13, and its bookkeeping (shared memory,
-binding, shape slots, profile errors) is exercised on the CPU with a stand-in engine
-(tests/test_trt.py); the real path is tests/test_trt.py::test_real_tensorrt_engine, skipped here.
+**Never executed**: no machine this project has had could run a plan (TensorRT for RTX needs an
+RTX GPU; the only GPUs lent were H100/H200, SM90, which it does not target, and they have no
+TensorRT). It is type-checked with mypy against the installed tensorrt_rtx (and tensorrt-stubs),
+and its bookkeeping (shared memory, binding, shape slots, profile errors, weight swapping, the
+runtime cache) is exercised on the CPU with stand-in engines (tests/test_trt.py); the real path
+is tests/test_trt_build.py::test_built_engines_match_eager, skipped without an RTX GPU.
 
 Design (TensorRT demoDiffusion's Engine class, minus its copies of shape logic):
-* **one execution context per engine**, created with ExecutionContextAllocationStrategy.USER_MANAGED
-  and pointed at **one device-memory block per GPU** (`SharedDeviceMemory`) for activations,
-  sized by the largest `device_memory_size_v2` of the engines loaded. Experts (and every other
-  graph) run one after another on one stream, so their scratch never overlaps in time; with two
-  A14B experts this halves activation memory. When a newly loaded engine needs more, the block
-  is reallocated and every context rebinds before its next run;
+* **one execution context per engine**, made from an IRuntimeConfig with the USER_MANAGED
+  allocation strategy and pointed at **one device-memory block per GPU** (`SharedDeviceMemory`)
+  for activations, sized by the largest `device_memory_size_v2` of the engines loaded. Experts
+  (and every other graph) run one after another on one stream, so their scratch never overlaps
+  in time; with two A14B experts this halves activation memory. When a newly loaded engine needs
+  more, the block is reallocated and every context rebinds before its next run;
+* **runtime cache** (TensorRT for RTX, trt_lib.RuntimeCache): kernels compiled when a shape first
+  runs go to `<engines dir>/runtime.cache`, shared by every engine of the dir and saved after
+  each new shape, so the next process starts without compiling;
 * **tensor addresses bound to torch buffers** (static per input-shape set), all work on one CUDA
   stream per device (`trt_stream`), ordered against torch's current stream with wait_stream;
 * **CUDA graphs where shapes are static**: the first run at a shape set is a plain
   execute_async_v3 (TensorRT wants one before capture), then it is captured and later calls
-  replay it. New shapes, a reallocated memory block or a refit drop the graph. Disabled for
-  weight-streaming engines and with WAN_RT_TRT_CUDA_GRAPHS=0;
+  replay it. New shapes, a reallocated memory block, a refit or a weight reload drop the graph.
+  Disabled for weight-streaming engines and with WAN_RT_TRT_CUDA_GRAPHS=0;
+* **weight swapping** (TensorRT for RTX): engines are deserialized with deferred weight loading,
+  so `unload_weights()` frees an expert's GPU weights while its context and compiled kernels stay,
+  and `load_weights()` brings them back from the plan, read ahead by `stage_weights()`; the
+  residency manager (runtime/residency.py) drives this through DiTComponent;
 * **weight streaming**: an engine built with it gets TensorRT's automatic budget, or
   WAN_RT_TRT_WEIGHT_BUDGET_GB, before its context is created.
 """
@@ -35,10 +44,9 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional
 import torch
 from torch import Tensor
 
+from wan_rt.runtime.backends import trt_lib
+from wan_rt.runtime.backends.trt_lib import trt
 from wan_rt.runtime.graphs import GraphSpec, engine_inputs
-
-if TYPE_CHECKING:
-    import tensorrt as trt
 
 CUDA_GRAPHS_ENV = "WAN_RT_TRT_CUDA_GRAPHS"
 WEIGHT_BUDGET_ENV = "WAN_RT_TRT_WEIGHT_BUDGET_GB"
@@ -47,8 +55,6 @@ Shapes = dict[str, tuple[int, ...]]
 
 
 def torch_dtype(dtype: "trt.DataType") -> torch.dtype:
-    import tensorrt as trt
-
     table = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16,
              trt.DataType.BF16: torch.bfloat16, trt.DataType.INT8: torch.int8, trt.DataType.INT32: torch.int32,
              trt.DataType.INT64: torch.int64, trt.DataType.BOOL: torch.bool, trt.DataType.UINT8: torch.uint8,
@@ -135,12 +141,18 @@ class TrtEngine:
 
     def __init__(self, engine: "trt.ICudaEngine", device: torch.device | str, *, name: str = "",
                  cuda_graphs: Optional[bool] = None, memory: Optional[SharedDeviceMemory] = None,
-                 runtime: Optional["trt.Runtime"] = None):
-        import tensorrt as trt
-
+                 runtime: Optional["trt.Runtime"] = None, lib: Optional[trt_lib.TrtLibrary] = None,
+                 runtime_cache: Optional[trt_lib.RuntimeCache] = None, plan_path: Optional[Path] = None,
+                 weights_deferred: bool = False):
+        """`weights_deferred`: the engine was deserialized with deferred weight loading, so its
+        weights can be unloaded and reloaded from `plan_path` (the file it was read from)."""
         self.engine, self.name = engine, name
         self.device = torch.device(device)
         self._runtime = runtime  # the runtime must outlive the engine it deserialized
+        self.lib = lib or trt_lib.require()
+        self.runtime_cache, self.plan_path = runtime_cache, plan_path
+        self.swaps_weights = weights_deferred and plan_path is not None
+        self._staged: Optional[bytes] = None
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self.input_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.output_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
@@ -149,7 +161,10 @@ class TrtEngine:
             self._set_weight_budget()
         self.memory = memory or shared_memory(self.device)
         self.memory.reserve(engine.device_memory_size_v2)
-        self.context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        config = engine.create_runtime_config()
+        config.set_execution_context_allocation_strategy(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        self.lib.attach_runtime_cache(config, runtime_cache)
+        self.context = engine.create_execution_context(config)
         if self.context is None:
             raise RuntimeError(f"TensorRT could not create an execution context for {name or 'an engine'}")
         self._generation = -1
@@ -159,15 +174,21 @@ class TrtEngine:
         self.graph_replays = 0
 
     @classmethod
-    def deserialize(cls, plan: bytes, device: torch.device | str, **kwargs: Any) -> "TrtEngine":
-        import tensorrt as trt
-
+    def load(cls, plan_path: Path, device: torch.device | str, *, lib: trt_lib.TrtLibrary,
+             **kwargs: Any) -> "TrtEngine":
+        """Deserialize `plan_path`; where the library can swap weights, with deferred loading
+        (then loaded at once: the engine starts resident and can be unloaded later)."""
+        plan = Path(plan_path).read_bytes()
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        if lib.swaps_weights:
+            lib.defer_weights(runtime)
         engine = runtime.deserialize_cuda_engine(plan)
         if engine is None:
-            raise RuntimeError("TensorRT could not deserialize the plan (built by another TensorRT version "
-                               "or for another GPU? re-run `wan-rt build`)")
-        return cls(engine, device, runtime=runtime, **kwargs)
+            raise RuntimeError(f"{lib.title} could not deserialize {plan_path} (its log above says why)")
+        if lib.swaps_weights and not lib.load_weights(engine, plan):
+            raise RuntimeError(f"{lib.title} could not load the weights of {plan_path}")
+        return cls(engine, device, runtime=runtime, lib=lib, plan_path=Path(plan_path),
+                   weights_deferred=lib.swaps_weights, **kwargs)
 
     def _set_weight_budget(self) -> None:
         budget = os.environ.get(WEIGHT_BUDGET_ENV)
@@ -175,6 +196,35 @@ class TrtEngine:
             self.engine.weight_streaming_budget_v2 = int(float(budget) * 2**30)
         else:
             self.engine.weight_streaming_budget_v2 = self.engine.get_weight_streaming_automatic_budget()
+
+    # ---- weight swapping (residency): the context and its compiled kernels stay
+    def stage_weights(self) -> None:
+        """Host side of a reload, off the loop's thread: read the plan the weights come from."""
+        if self.swaps_weights and self._staged is None:
+            assert self.plan_path is not None
+            self._staged = self.plan_path.read_bytes()
+
+    def unload_weights(self) -> None:
+        """Free the engine's GPU weights (nothing may be running on it: waits for its stream)."""
+        with self.memory.lock:
+            if self.device.type == "cuda":
+                trt_stream(self.device).synchronize()
+            if not self.lib.unload_weights(self.engine):
+                raise RuntimeError(f"{self.name}: TensorRT could not unload its weights")
+            self.invalidate_graphs()  # captured with the old weight addresses
+
+    def load_weights(self) -> None:
+        with self.memory.lock:
+            self.stage_weights()
+            assert self._staged is not None
+            blob, self._staged = self._staged, None
+            if not self.lib.load_weights(self.engine, blob):
+                raise RuntimeError(f"{self.name}: TensorRT could not load its weights from {self.plan_path}")
+            self.invalidate_graphs()
+
+    @property
+    def weights_loaded(self) -> bool:
+        return self.lib.weights_loaded(self.engine)
 
     def profile(self, name: str) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
         """(min, opt, max) shape of an input in the engine's optimization profile."""
@@ -236,6 +286,8 @@ class TrtEngine:
             else:
                 self._execute(stream)
                 slot.runs += 1
+                if slot.runs == 1 and self.runtime_cache is not None:
+                    self.runtime_cache.save()  # the kernels just compiled for these shapes
                 if self.cuda_graphs:
                     self._capture(slot, stream)  # replayed from the next call on
             # Clones: the static buffers are rewritten by the next call (CFG calls twice per step).
@@ -281,13 +333,25 @@ class TrtRunner:
         out = self.engine.infer(feed)
         return {n: out[n] for n in self.gspec.output_names}
 
+    # Weight swapping, for DiTComponent (engine_component.py) and the residency manager.
+    @property
+    def swaps_weights(self) -> bool:
+        return self.engine.swaps_weights
+
+    def stage_weights(self) -> None:
+        self.engine.stage_weights()
+
+    def unload_weights(self) -> None:
+        self.engine.unload_weights()
+
+    def load_weights(self) -> None:
+        self.engine.load_weights()
+
 
 # ------------------------------------------------------------------------------------ refit
 def refit_from_onnx(engine: "trt.ICudaEngine", onnx_path: Path) -> int:
     """Refit a refittable engine with the initializers of `onnx_path` (the same graph exported
     from new weights, and quantized the same way if it was); returns how many weights it has."""
-    import tensorrt as trt
-
     if not engine.refittable:
         raise ValueError("this engine was built without refit support (rebuild with --refittable)")
     logger = trt.Logger(trt.Logger.WARNING)
