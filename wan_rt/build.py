@@ -157,8 +157,7 @@ def build_engines(model: str, backend: str, engines_dir: Path, *, precision: Opt
         built.append(manifest)
     write_index(engines_dir, model_id, spec, backend, precision, [m.component for m in built])
     # What a runtime without Python needs beyond the manifests (wan_rt/cpp): pipeline.json + tokenizer.
-    write_pipeline_config(engines_dir, resolved,
-                          {c: component_dtype(c, precision, backend, dev) for c in components_of(spec)})
+    write_pipeline_config(engines_dir, resolved, backend, precision, dev)
     return built
 
 

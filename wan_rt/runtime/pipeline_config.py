@@ -14,11 +14,14 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
 from wan_rt.config import spec_hash
+from wan_rt.precision import component_dtype
+from wan_rt.resolve import ResolvedCheckpoint
+from wan_rt.runtime.graphs import components_of
 from wan_rt.scheduler import diffusers_sampling
 
 PIPELINE_CONFIG = "pipeline.json"
@@ -28,9 +31,8 @@ FORMAT = 1
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
-def pipeline_config(resolved, compute_dtypes: Mapping[str, torch.dtype]) -> dict[str, Any]:
-    """The pipeline.json of a ResolvedCheckpoint (spec, files, sampling defaults);
-    `compute_dtypes`: the dtype each component's engine takes its "compute" tensors in."""
+def pipeline_config(resolved: ResolvedCheckpoint, backend: str, precision: str, device: torch.device) -> dict[str, Any]:
+    """The pipeline.json of engines built from `resolved` with this backend, precision and device."""
     spec, defaults = resolved.spec, resolved.defaults
     has_spiece = (Path(resolved.files.tokenizer) / "spiece.model").is_file()
     # A diffusers folder is sampled by its scheduler_config.json unless the solver is overridden
@@ -56,11 +58,14 @@ def pipeline_config(resolved, compute_dtypes: Mapping[str, torch.dtype]) -> dict
         "dit": {"patch_size": list(spec.dit.patch_size), "text_len": spec.dit.text_len,
                 "per_token_timestep": spec.dit.per_token_timestep},
         "tokenizer": TOKENIZER_FILE if has_spiece else None,  # None: a tokenizer.json-only checkpoint
-        "compute_dtypes": {name: _DTYPE_NAMES[d] for name, d in compute_dtypes.items()},
+        # The dtype each engine takes its "compute" tensors in (the graphs' other inputs say theirs).
+        "compute_dtypes": {name: _DTYPE_NAMES[component_dtype(name, precision, backend, device)]
+                           for name in components_of(spec)},
     }
 
 
-def write_pipeline_config(engines_dir: Path, resolved, compute_dtypes: Mapping[str, torch.dtype]) -> Path:
+def write_pipeline_config(engines_dir: Path, resolved: ResolvedCheckpoint, backend: str, precision: str,
+                          device: torch.device) -> Path:
     """pipeline.json and tokenizer/spiece.model in `engines_dir`, each replaced atomically.
     A checkpoint without spiece.model still builds; the C++ runtime then refuses it in one line."""
     engines_dir = Path(engines_dir)
@@ -73,6 +78,6 @@ def write_pipeline_config(engines_dir: Path, resolved, compute_dtypes: Mapping[s
         os.replace(tmp, target)
     path = engines_dir / PIPELINE_CONFIG
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(pipeline_config(resolved, compute_dtypes), indent=2, ensure_ascii=False) + "\n")
+    tmp.write_text(json.dumps(pipeline_config(resolved, backend, precision, device), indent=2, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
     return path

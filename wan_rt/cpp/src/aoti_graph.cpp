@@ -59,11 +59,20 @@ std::string require_file(const std::string& path, const std::string& what) {
   return path;
 }
 
-// The x86 flags inductor's x86_isa_checker reads (torch.cpu.get_capabilities()).
+// The x86 flags inductor's x86_isa_checker reads: torch.cpu.get_capabilities() from torch 2.13,
+// the at::cpu::is_*_supported functions before (the only version built and run here is 2.13).
 bool cpu_has(const std::string& flag) {
+#if TORCH_VERSION_MAJOR > 2 || TORCH_VERSION_MINOR >= 13
   static const auto caps = at::cpu::get_cpu_capabilities();
   auto it = caps.find(flag);
   return it != caps.end() && it->second.isBool() && it->second.toBool();
+#else
+  if (flag == "avx2") return at::cpu::is_avx2_supported();
+  if (flag == "avx512_f") return at::cpu::is_avx512_supported();
+  if (flag == "avx512_vnni") return at::cpu::is_avx512_vnni_supported();
+  if (flag == "amx_tile") return at::cpu::is_amx_tile_supported();
+  return false;
+#endif
 }
 
 }  // namespace

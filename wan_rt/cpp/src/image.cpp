@@ -6,6 +6,7 @@ extern "C" {
 #include <libavcodec/avcodec.h>
 #include <libavformat/avformat.h>
 #include <libavutil/imgutils.h>
+#include <libavutil/log.h>
 #include <libswscale/swscale.h>
 }
 
@@ -130,15 +131,20 @@ RgbImage resize_lanczos(const RgbImage& image, int64_t width, int64_t height) {
   const Coeffs horiz = precompute(image.width, 0.0, static_cast<double>(image.width), width);
   const Coeffs vert = precompute(image.height, 0.0, static_cast<double>(image.height), height);
   const bool need_h = width != image.width, need_v = height != image.height;
+  if (!need_h) return resample_vertical(image, height, vert, 0);
+  if (!need_v) return resample_horizontal(image, width, 0, image.height, horiz);
+  // Pillow >= 13 (python-pillow/Pillow#9549) runs the vertical pass first when the height loses
+  // more than twice as many pixels as the width; the passes round in between, so the order shows.
+  if (height < image.height && image.height - height > 2 * (image.width - width))
+    return resample_horizontal(resample_vertical(image, height, vert, 0), width, 0, height, horiz);
   // Rows of the source the vertical pass reads; the horizontal pass makes only those.
   const int64_t first = vert.bounds[0], last = vert.bounds[height * 2 - 2] + vert.bounds[height * 2 - 1];
-  if (!need_h) return resample_vertical(image, height, vert, 0);
-  RgbImage tmp = resample_horizontal(image, width, need_v ? first : 0, need_v ? last - first : image.height, horiz);
-  return need_v ? resample_vertical(tmp, height, vert, first) : tmp;
+  return resample_vertical(resample_horizontal(image, width, first, last - first, horiz), height, vert, first);
 }
 
 RgbImage read_image(const std::string& path) {
   if (!std::filesystem::is_regular_file(path)) throw UsageError("image not found: " + path);
+  av_log_set_level(AV_LOG_QUIET);  // FFmpeg's own stderr lines; its errors come back as codes, reported below
   auto fail = [&](const std::string& why) { return UsageError("cannot read image " + path + ": " + why); };
   AVFormatContext* raw = nullptr;
   int rc = avformat_open_input(&raw, path.c_str(), nullptr, nullptr);

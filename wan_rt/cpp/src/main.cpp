@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <filesystem>
+#include <iomanip>
 #include <iostream>
 
 namespace fs = std::filesystem;
@@ -90,7 +91,7 @@ int run(int argc, char** argv) {
   std::cout << "wrote " << output << " (" << video.frames.size(0) << " frames, " << video.frames.size(2) << "x"
             << video.frames.size(1) << ", " << video.fps << " fps) from " << c.spec_name << " (aoti engines in "
             << engines.path() << ", C++)\n";
-  std::cerr << "  load " << load_s << "s\n";
+  std::cerr << std::fixed << std::setprecision(2) << "  load " << load_s << "s\n";
   for (const auto& [stage, seconds] : video.timings) {
     auto it = video.steps_per_stage.find(stage);
     std::cerr << "  " << stage << (it != video.steps_per_stage.end() ? " (" + std::to_string(it->second) + " steps)" : "")

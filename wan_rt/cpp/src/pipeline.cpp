@@ -70,15 +70,23 @@ std::vector<std::pair<const Stage*, std::vector<int64_t>>> group_by_stage(const 
   return groups;
 }
 
-// Seconds spent in a scope, added to timings[name].
+// Seconds spent in a scope, added to the stage `name` (appended the first time: Python's order).
 class Timed {
  public:
-  Timed(std::map<std::string, double>& timings, std::string name)
+  Timed(std::vector<std::pair<std::string, double>>& timings, std::string name)
       : timings_(timings), name_(std::move(name)), start_(Clock::now()) {}
-  ~Timed() { timings_[name_] += std::chrono::duration<double>(Clock::now() - start_).count(); }
+  ~Timed() {
+    const double seconds = std::chrono::duration<double>(Clock::now() - start_).count();
+    for (auto& [stage, total] : timings_)
+      if (stage == name_) {
+        total += seconds;
+        return;
+      }
+    timings_.emplace_back(name_, seconds);
+  }
 
  private:
-  std::map<std::string, double>& timings_;
+  std::vector<std::pair<std::string, double>>& timings_;
   std::string name_;
   Clock::time_point start_;
 };

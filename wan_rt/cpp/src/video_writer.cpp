@@ -60,7 +60,7 @@ struct Mp4Encoder {
 
 std::string write_mp4(const std::string& path, const uint8_t* rgb, int64_t frames, int64_t height, int64_t width,
                       int fps) {
-  av_log_set_level(AV_LOG_ERROR);
+  av_log_set_level(AV_LOG_QUIET);  // FFmpeg's own stderr lines; its errors come back as codes
   const std::filesystem::path target(path);
   const auto tmp = target.parent_path() / ("." + target.stem().string() + ".partial.mp4");
   const AVCodec* codec = avcodec_find_encoder_by_name("libx264");

@@ -7,8 +7,11 @@
 //   probe tokenize SPIECE MAX_LEN < prompts.json                  JSON: [{"clean", "ids", "mask"}]
 //   probe resize IMAGE WIDTH HEIGHT OUT.safetensors               uint8 [H, W, 3] after the Lanczos resize
 //   probe device                                                  torch version and device key
+//   probe interrupt ENGINES_DIR STOP_AFTER                        generate, the callback stopping it
+//   probe bench ENGINES_DIR REPEATS FRAMES_OUT < request.json     load once, one warm-up, REPEATS timed runs
 #include "wan_rt/aoti_graph.h"
 #include "wan_rt/image.h"
+#include "wan_rt/pipeline.h"
 #include "wan_rt/safetensors.h"
 #include "wan_rt/scheduler.h"
 #include "wan_rt/tokenizer.h"
@@ -17,6 +20,7 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <nlohmann/json.hpp>
 
+#include <chrono>
 #include <iostream>
 #include <vector>
 
@@ -31,7 +35,7 @@ int main(int argc, char** argv) {
     } else if (a.size() >= 8 && a[1] == "schedule") {
       std::vector<int64_t> disable;
       for (size_t i = 8; i < a.size(); ++i) disable.push_back(std::stoll(a[i]));
-      auto sched = wan_rt::make_scheduler(a[2], std::stoll(a[3]), std::stod(a[4]), a[5], disable);
+      auto sched = wan_rt::make_scheduler(a[2], std::stoll(a[4]), std::stod(a[5]), a[3], disable);
       auto in = wan_rt::read_safetensors(a[6]);
       std::vector<at::Tensor> xs{in.at("x")};
       for (int64_t i = 0; i < sched->num_steps(); ++i) xs.push_back(sched->step(in.at("v")[i], i, xs.back()));
@@ -52,6 +56,43 @@ int main(int argc, char** argv) {
       wan_rt::write_safetensors(a[5], {{"pixels", t}});
     } else if (a.size() == 2 && a[1] == "device") {
       std::cout << nlohmann::json{{"torch", wan_rt::torch_version()}, {"device", wan_rt::device_key()}}.dump() << "\n";
+    } else if (a.size() == 4 && a[1] == "interrupt") {
+      wan_rt::Pipeline pipe(a[2]);
+      wan_rt::Request request;
+      request.prompt = "a fox";
+      const int64_t stop_after = std::stoll(a[3]);
+      try {
+        pipe.generate(request, [&](const wan_rt::StepInfo& s) { return s.step + 1 < stop_after; });
+        std::cout << "not interrupted\n";
+      } catch (const wan_rt::GenerationInterrupted& e) {
+        std::cout << e.what() << "\n";
+      }
+    } else if (a.size() == 5 && a[1] == "bench") {
+      using Clock = std::chrono::steady_clock;
+      auto ms = [](Clock::time_point t0) { return std::chrono::duration<double, std::milli>(Clock::now() - t0).count(); };
+      const auto j = nlohmann::json::parse(std::cin);
+      wan_rt::Request request;
+      request.prompt = j.at("prompt");
+      request.negative_prompt = j.at("negative_prompt").get<std::string>();
+      request.height = j.at("height");
+      request.width = j.at("width");
+      request.num_frames = j.at("num_frames");
+      request.steps = j.at("steps");
+      request.seed = j.at("seed");
+      auto t0 = Clock::now();
+      wan_rt::Pipeline pipe(a[2]);
+      const double load_ms = ms(t0);
+      pipe.generate(request);  // warm-up
+      nlohmann::json runs = nlohmann::json::array(), stages;
+      wan_rt::Video video;
+      for (int64_t i = 0; i < std::stoll(a[3]); ++i) {
+        t0 = Clock::now();
+        video = pipe.generate(request);
+        runs.push_back(ms(t0));
+      }
+      for (const auto& [stage, seconds] : video.timings) stages[stage] = seconds * 1000;
+      wan_rt::write_safetensors(a[4], {{"frames", video.frames}});
+      std::cout << nlohmann::json{{"load_ms", load_ms}, {"runs_ms", runs}, {"stages_ms", stages}}.dump() << "\n";
     } else {
       std::cerr << "usage: see the comment at the top of tools/probe.cpp\n";
       return 2;

@@ -1,7 +1,8 @@
 // First frames for image-to-video: decoded with FFmpeg (PNG, JPEG, WebP, BMP, ...) and resized as
 // wan_rt's Python runtime does (wan_rt/video.py: PIL's Image.resize with LANCZOS, which diffusers'
-// VideoProcessor uses). The resize repeats Pillow's fixed-point separable Lanczos exactly, so an
-// image decoded to the same RGB bytes gives the same pixels as Python. Lossless formats decode to
+// VideoProcessor uses). The resize repeats Pillow's fixed-point separable Lanczos exactly (Pillow
+// >= 13's order of the two passes; older Pillow can differ by one level where the height shrinks
+// much more than the width does), so an image decoded to the same RGB bytes gives the same pixels. Lossless formats decode to
 // the same bytes as Pillow; JPEG goes through FFmpeg's decoder and YUV->RGB conversion, which can
 // differ from Pillow's libjpeg by a level or two.
 #pragma once

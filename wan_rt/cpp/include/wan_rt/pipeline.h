@@ -30,6 +30,8 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <utility>
+#include <vector>
 
 namespace wan_rt {
 
@@ -56,7 +58,7 @@ using StepCallback = std::function<bool(const StepInfo&)>;
 struct Video {
   at::Tensor frames;  // float32 [F, H, W, 3] in [0, 1]: what `wan-rt run --frames-out` saves
   int64_t fps = 16;
-  std::map<std::string, double> timings;            // seconds per stage, named as in Python
+  std::vector<std::pair<std::string, double>> timings;  // seconds per stage, in order, named as in Python
   std::map<std::string, int64_t> steps_per_stage;
 
   at::Tensor to_uint8() const;                    // round(frames * 255), as wan_rt.video does
