@@ -1,14 +1,7 @@
 #include "wan_rt/image.h"
 
+#include "ffmpeg.h"
 #include "wan_rt/errors.h"
-
-extern "C" {
-#include <libavcodec/avcodec.h>
-#include <libavformat/avformat.h>
-#include <libavutil/imgutils.h>
-#include <libavutil/log.h>
-#include <libswscale/swscale.h>
-}
 
 #include <cmath>
 #include <filesystem>
@@ -17,11 +10,8 @@ extern "C" {
 namespace wan_rt {
 namespace {
 
-std::string av_error(int code) {
-  char buf[AV_ERROR_MAX_STRING_SIZE] = {0};
-  av_strerror(code, buf, sizeof(buf));
-  return buf;
-}
+using detail::av_error;
+using detail::AvFree;
 
 // ------------------------------------------------------------------ Pillow's resampling
 // libImaging/Resample.c: per output pixel a window of input pixels weighted by the filter at the
@@ -119,11 +109,6 @@ RgbImage resample_vertical(const RgbImage& in, int64_t out_h, const Coeffs& c, i
   return out;
 }
 
-template <typename T, void (*Free)(T**)>
-struct Freer {
-  void operator()(T* p) const { Free(&p); }
-};
-
 }  // namespace
 
 RgbImage resize_lanczos(const RgbImage& image, int64_t width, int64_t height) {
@@ -144,21 +129,21 @@ RgbImage resize_lanczos(const RgbImage& image, int64_t width, int64_t height) {
 
 RgbImage read_image(const std::string& path) {
   if (!std::filesystem::is_regular_file(path)) throw UsageError("image not found: " + path);
-  av_log_set_level(AV_LOG_QUIET);  // FFmpeg's own stderr lines; its errors come back as codes, reported below
+  detail::quiet_ffmpeg();
   auto fail = [&](const std::string& why) { return UsageError("cannot read image " + path + ": " + why); };
   AVFormatContext* raw = nullptr;
   int rc = avformat_open_input(&raw, path.c_str(), nullptr, nullptr);
   if (rc < 0) throw fail(av_error(rc));
-  std::unique_ptr<AVFormatContext, Freer<AVFormatContext, avformat_close_input>> fmt(raw);
+  std::unique_ptr<AVFormatContext, AvFree<AVFormatContext, avformat_close_input>> fmt(raw);
   if ((rc = avformat_find_stream_info(fmt.get(), nullptr)) < 0) throw fail(av_error(rc));
   const AVCodec* codec = nullptr;
   const int stream = av_find_best_stream(fmt.get(), AVMEDIA_TYPE_VIDEO, -1, -1, &codec, 0);
   if (stream < 0 || codec == nullptr) throw fail("not an image");
-  std::unique_ptr<AVCodecContext, Freer<AVCodecContext, avcodec_free_context>> dec(avcodec_alloc_context3(codec));
+  std::unique_ptr<AVCodecContext, AvFree<AVCodecContext, avcodec_free_context>> dec(avcodec_alloc_context3(codec));
   avcodec_parameters_to_context(dec.get(), fmt->streams[stream]->codecpar);
   if ((rc = avcodec_open2(dec.get(), codec, nullptr)) < 0) throw fail(av_error(rc));
-  std::unique_ptr<AVPacket, Freer<AVPacket, av_packet_free>> packet(av_packet_alloc());
-  std::unique_ptr<AVFrame, Freer<AVFrame, av_frame_free>> frame(av_frame_alloc());
+  std::unique_ptr<AVPacket, AvFree<AVPacket, av_packet_free>> packet(av_packet_alloc());
+  std::unique_ptr<AVFrame, AvFree<AVFrame, av_frame_free>> frame(av_frame_alloc());
   bool got = false;
   while (!got && av_read_frame(fmt.get(), packet.get()) >= 0) {
     if (packet->stream_index == stream && avcodec_send_packet(dec.get(), packet.get()) >= 0)

@@ -1,12 +1,6 @@
 #include "wan_rt/video_writer.h"
 
-extern "C" {
-#include <libavcodec/avcodec.h>
-#include <libavformat/avformat.h>
-#include <libavutil/log.h>
-#include <libavutil/opt.h>
-#include <libswscale/swscale.h>
-}
+#include "ffmpeg.h"
 
 #include <filesystem>
 #include <memory>
@@ -15,14 +9,8 @@ extern "C" {
 namespace wan_rt {
 namespace {
 
-std::string av_error(int code) {
-  char buf[AV_ERROR_MAX_STRING_SIZE] = {0};
-  av_strerror(code, buf, sizeof(buf));
-  return buf;
-}
-
 void check(int rc, const std::string& what) {
-  if (rc < 0) throw std::runtime_error("mp4: " + what + ": " + av_error(rc));
+  if (rc < 0) throw std::runtime_error("mp4: " + what + ": " + detail::av_error(rc));
 }
 
 // One open output file: muxer, encoder, RGB -> YUV converter; the destructor releases them all.
@@ -60,7 +48,7 @@ struct Mp4Encoder {
 
 std::string write_mp4(const std::string& path, const uint8_t* rgb, int64_t frames, int64_t height, int64_t width,
                       int fps) {
-  av_log_set_level(AV_LOG_QUIET);  // FFmpeg's own stderr lines; its errors come back as codes
+  detail::quiet_ffmpeg();
   const std::filesystem::path target(path);
   const auto tmp = target.parent_path() / ("." + target.stem().string() + ".partial.mp4");
   const AVCodec* codec = avcodec_find_encoder_by_name("libx264");
