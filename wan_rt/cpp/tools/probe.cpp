@@ -8,7 +8,8 @@
 //   probe resize IMAGE WIDTH HEIGHT OUT.safetensors               uint8 [H, W, 3] after the Lanczos resize
 //   probe device                                                  torch version and device key
 //   probe interrupt ENGINES_DIR STOP_AFTER                        generate, the callback stopping it
-//   probe bench ENGINES_DIR REPEATS FRAMES_OUT < request.json     load once, one warm-up, REPEATS timed runs
+//   probe serve ENGINES_DIR FRAMES_OUT                            load once, then a generation per JSON line on
+//                                                                 stdin, a JSON line of ms, CPU ms and stages each
 #include "wan_rt/aoti_graph.h"
 #include "wan_rt/image.h"
 #include "wan_rt/pipeline.h"
@@ -21,6 +22,7 @@
 #include <nlohmann/json.hpp>
 
 #include <chrono>
+#include <ctime>
 #include <iostream>
 #include <vector>
 
@@ -67,32 +69,31 @@ int main(int argc, char** argv) {
       } catch (const wan_rt::GenerationInterrupted& e) {
         std::cout << e.what() << "\n";
       }
-    } else if (a.size() == 5 && a[1] == "bench") {
+    } else if (a.size() == 4 && a[1] == "serve") {
+      // One pipeline, then one generation per request line on stdin, one result line each.
       using Clock = std::chrono::steady_clock;
-      auto ms = [](Clock::time_point t0) { return std::chrono::duration<double, std::milli>(Clock::now() - t0).count(); };
-      const auto j = nlohmann::json::parse(std::cin);
-      wan_rt::Request request;
-      request.prompt = j.at("prompt");
-      request.negative_prompt = j.at("negative_prompt").get<std::string>();
-      request.height = j.at("height");
-      request.width = j.at("width");
-      request.num_frames = j.at("num_frames");
-      request.steps = j.at("steps");
-      request.seed = j.at("seed");
-      auto t0 = Clock::now();
       wan_rt::Pipeline pipe(a[2]);
-      const double load_ms = ms(t0);
-      pipe.generate(request);  // warm-up
-      nlohmann::json runs = nlohmann::json::array(), stages;
-      wan_rt::Video video;
-      for (int64_t i = 0; i < std::stoll(a[3]); ++i) {
-        t0 = Clock::now();
-        video = pipe.generate(request);
-        runs.push_back(ms(t0));
+      std::cout << nlohmann::json{{"ready", true}}.dump() << std::endl;
+      for (std::string line; std::getline(std::cin, line);) {
+        const auto j = nlohmann::json::parse(line);
+        wan_rt::Request request;
+        request.prompt = j.at("prompt");
+        request.negative_prompt = j.at("negative_prompt").get<std::string>();
+        request.height = j.at("height");
+        request.width = j.at("width");
+        request.num_frames = j.at("num_frames");
+        request.steps = j.at("steps");
+        request.seed = j.at("seed");
+        const auto t0 = Clock::now();
+        const std::clock_t c0 = std::clock();  // CPU time of the whole process, every thread
+        const wan_rt::Video video = pipe.generate(request);
+        const double ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+        const double cpu_ms = 1000.0 * static_cast<double>(std::clock() - c0) / CLOCKS_PER_SEC;
+        nlohmann::json stages;
+        for (const auto& [stage, seconds] : video.timings) stages[stage] = seconds * 1000;
+        wan_rt::write_safetensors(a[3], {{"frames", video.frames}});
+        std::cout << nlohmann::json{{"ms", ms}, {"cpu_ms", cpu_ms}, {"stages_ms", stages}}.dump() << std::endl;
       }
-      for (const auto& [stage, seconds] : video.timings) stages[stage] = seconds * 1000;
-      wan_rt::write_safetensors(a[4], {{"frames", video.frames}});
-      std::cout << nlohmann::json{{"load_ms", load_ms}, {"runs_ms", runs}, {"stages_ms", stages}}.dump() << "\n";
     } else {
       std::cerr << "usage: see the comment at the top of tools/probe.cpp\n";
       return 2;
