@@ -137,10 +137,18 @@ struct Pipeline::Impl {
   std::map<std::string, std::unique_ptr<detail::DiT>> dits;
   std::unique_ptr<detail::StreamingVAE> vae_encoder, vae_decoder;
 
+  int64_t text_len = 0;  // what prompts are padded to
+
   Impl(const std::string& path, const c10::Device& dev)
       : engines(path), device(dev), tokenizer(engines.config().tokenizer) {
     const PipelineConfig& c = engines.config();
     for (const auto& name : c.components()) manifests.emplace(name, engines.verified(name));  // all, before loading
+    // The text length the engines were built for (`wan-rt build --text-len`), else the model's.
+    for (const auto& [_, m] : manifests) {
+      auto it = m.profile_max.find("S");
+      if (it != m.profile_max.end()) text_len = text_len ? std::min(text_len, it->second) : it->second;
+    }
+    if (!text_len) text_len = c.text_len;
     auto dtype = [&](const std::string& name) { return detail::dtype_named(c.compute_dtypes.at(name)); };
     text_encoder = std::make_unique<detail::TextEncoder>(manifests.at("text_encoder"), device, dtype("text_encoder"));
     for (const auto& s : c.stages)
@@ -156,7 +164,7 @@ struct Pipeline::Impl {
   }
 
   at::Tensor encode_prompt(const std::string& prompt) {
-    const Tokens t = tokenizer(prompt, engines.config().text_len);
+    const Tokens t = tokenizer(prompt, text_len);
     const auto n = static_cast<int64_t>(t.input_ids.size());
     auto ids = at::tensor(t.input_ids, at::kLong).view({1, n});
     auto mask = at::tensor(t.attention_mask, at::kLong).view({1, n});

@@ -50,7 +50,7 @@ struct PipelineConfig {
   std::array<int64_t, 3> vae_stride;  // (time, height, width)
   int64_t z_dim;
   std::array<int64_t, 3> patch_size;
-  int64_t text_len;
+  int64_t text_len;  // the model's; engines built with `--text-len` state theirs in their profiles (S)
   bool per_token_timestep;
   std::string tokenizer;  // absolute path of spiece.model
   std::map<std::string, std::string> compute_dtypes;  // component -> "float32" | "bfloat16" | "float16"
