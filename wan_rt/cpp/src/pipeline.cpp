@@ -112,8 +112,8 @@ void check_request(const EnginesDir& engines, const Request& r, const std::strin
   const Settings s = settings(c, r);
   const int64_t m = c.spatial_multiple();
   if (s.height <= 0 || s.width <= 0 || s.height % m || s.width % m)
-    throw UsageError("height and width must be positive multiples of " + std::to_string(m) + " for " + c.spec_name +
-                     "; got " + std::to_string(s.height) + "x" + std::to_string(s.width));
+    throw UsageError("width and height must be positive multiples of " + std::to_string(m) + " for " + c.spec_name +
+                     "; got width " + std::to_string(s.width) + ", height " + std::to_string(s.height));
   if (s.num_frames < 1 || (s.num_frames - 1) % c.vae_stride[0])
     throw UsageError("num_frames must be 4k+1 (1, 5, 9, ..., 81); got " + std::to_string(s.num_frames));
   if (s.steps < 1) throw UsageError("num_inference_steps must be >= 1; got " + std::to_string(s.steps));
