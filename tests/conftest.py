@@ -134,6 +134,20 @@ def engine_checks():
     return module
 
 
+@pytest.fixture(scope="session")
+def cpp_build() -> Path:
+    """The folder of wan_rt's C++ build (wan-rt-cpp, run_graph, wan-rt-cpp-probe), built once per
+    session (`wan_rt.cpp.build`, cached by sources). A failing build fails the test; only a machine
+    without cmake skips (.ci/run installs it and the libraries the build needs)."""
+    import shutil
+
+    if shutil.which("cmake") is None:
+        pytest.skip("needs cmake and the C++ dependencies (.ci/run installs them)")
+    from wan_rt.cpp import build
+
+    return build().parent
+
+
 @pytest.fixture
 def spy_launches(monkeypatch):
     """Count launches of a module's @triton.jit kernel: `counts = spy(module, "_kernel_name")`,

@@ -443,20 +443,16 @@ def test_fast_options_are_refused_where_they_cannot_run(tmp_path):
 
 
 # ------------------------------------------------------------------------------ C++ services
-def test_cpp_service_runs_a_package_like_python(built, tmp_path, engine_checks):
-    """wan_rt/cpp: the example program, built with g++ against the installed torch's libtorch,
-    loads an engine graph folder (package + weights.safetensors) and reproduces the Python
-    runner's output bit for bit; bad input is one line and exit 2."""
+def test_cpp_service_runs_a_package_like_python(built, tmp_path, engine_checks, cpp_build):
+    """wan_rt/cpp: the run_graph example, built with the C++ library against the installed torch's
+    libtorch, loads an engine graph folder (package + weights.safetensors) and reproduces the
+    Python runner's output bit for bit; bad input is one line and exit 2."""
     import subprocess
 
     from safetensors.torch import load_file, save_file
 
-    from wan_rt.cpp import EXAMPLES, compile_command
-
+    exe = cpp_build / "run_graph"
     b = built[T2V]
-    exe = tmp_path / "run_graph"
-    proc = subprocess.run(compile_command(EXAMPLES["run_graph"], exe), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
     gspec = graph_spec(b.spec, "dit_high_noise", "main")
     inputs = sample_inputs(gspec, engine_checks.grid_sizes(b, 2, 2, 4, 6), torch.float32, seed=6)
     save_file(inputs, str(tmp_path / "in.safetensors"))

@@ -283,7 +283,7 @@ def test_bad_requests_get_openai_errors(server, tmp_path, capsys):
             client.videos.create(**{"prompt": "x", **create})
         assert_openai_error({"error": err.value.body}, status, err.value.status_code, message, param, code)
 
-    size_words = "height and width must be positive multiples of 16 for tiny-t2v-A14B; got 32x40"
+    size_words = "width and height must be positive multiples of 16 for tiny-t2v-A14B; got width 40, height 32"
     refused(400, size_words, "size", size="40x32")
     refused(400, "size must be WIDTHxHEIGHT, e.g. 832x480; got 'abc'", "size", size="abc")
     refused(400, "num_frames must be 4k+1 (1, 5, 9, ..., 81); got 6", "num_frames", extra_body={"num_frames": 6})

@@ -284,7 +284,7 @@ def test_service_from_asyncio(i2v_service):
 def test_service_refuses_bad_requests_in_one_line(i2v_service):
     cases = [
         (VideoRequest("x", num_frames=6), _png(), "num_frames must be 4k+1 (1, 5, 9, ..., 81); got 6"),
-        (VideoRequest("x", height=30), _png(), "height and width must be positive multiples of 16"),
+        (VideoRequest("x", height=30), _png(), "width and height must be positive multiples of 16"),
         (VideoRequest("x", num_inference_steps=0), _png(), "num_inference_steps must be >= 1; got 0"),
         (VideoRequest("x"), None, "tiny-i2v-A14B is an image-to-video model: pass input_reference"),
         (VideoRequest("x"), b"not an image", "input_reference is not an image"),

@@ -27,6 +27,7 @@ from wan_rt.runtime.engines_dir import (EngineManifest, LoraPairs, StaleEngineEr
                                         component_fingerprint, expected_manifest, first_difference, identity, lora_args,
                                         new_component_dir, remove_leftovers, version_mismatch, write_index)
 from wan_rt.runtime.graphs import ShapeProfile, components_of, graph_module, graph_spec, shape_profile
+from wan_rt.runtime.pipeline_config import write_pipeline_config
 
 if TYPE_CHECKING:
     from wan_rt.export.quantize import QuantConfig, QuantPlan
@@ -178,6 +179,8 @@ def build_engines(model: str, backend: str, engines_dir: Path, *, precision: Opt
         log(f"  {name:<16} {how} in {time.perf_counter() - start:.1f}s -> {final}")
         built.append(manifest)
     write_index(engines_dir, model_id, spec, backend, precision, [m.component for m in built])
+    # What a runtime without Python needs beyond the manifests (wan_rt/cpp): pipeline.json + tokenizer.
+    write_pipeline_config(engines_dir, resolved, backend, precision, dev)
     return built
 
 

@@ -226,7 +226,8 @@ def check_request(spec: ModelSpec, height: int, width: int, num_frames: int, ste
     """One clear ValueError per bad argument (the CLI prints it as one line, the server as a 400)."""
     m = spec.spatial_multiple
     if height <= 0 or width <= 0 or height % m or width % m:
-        raise ValueError(f"height and width must be positive multiples of {m} for {spec.name}; got {height}x{width}")
+        raise ValueError(f"width and height must be positive multiples of {m} for {spec.name}; "
+                         f"got width {width}, height {height}")
     if num_frames < 1 or (num_frames - 1) % spec.vae.stride[0]:
         raise ValueError(f"num_frames must be 4k+1 (1, 5, 9, ..., 81); got {num_frames}")
     if steps < 1:

@@ -356,14 +356,18 @@ _DIFFUSERS: dict[str, tuple[Solver, str, dict[str, tuple[Any, Any]]]] = {
 }
 
 
-def scheduler_from_diffusers_config(d: Mapping[str, Any], steps: int,
-                                    shift_override: float | None = None) -> FlowScheduler:
-    """The scheduler a diffusers `scheduler_config.json` describes, on its diffusers grid.
+@dataclass(frozen=True)
+class DiffusersSampling:
+    """What a diffusers `scheduler_config.json` asks of wan_rt's schedulers (diffusers grid)."""
 
-    `d` is the parsed JSON (it must carry `_class_name`). Missing keys take diffusers' defaults.
-    `shift_override` replaces the file's shift: the diffusers Wan 2.2 A14B configs say 3.0 where
-    the official shift is 12.0 (T2V) / 5.0 (I2V) (§6.6). Raises ValueError for anything else.
-    """
+    solver: Solver
+    shift: float                         # the file's shift (1.0, diffusers' default, when absent)
+    disable_corrector: tuple[int, ...]   # UniPC only: steps whose corrector is skipped
+
+
+def diffusers_sampling(d: Mapping[str, Any]) -> DiffusersSampling:
+    """Read and check a parsed diffusers `scheduler_config.json` (it must carry `_class_name`).
+    Missing keys take diffusers' defaults. Raises ValueError for what wan_rt cannot sample exactly."""
     name = d.get("_class_name")
     if name not in _DIFFUSERS:
         raise ValueError(f"unsupported scheduler class {name!r}; supported: {sorted(_DIFFUSERS)} "
@@ -373,8 +377,20 @@ def scheduler_from_diffusers_config(d: Mapping[str, Any], steps: int,
            for k, (default, want) in required.items() if d.get(k, default) != want]
     if bad:
         raise ValueError(f"unsupported {name} config: " + ", ".join(bad))
-    shift = float(d.get(shift_key, 1.0) if shift_override is None else shift_override)
-    sched = make_scheduler(solver, steps, shift, "diffusers")
+    corrector = tuple(int(i) for i in (d.get("disable_corrector") or ())) if solver == "unipc" else ()
+    return DiffusersSampling(solver, float(d.get(shift_key, 1.0)), corrector)
+
+
+def scheduler_from_diffusers_config(d: Mapping[str, Any], steps: int,
+                                    shift_override: float | None = None) -> FlowScheduler:
+    """The scheduler a diffusers `scheduler_config.json` describes, on its diffusers grid.
+
+    `shift_override` replaces the file's shift: the diffusers Wan 2.2 A14B configs say 3.0 where
+    the official shift is 12.0 (T2V) / 5.0 (I2V) (§6.6). Raises ValueError (diffusers_sampling).
+    """
+    sampling = diffusers_sampling(d)
+    shift = sampling.shift if shift_override is None else float(shift_override)
+    sched = make_scheduler(sampling.solver, steps, shift, "diffusers")
     if isinstance(sched, UniPCScheduler):
-        sched.disable_corrector = frozenset(d.get("disable_corrector") or ())
+        sched.disable_corrector = frozenset(sampling.disable_corrector)
     return sched

@@ -68,6 +68,8 @@ def add_parser(subparsers) -> None:
                    help="eager experts: fuse LoRAs into the weights (fastest steps) or apply them at run time "
                         "(weights untouched); engines carry the LoRAs they were built with")
     p.add_argument("--output", default="out.mp4", help="mp4 path")
+    p.add_argument("--frames-out", default=None, metavar="FRAMES.safetensors",
+                   help="also save the frames before uint8 conversion (float32 [F, H, W, 3] in [0, 1], key 'frames')")
     par = add_plan_arguments(p, "multi-GPU (one video over several processes; README \"Multi-GPU\")")
     par.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
                      help="processes to start here (default: cfg x ring x ulysses); under torchrun, ignored")
@@ -113,6 +115,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--output must end in .mp4; got {args.output}")
     if not output.parent.is_dir():
         raise UsageError(f"--output folder does not exist: {output.parent}")
+    frames_out = Path(args.frames_out) if args.frames_out else None
+    if frames_out is not None and (frames_out.suffix != ".safetensors" or not frames_out.parent.is_dir()):
+        raise UsageError(f"--frames-out must be a .safetensors path in an existing folder; got {args.frames_out}")
     engines_dir = args.engines_dir
     if engines_dir is None and args.model is None and args.backend in (None, "ort", "aoti", "trt"):
         engines_dir = built_default_engines()
@@ -217,6 +222,10 @@ def _generate(args: argparse.Namespace, spec, request: _Request, device, plan, r
     if rank != 0:  # every rank holds the same frames; rank 0 writes them
         return 0
     export_to_video(result.frames[0], request.output, fps=spec.fps)
+    if args.frames_out:
+        from safetensors.torch import save_file
+
+        save_file({"frames": torch.from_numpy(result.frames[0]).contiguous()}, args.frames_out)
     print(f"wrote {request.output} ({request.num_frames} frames, {request.width}x{request.height}, {spec.fps} fps) "
           f"from {spec.name} ({how})")
     print(f"  load {load_s:.2f}s", file=sys.stderr)

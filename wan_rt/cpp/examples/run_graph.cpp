@@ -1,12 +1,12 @@
 // Run one wan_rt AOTInductor engine graph from C++: named inputs from a .safetensors file, named
-// outputs to another. A minimal C++ service's loop, and what tests/test_aoti.py checks against
-// the Python runtime.
+// outputs to another. The smallest use of the library's graph loader.
 //
 //   run_graph engines/dit_high_noise/main inputs.safetensors outputs.safetensors [cpu|cuda]
 //
-// Build: `python -m wan_rt.cpp run_graph` prints the g++ command (torch's headers and libraries).
+// Built with the library: `python -m wan_rt.cpp build` (the executable sits beside wan-rt-cpp).
 
-#include "wan_rt_aoti.h"
+#include "wan_rt/aoti_graph.h"
+#include "wan_rt/safetensors.h"
 
 #include <iostream>
 
@@ -19,8 +19,7 @@ int main(int argc, char** argv) {
     const c10::Device device(argc == 5 ? argv[4] : "cpu");
     wan_rt::AotiGraph graph(argv[1], device);
     auto loaded = wan_rt::read_safetensors(argv[2], device);
-    std::map<std::string, at::Tensor> inputs(loaded.begin(), loaded.end());
-    auto outputs = graph.run(inputs);
+    auto outputs = graph.run(std::map<std::string, at::Tensor>(loaded.begin(), loaded.end()));
     wan_rt::write_safetensors(argv[3], outputs);
     for (const auto& [name, t] : outputs) std::cout << name << " " << t.sizes() << "\n";
   } catch (const std::exception& e) {
