@@ -222,16 +222,25 @@ def latent_shape(spec: ModelSpec, height: int, width: int, num_frames: int) -> t
     return (spec.vae.z_dim, (num_frames - 1) // st + 1, height // sh, width // sw)
 
 
+class RequestError(ValueError):
+    """A request a model cannot take: one line; `field` names the request field it is about
+    ("size", "num_frames", "num_inference_steps": the server's `param`)."""
+
+    def __init__(self, message: str, field: str):
+        super().__init__(message)
+        self.field = field
+
+
 def check_request(spec: ModelSpec, height: int, width: int, num_frames: int, steps: int) -> None:
-    """One clear ValueError per bad argument (the CLI prints it as one line, the server as a 400)."""
+    """One clear RequestError per bad argument (the CLI prints it as one line, the server as a 400)."""
     m = spec.spatial_multiple
     if height <= 0 or width <= 0 or height % m or width % m:
-        raise ValueError(f"width and height must be positive multiples of {m} for {spec.name}; "
-                         f"got width {width}, height {height}")
+        raise RequestError(f"width and height must be positive multiples of {m} for {spec.name}; "
+                           f"got width {width}, height {height}", "size")
     if num_frames < 1 or (num_frames - 1) % spec.vae.stride[0]:
-        raise ValueError(f"num_frames must be 4k+1 (1, 5, 9, ..., 81); got {num_frames}")
+        raise RequestError(f"num_frames must be 4k+1 (1, 5, 9, ..., 81); got {num_frames}", "num_frames")
     if steps < 1:
-        raise ValueError(f"num_inference_steps must be >= 1; got {steps}")
+        raise RequestError(f"num_inference_steps must be >= 1; got {steps}", "num_inference_steps")
 
 
 def token_grid(spec: ModelSpec, height: int, width: int, num_frames: int) -> tuple[int, int, int]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -66,18 +65,23 @@ def pipeline_config(resolved: ResolvedCheckpoint, backend: str, precision: str, 
 
 def write_pipeline_config(engines_dir: Path, resolved: ResolvedCheckpoint, backend: str, precision: str,
                           device: torch.device) -> Path:
-    """pipeline.json and tokenizer/spiece.model in `engines_dir`, each replaced atomically.
+    """pipeline.json and tokenizer/spiece.model in `engines_dir`, each replaced atomically and only
+    when its bytes change (a build with nothing to do leaves the engines dir as it was).
     A checkpoint without spiece.model still builds; the C++ runtime then refuses it in one line."""
     engines_dir = Path(engines_dir)
     spiece = Path(resolved.files.tokenizer) / "spiece.model"
     if spiece.is_file():
-        target = engines_dir / TOKENIZER_FILE
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp")
-        shutil.copyfile(spiece, tmp)
-        os.replace(tmp, target)
+        _replace_if_changed(engines_dir / TOKENIZER_FILE, spiece.read_bytes())
     path = engines_dir / PIPELINE_CONFIG
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(pipeline_config(resolved, backend, precision, device), indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    config = pipeline_config(resolved, backend, precision, device)
+    _replace_if_changed(path, (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode())
     return path
+
+
+def _replace_if_changed(path: Path, data: bytes) -> None:
+    if path.is_file() and path.read_bytes() == data:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)

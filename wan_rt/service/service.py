@@ -241,7 +241,7 @@ class VideoService:
         try:
             self.model.check(height, width, frames, steps)
         except ValueError as exc:
-            raise InvalidRequest(str(exc), _param_of(str(exc))) from None
+            raise InvalidRequest(str(exc), getattr(exc, "field", None)) from None
         if r.solver is not None and r.solver not in SOLVERS:
             raise InvalidRequest(f"solver must be one of {', '.join(SOLVERS)}; got {r.solver!r}", "solver")
         for name in ("guidance_scale", "guidance_scale_2", "shift"):
@@ -318,12 +318,3 @@ def _read_image(image: Union[bytes, Image.Image]) -> Image.Image:
     except Exception as exc:  # noqa: BLE001 - PIL raises many kinds; all mean "not an image we can read"
         raise InvalidRequest(f"input_reference is not an image (PNG, JPEG, WebP...): {exc}", "input_reference") \
             from None
-
-
-def _param_of(message: str) -> Optional[str]:
-    """Which request field a check_request message is about."""
-    for prefix, param in (("height and width", "size"), ("num_frames", "num_frames"),
-                          ("num_inference_steps", "num_inference_steps")):
-        if message.startswith(prefix):
-            return param
-    return None
