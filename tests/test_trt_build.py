@@ -194,6 +194,12 @@ def test_run_refuses_in_one_line_without_an_rtx_gpu(trt_engines, tmp_path, capsy
         assert f"needs an RTX GPU (SM75-SM121 except SM90/SM100): its plans are for {TARGETS[0]} (trt_targets)" \
                in lines[0]
     assert not out.exists()
+    # `wan-rt build` of the same (nothing to rebuild) does not end with "run them with".
+    args = ["build", "--model", "tiny-t2v-A14B", "--backend", "trt", "--trt-targets", TARGETS[0], "--engines-dir",
+            str(folder)]
+    assert main(args) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "components ready" in last and "they cannot run on this machine (needs an RTX GPU" in last, last
 
 
 @pytest.mark.gpu

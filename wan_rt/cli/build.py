@@ -77,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
     from wan_rt.loader import lora_pairs, lora_plan
     from wan_rt.lora import parse_lora_arg
     from wan_rt.resolve import resolve_checkpoint
+    from wan_rt.runtime.backends import get_backend
 
     backend = args.backend or best_backend()
     components = [c.strip() for c in args.components.split(",")] if args.components else None
@@ -106,6 +107,16 @@ def run(args: argparse.Namespace) -> int:
                               quant_config=quant_config, trt_config=trt_config, quick_compile=args.quick_compile,
                               kernels=args.kernels, attention=args.attention, loras=lora_pairs(loras),
                               step_cache=args.step_cache)
-    print(f"{len(manifests)} components ready in {time.perf_counter() - start:.1f}s; "
-          f"run them with: wan-rt run --engines-dir {args.engines_dir}")
+    ready = f"{len(manifests)} components ready in {time.perf_counter() - start:.1f}s"
+    # Built for another machine (TensorRT plans for GPUs this one lacks): say so, not "run them".
+    refusal = next((r for m in manifests if (r := getattr(get_backend(m.backend), "run_refusal", _none)(m))), None)
+    if refusal:
+        print(f"{ready}; they cannot run on this machine ({refusal}); on one that can: "
+              f"wan-rt run --engines-dir {args.engines_dir}")
+    else:
+        print(f"{ready}; run them with: wan-rt run --engines-dir {args.engines_dir}")
     return 0
+
+
+def _none(_manifest) -> None:
+    return None
