@@ -89,6 +89,16 @@ def _python_run(capsys, *args) -> tuple[int, list[str]]:
     return code, capsys.readouterr().err.strip().splitlines()
 
 
+def _mp4_timing(path) -> tuple:
+    """(average frame rate, frames, duration in frames) of an mp4's video stream, as its container
+    says (muxers round the duration to their time base: compared in whole frames)."""
+    import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        return stream.average_rate, stream.frames, round(stream.duration * stream.time_base * stream.average_rate)
+
+
 def _image(path, width: int, height: int, seed: int) -> str:
     """A smooth random RGB picture (PNG: lossless, so both sides decode the same bytes)."""
     rng = np.random.default_rng(seed)
@@ -292,6 +302,9 @@ def test_video_equals_python(cpp_build, engines, tmp_path, capsys, case):
     got = load_file(str(tmp_path / "cpp.safetensors"))["frames"]
     assert got.shape == want.shape and want.std() > 0.05
     assert (got - want).abs().max() < TOL, (got - want).abs().max()
+    # The same frame rate and duration as Python's file (each frame shown for 1/fps: a last frame
+    # without a duration once made the file say 20 fps and readers garble that frame).
+    assert _mp4_timing(tmp_path / "cpp.mp4") == _mp4_timing(tmp_path / "py.mp4")
     py_mp4, cpp_mp4 = (iio.imread(tmp_path / f, plugin="pyav").astype(np.float32) / 255 for f in ("py.mp4", "cpp.mp4"))
     assert cpp_mp4.shape == py_mp4.shape == tuple(want.shape)
     # Two H.264 encodes (ffmpeg's program, FFmpeg's libraries): the C++ file is as faithful as Python's.

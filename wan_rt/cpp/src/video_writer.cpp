@@ -37,6 +37,10 @@ struct Mp4Encoder {
       const int rc = avcodec_receive_packet(enc, packet);
       if (rc == AVERROR(EAGAIN) || rc == AVERROR_EOF) return;
       check(rc, "encode");
+      // Each packet shows for one frame. Left at 0, the last frame would have no duration: the
+      // file would say (frames - 1) / fps seconds and a rate above fps, and readers that size
+      // their output from those would drop or garble the last frame.
+      if (packet->duration <= 0) packet->duration = 1;  // in enc->time_base: 1 / fps
       av_packet_rescale_ts(packet, enc->time_base, stream->time_base);
       packet->stream_index = stream->index;
       check(av_interleaved_write_frame(fmt, packet), "write");
@@ -75,6 +79,7 @@ std::string write_mp4(const std::string& path, const uint8_t* rgb, int64_t frame
     check(avcodec_open2(m.enc, codec, nullptr), "open " + name);
     check(avcodec_parameters_from_context(m.stream->codecpar, m.enc), "stream");
     m.stream->time_base = m.enc->time_base;
+    m.stream->avg_frame_rate = m.enc->framerate;
     check(avio_open(&m.fmt->pb, tmp.c_str(), AVIO_FLAG_WRITE), "open " + tmp.string());
     check(avformat_write_header(m.fmt, nullptr), "header");
     m.sws = sws_getContext(static_cast<int>(width), static_cast<int>(height), AV_PIX_FMT_RGB24, static_cast<int>(width),
