@@ -78,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
     from wan_rt.lora import parse_lora_arg
     from wan_rt.resolve import resolve_checkpoint
     from wan_rt.runtime.backends import get_backend
+    from wan_rt.runtime.engines_dir import run_refusal
 
     backend = args.backend or best_backend()
     components = [c.strip() for c in args.components.split(",")] if args.components else None
@@ -109,14 +110,10 @@ def run(args: argparse.Namespace) -> int:
                               step_cache=args.step_cache)
     ready = f"{len(manifests)} components ready in {time.perf_counter() - start:.1f}s"
     # Built for another machine (TensorRT plans for GPUs this one lacks): say so, not "run them".
-    refusal = next((r for m in manifests if (r := getattr(get_backend(m.backend), "run_refusal", _none)(m))), None)
+    refusal = next((r for m in manifests if (r := run_refusal(m, get_backend(m.backend)))), None)
     if refusal:
         print(f"{ready}; they cannot run on this machine ({refusal}); on one that can: "
               f"wan-rt run --engines-dir {args.engines_dir}")
     else:
         print(f"{ready}; run them with: wan-rt run --engines-dir {args.engines_dir}")
     return 0
-
-
-def _none(_manifest) -> None:
-    return None

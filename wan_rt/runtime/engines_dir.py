@@ -261,6 +261,13 @@ _WHY = {
 }
 
 
+def run_refusal(manifest: EngineManifest, backend_mod) -> Optional[str]:
+    """Why this machine cannot run the engine of `manifest` whatever the checkpoint (a TensorRT
+    plan built for GPUs it lacks), in one line; None when it can."""
+    refuse = getattr(backend_mod, "run_refusal", None)
+    return refuse(manifest) if refuse is not None else None
+
+
 def verify(folder: Path, resolved: ResolvedCheckpoint, model: str, backend_mod, loras: LoraPairs = ()) -> EngineManifest:
     """The manifest of `folder` if it still matches the checkpoint (with `loras` fused into the
     component's weights); StaleEngineError otherwise."""
@@ -282,7 +289,7 @@ def verify(folder: Path, resolved: ResolvedCheckpoint, model: str, backend_mod, 
         raise StaleEngineError(f"engine for {name} is stale: {why} since it was built ({diff}); {fix}")
     # What this machine lacks to run it (a GPU among a TensorRT plan's targets): rebuilding here
     # would not help, so no rebuild hint.
-    refusal = getattr(backend_mod, "run_refusal", lambda _m: None)(have)
+    refusal = run_refusal(have, backend_mod)
     if refusal:
         raise StaleEngineError(f"engine for {name} cannot run here: {refusal}")
     mismatch = version_mismatch(have, backend_mod)
