@@ -2,13 +2,15 @@
 
 #include <ATen/ATen.h>
 
+#include "wan_rt/errors.h"
+
 namespace wan_rt::detail {
 namespace {
 
 const GraphFiles& files(const EngineManifest& m, const std::string& graph) {
   auto it = m.graphs.find(graph);
   if (it == m.graphs.end() && graph == "main" && m.graphs.count("embed"))
-    throw std::runtime_error(m.component + " was built with --step-cache (the step as four graphs), which the C++ "
+    throw StaleEngineError(m.component + " was built with --step-cache (the step as four graphs), which the C++ "
                              "runtime does not run; rebuild without --step-cache");
   if (it == m.graphs.end()) throw std::runtime_error(m.component + ": the manifest has no graph " + graph);
   return it->second;
