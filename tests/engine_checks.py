@@ -117,8 +117,7 @@ def pipeline_call(b, steps: int = 4):
     latents = torch.randn((1, *latent_shape(spec, spec.height, spec.width, frames)),
                           generator=torch.Generator().manual_seed(7))
     kwargs = dict(prompt="a fox running in the snow", negative_prompt="a dark misty night in rain",
-                  height=spec.height,
-                  width=spec.width, num_frames=frames, num_inference_steps=steps, guidance_scale=4.0,
+                  height=spec.height, width=spec.width, num_frames=frames, num_inference_steps=steps, guidance_scale=4.0,
                   guidance_scale_2=3.0, output_type="np")
     if spec.task != "t2v":
         kwargs["image"] = random_image()
@@ -131,14 +130,13 @@ def check_pipeline(b, components: dict, label: str) -> None:
     from wan_rt.loader import WanPipeline
     from wan_rt.models.text_encoder import tokenize
 
-    spec, resolved = b.spec, b.resolved
-    ours = WanPipeline(spec, components, tokenizer(b), resolved.defaults, "cpu")
-    eager = WanPipeline(spec, build_eager_components(resolved, CPU, torch.float32), tokenizer(b), resolved.defaults,
-                        "cpu")
+    spec, resolved, tok = b.spec, b.resolved, tokenizer(b)
+    ours = WanPipeline(spec, components, tok, resolved.defaults, "cpu")
+    eager = WanPipeline(spec, build_eager_components(resolved, CPU, torch.float32), tok, resolved.defaults, "cpu")
     call = pipeline_call(b)
     # One word count, different words: only a working tokenizer (the tiny preset's, checked against
     # sentencepiece in test_text_encoder) gives cond and uncond different ids.
-    ids, _ = tokenize(tokenizer(b), [call()["prompt"], call()["negative_prompt"]], spec.dit.text_len)
+    ids, _ = tokenize(tok, [call()["prompt"], call()["negative_prompt"]], spec.dit.text_len)
     assert not torch.equal(ids[0], ids[1]), f"prompt and negative prompt share ids {ids[0].tolist()}"
     results = []
     for pipe in (ours, eager):
