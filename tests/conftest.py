@@ -3,10 +3,7 @@ the external oracle: wan_rt loads the same files and must reproduce diffusers' n
 
 from __future__ import annotations
 
-import glob
 import os
-import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 
@@ -266,38 +263,24 @@ def _generate_rtx_stubs(stubs: Path) -> bool:
     return True
 
 
-# ---- PostgreSQL ---------------------------------------------------------------------------------
-def _postgres_bin() -> str | None:
-    for folder in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True):
-        if os.path.isfile(os.path.join(folder, "initdb")):
-            return folder
-    initdb = shutil.which("initdb")
-    return os.path.dirname(initdb) if initdb else None
+# ---- a deployment's shared services, private to the session --------------------------------------
+@pytest.fixture(scope="session")
+def local_services():
+    """bench/local_services.py (a private PostgreSQL server, moto's S3 server), loaded by path."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "local_services.py"
+    spec = importlib.util.spec_from_file_location("wan_rt_bench_local_services", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")
-def postgres_url():
-    """A private PostgreSQL server on a unix socket in a temp dir (wan-rt serve's shared job
-    store), started once per session and stopped at the end."""
-    bindir = _postgres_bin()
-    if bindir is None:
-        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed: apt-get install postgresql")
-    as_user: list[str] = []
-    root = Path(tempfile.mkdtemp(prefix="wan_rt_pg_"))
-    if os.geteuid() == 0:  # postgres refuses to run as root
-        if shutil.which("runuser") is None or subprocess.run(["id", "postgres"], capture_output=True).returncode:
-            pytest.skip("running as root and there is no 'postgres' user (or runuser) to start PostgreSQL as")
-        as_user = ["runuser", "-u", "postgres", "--"]
-        shutil.chown(root, "postgres")
-    data, log = root / "data", root / "log"
-    subprocess.run([*as_user, f"{bindir}/initdb", "-D", str(data), "-U", "postgres", "-A", "trust", "--no-sync",
-                    "-E", "UTF8"], check=True, capture_output=True, timeout=120)
-    options = f"-k {root} -c listen_addresses='' -F -p 5432"
-    subprocess.run([*as_user, f"{bindir}/pg_ctl", "-D", str(data), "-o", options, "-l", str(log), "-w", "-t", "60",
-                    "start"], check=True, capture_output=True, timeout=90)
+def postgres_url(local_services):
+    """A private PostgreSQL server (wan-rt serve's shared job store), stopped at the end of the session."""
     try:
-        yield f"postgresql:///postgres?host={root}&port=5432&user=postgres"
-    finally:
-        subprocess.run([*as_user, f"{bindir}/pg_ctl", "-D", str(data), "-m", "immediate", "-w", "-t", "30", "stop"],
-                       capture_output=True, timeout=60)
-        shutil.rmtree(root, ignore_errors=True)
+        with local_services.private_postgres() as url:
+            yield url
+    except local_services.Unavailable as exc:
+        pytest.skip(str(exc))

@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 
 boto3 = pytest.importorskip("boto3")
-moto_server = pytest.importorskip("moto.server")
+pytest.importorskip("moto.server")
 
-from wan_rt.service.storage import LocalStorage, S3Storage, StorageConfig  # noqa: E402
+from wan_rt.service.storage import LocalStorage, S3Storage  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -32,28 +32,22 @@ MODEL = "tiny-ti2v-5B"          # text or a first frame: uploads are stored too
 BUCKET, PREFIX = "wan-rt-videos", "scale/test"
 LEASE_S = 4.0                   # a killed service's job goes to the other one this soon
 DRAIN_S = 60.0                  # a running job may finish while its service drains
-AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}  # moto's
 TIMEOUT_S = 150
 
 
 # ----------------------------------------------------------------------------- the bucket
 @pytest.fixture(scope="module")
-def s3():
-    """moto's S3 server on a free loopback port, with the bucket; -> (endpoint URL, boto3 client)."""
+def s3(local_services):
+    """moto's S3 server on a free loopback port, with the bucket; -> (endpoint URL, boto3 client).
+    Its credentials are set in this process while the module runs (the services get them too)."""
     with pytest.MonkeyPatch.context() as env:
         for name, value in AWS.items():
             env.setenv(name, value)
         for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN"):
             env.delenv(name, raising=False)
-        server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        try:
-            endpoint = "http://127.0.0.1:%d" % server.get_host_and_port()[1]
-            client = boto3.client("s3", endpoint_url=endpoint)
-            client.create_bucket(Bucket=BUCKET)
-            yield endpoint, client
-        finally:
-            server.stop()
+        with local_services.moto_s3(BUCKET) as endpoint:
+            yield endpoint, boto3.client("s3", endpoint_url=endpoint)
 
 
 def _keys(client, part: str = "") -> list[str]:
@@ -223,20 +217,17 @@ def _png() -> bytes:
 
 
 @pytest.fixture(scope="module")
-def pair(s3, postgres_url, tmp_path_factory):
+def pair(s3, postgres_url, local_services, tmp_path_factory):
     """Services A (streams content) and B (redirects to presigned URLs): one queue, one bucket,
     their own data dirs; a test that stops one removes it from the dict."""
-    import psycopg
-
-    with psycopg.connect(postgres_url, autocommit=True) as conn:
-        conn.execute("DROP TABLE IF EXISTS wan_rt_jobs")
+    store = local_services.new_database(postgres_url, "wan_rt_scale")
     endpoint, client = s3
     root = tmp_path_factory.mktemp("scale")
     started: list[Service] = []
 
     class Pair(dict):
         def start(self, name: str, *extra: str) -> Service:
-            service = Service(root, f"{name}{len(started)}", postgres_url, endpoint, *extra)
+            service = Service(root, f"{name}{len(started)}", store, endpoint, *extra)
             started.append(service)
             self[name] = service
             return service
@@ -246,7 +237,7 @@ def pair(s3, postgres_url, tmp_path_factory):
         services.start("A"), services.start("B", "--presign")   # both load at once
         for service in services.values():
             service.listening().ready()
-        services.client = client
+        services.client, services.store = client, store
         yield services
     finally:
         for service in started:
@@ -320,7 +311,7 @@ def test_kill_9_mid_job_the_other_service_finishes_it_once(pair):
     assert survivor.get(f"/v1/videos/{video_id}/content")[0] in (200, 307)
 
 
-def test_sigterm_and_sigint_drain(pair, postgres_url):
+def test_sigterm_and_sigint_drain(pair):
     """SIGTERM: /readyz 503 at once, the running job finishes, exit 0. SIGINT past the drain
     timeout: the job goes back to the queue without being charged an attempt, exit 0."""
     from wan_rt.service.stores import open_store
@@ -344,7 +335,7 @@ def test_sigterm_and_sigint_drain(pair, postgres_url):
     _wait(lambda: long_id in patient.running(), "the long job to run")
     patient.proc.send_signal(signal.SIGINT)
     assert patient.proc.wait(30) == 0, patient.log.read_text()[-2000:]
-    store = open_store(postgres_url)
+    store = open_store(pair.store)
     try:
         back = store.get(long_id)
         assert back.status == "queued" and back.attempts == 0 and back.last_error == "the service stopped", back

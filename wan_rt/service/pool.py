@@ -123,7 +123,7 @@ class WorkerPool:
         self._lock = threading.Lock()
         self._node = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
         cpu_processes = sum(1 for devices in groups for device in devices if device == "cpu")
-        self._cpu_threads = max(1, (os.cpu_count() or 1) // cpu_processes) if cpu_processes else 0
+        self._cpu_threads = max(1, _usable_cpus() // cpu_processes) if cpu_processes else 0
         self._generation = 0
 
     # ---------------------------------------------------------------- public
@@ -320,6 +320,14 @@ def _tell_all(ranks: Sequence[_Rank], message: bytes) -> None:
 
 def _pid(rank: _Rank) -> Optional[int]:
     return rank.process.pid if rank.process is not None else None
+
+
+def _usable_cpus() -> int:
+    """The cores this process may run on (a `taskset` or a container's CPU set), not the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
 
 
 def _free_port() -> int:

@@ -32,7 +32,7 @@ from wan_rt.service.jobs import InvalidRequest, Job, JobNotFound, QueueFull, Vid
 from wan_rt.service.metrics import ServiceMetrics
 from wan_rt.service.outputs import VARIANTS, JobFiles
 from wan_rt.service.served_model import ServedModel, describe
-from wan_rt.service.storage import Download, StorageConfig, StorageError, open_storage
+from wan_rt.service.storage import Download, StorageConfig, open_storage
 from wan_rt.service.stores import open_store
 from wan_rt.service.pool import WorkerPool, worker_groups
 from wan_rt.service.workers import WorkerSettings
