@@ -279,6 +279,18 @@ def test_two_services_serve_each_others_videos(pair):
     assert a.get(f"/v1/videos/{with_image}")[0] == 404 and a.get(f"/v1/videos/{with_image}/content")[0] == 404
     assert _keys(pair.client, with_image) == []
     assert len(_keys(pair.client, text_only)) == 3
+    # Retention: once a video expires, a service's housekeeping (about once a second) removes its objects.
+    from wan_rt.service.stores import open_store
+
+    store = open_store(pair.store)
+    try:
+        store._run("UPDATE wan_rt_jobs SET expires_at = ? WHERE id = ?", (time.time() - 1, text_only))
+    finally:
+        store.close()
+    _wait(lambda: a.video(text_only)["status"] == "completed" and not _keys(pair.client, text_only), "expiry",
+          timeout=30)
+    status, _, body = b.get(f"/v1/videos/{text_only}/content")
+    assert status == 404 and body["error"]["code"] == "video_expired", body
 
 
 def test_a_bucket_that_refuses_writes_fails_the_job_and_the_service_goes_on(pair):

@@ -141,7 +141,8 @@ class S3Storage:
         self.bucket, self.prefix, self.presign = bucket, prefix, presign
         self.client = boto3.client("s3", endpoint_url=endpoint_url,
                                    config=Config(retries={"max_attempts": 4, "mode": "standard"},
-                                                 connect_timeout=10, read_timeout=60))
+                                                 connect_timeout=10, read_timeout=60,
+                                                 signature_version="s3v4"))  # presigned URLs: every region, R2, GCS
         # upload_file sends a file of at least multipart_bytes as a multipart upload, parts in parallel.
         self._transfer = TransferConfig(multipart_threshold=multipart_bytes, multipart_chunksize=multipart_bytes)
 
