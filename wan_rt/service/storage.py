@@ -170,14 +170,14 @@ class S3Storage:
             Path(source).unlink(missing_ok=True)
 
     def read(self, key: str) -> bytes:
-        body = self._get(key)
-        if body is None:
+        got = self._get(key)
+        if got is None:
             raise FileNotFoundError(f"no object {self.where(key)}")
         with self._errors("read", self.where(key)):
             try:
-                return body["Body"].read()
+                return got["Body"].read()
             finally:
-                body["Body"].close()
+                got["Body"].close()
 
     def delete(self, keys: Sequence[str]) -> None:
         if not keys:
