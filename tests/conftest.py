@@ -261,3 +261,15 @@ def _generate_rtx_stubs(stubs: Path) -> bool:
     assert n == 1, "tensorrt_rtx's add_scale_nd signature changed: revisit the repair"
     pyi.write_text(text)
     return True
+
+
+@pytest.fixture(scope="session")
+def single_files():
+    """tests/single_files.py (writers of ComfyUI / fp8 scaled / GGUF component files), loaded by path."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("wan_rt_tests_single_files",
+                                                  Path(__file__).with_name("single_files.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -56,7 +56,9 @@ def dequantized(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def write_fp8_scaled_dit(folder: Path, path: Path) -> Path:
-    return _save({PREFIX + k: v for k, v in fp8_scaled(official_dit(folder)).items()}, path)
+    # ComfyUI keeps the marker at the top level, outside the model's prefix.
+    return _save({(k if k == "scaled_fp8" else PREFIX + k): v for k, v in fp8_scaled(official_dit(folder)).items()},
+                 path)
 
 
 def write_vae(folder: Path, path: Path, version: str, num_res_blocks: int) -> Path:
@@ -74,33 +76,39 @@ def write_umt5(folder: Path, path: Path, *, naming: str = "comfyui", scaled: boo
 
 
 # ------------------------------------------------------------------------------------------- GGUF
-def _block_bytes(qtype) -> tuple[int, int]:
-    import gguf
-
-    return gguf.GGML_QUANT_SIZES[qtype]  # (elements per block, bytes per block)
-
-
-# Where each K-quant block keeps its fp16 scales (super-block d, dmin): random bytes there could
-# be inf / nan, so the tests write small finite ones.
-_K_SCALE_OFFSETS = {"Q6_K": (208,), "Q5_K": (0, 2), "Q4_K": (0, 2), "Q3_K": (108,), "Q2_K": (80, 82)}
+# Where each K-quant block keeps its fp16 super-block scales (d, dmin) and, for Q6_K, its int8
+# sub-block scales.
+_K_SCALE_OFFSETS = {"Q6_K": (208,), "Q5_K": (0, 2), "Q4_K": (0, 2), "Q3_K": (108,)}
+_Q6_K_SUB_SCALES = slice(192, 208)
 
 
 def gguf_blocks(weight: torch.Tensor, qtype_name: str, seed: int = 0) -> np.ndarray:
-    """`weight` [rows, cols] as GGUF blocks of `qtype_name`. Types gguf 0.19 quantizes in Python
-    (F16, Q8_0, Q4_0, Q5_0, ...) quantize the weight; for the K-quants it can only dequantize,
-    the blocks are random quants with finite scales (what they decode to is the reference)."""
+    """`weight` [rows, cols] as GGUF blocks of `qtype_name`, every fp16 block scale a power of two.
+
+    Why powers of two: diffusers' GGUF dequantization multiplies in float16 (the block scale's
+    dtype), so its weights are the exact ones rounded to fp16, off by ~5e-4 relative; with
+    power-of-two scales every product is exact in fp16 and both decoders must agree to the bit,
+    which is what a 1e-4 comparison can then check. Q8_0 quantizes `weight` (round(w / d), d =
+    2^ceil(log2(amax / 127)) per 32 values). gguf 0.19 cannot quantize the K-quants in Python
+    (only dequantize), so their blocks are random quants with small power-of-two scales (what
+    they decode to is the reference)."""
     import gguf
 
     qtype = gguf.GGMLQuantizationType[qtype_name]
-    if qtype_name not in _K_SCALE_OFFSETS:
-        return gguf.quants.quantize(weight.float().numpy(), qtype)
-    per_block, nbytes = _block_bytes(qtype)
+    per_block, nbytes = gguf.GGML_QUANT_SIZES[qtype]
     rows, cols = weight.shape
+    if qtype_name == "Q8_0":
+        w = weight.float().numpy().reshape(-1, per_block)
+        d = np.exp2(np.ceil(np.log2(np.maximum(np.abs(w).max(axis=1, keepdims=True), 1e-8) / 127))).astype(np.float16)
+        q = np.clip(np.round(w / d.astype(np.float32)), -127, 127).astype(np.int8)
+        return np.concatenate([d.view(np.uint8), q.view(np.uint8)], axis=1).reshape(rows, -1)
     rng = np.random.default_rng(seed)
     blocks = rng.integers(0, 256, size=(rows * cols // per_block, nbytes), dtype=np.uint8)
+    if qtype_name == "Q6_K":  # int8 sub-scales kept small: d x scale x q stays within fp16's 11 bits
+        blocks[:, _Q6_K_SUB_SCALES] = rng.integers(-15, 16, size=(len(blocks), 16), dtype=np.int8).view(np.uint8)
+    scale = np.float16(2.0 ** -np.ceil(np.log2(8 * cols ** 0.5 * 32)))  # keeps activations O(1)
     for off in _K_SCALE_OFFSETS[qtype_name]:
-        scales = (rng.uniform(0.5, 1.0, size=len(blocks)) * 1e-3 / cols ** 0.5).astype(np.float16)
-        blocks[:, off:off + 2] = scales.view(np.uint8).reshape(-1, 2)
+        blocks[:, off:off + 2] = np.full(len(blocks), scale, dtype=np.float16).view(np.uint8).reshape(-1, 2)
     return blocks.reshape(rows, -1)
 
 
@@ -110,7 +118,7 @@ def write_gguf(sd: dict[str, torch.Tensor], path: Path, qtype_name: str, seed: i
     import gguf
 
     writer = gguf.GGUFWriter(str(path), "wan")
-    per_block = _block_bytes(gguf.GGMLQuantizationType[qtype_name])[0]
+    per_block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype_name]][0]
     for i, (name, t) in enumerate(sorted(sd.items())):
         t = t.float()
         if name.startswith("blocks.") and name.endswith(".weight") and t.ndim == 2 and t.shape[1] % per_block == 0:
