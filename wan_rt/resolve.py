@@ -194,8 +194,10 @@ def _resolve_composed(text: str) -> ResolvedCheckpoint:
               if (k != "dit_2" or len(names) > 1) and not source.get(k)]
     if base is None and needed:
         what = "a folder with tokenizer.json or spiece.model, e.g. google/umt5-xxl" if "--tokenizer" in needed else ""
-        raise CheckpointError(f"--model {model or arch.name} names an architecture only: every component must come from "
-                              f"a file; missing {', '.join(needed)}" + (f" ({what})" if what else ""))
+        head = (f"--model {model} names an architecture only" if model else
+                "component files without --model (a checkpoint for the other components)")
+        raise CheckpointError(f"{head}: every component must come from a file; missing {', '.join(needed)}"
+                              + (f" ({what})" if what else ""))
 
     def path_of(key: str, fallback) -> Path:
         return Path(source[key]) if source.get(key) else fallback

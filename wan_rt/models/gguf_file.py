@@ -57,6 +57,11 @@ def read_gguf(path: Union[str, Path]) -> dict[str, GGUFTensor]:
     for t in reader.tensors:
         kind = t.tensor_type.name
         shape = torch.Size(int(d) for d in reversed(t.shape.tolist()))  # GGML lists dims fastest-first
+        # GGML has at most 4 dims: city96's converter stores a 5-D tensor (the patch-embedding
+        # conv) flattened, with its shape in this field.
+        original = reader.fields.get(f"comfy.gguf.orig_shape.{t.name}")
+        if original is not None:
+            shape = torch.Size(int(d) for d in original.contents())
         data = np.array(t.data)  # a copy in memory: the file's map is read-only
         if kind == "BF16":
             out[t.name] = torch.from_numpy(data.view(np.int16)).view(torch.bfloat16).reshape(shape)
