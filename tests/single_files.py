@@ -112,16 +112,20 @@ def gguf_blocks(weight: torch.Tensor, qtype_name: str, seed: int = 0) -> np.ndar
     return blocks.reshape(rows, -1)
 
 
-def write_gguf(sd: dict[str, torch.Tensor], path: Path, qtype_name: str, seed: int = 0) -> Path:
+def write_gguf(sd: dict[str, torch.Tensor], path: Path, qtype_name: str, seed: int = 0,
+               raw: dict | None = None) -> Path:
     """city96-style GGUF: the Linear weights of the blocks in `qtype_name` (those whose rows
-    split into whole blocks), everything else F32 (patch embedding F16), original Wan names."""
+    split into whole blocks), everything else F32 (patch embedding F16), original Wan names.
+    `raw`: {name: (uint8 blocks, GGMLQuantizationType)} written as given instead."""
     import gguf
 
     writer = gguf.GGUFWriter(str(path), "wan")
     per_block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype_name]][0]
     for i, (name, t) in enumerate(sorted(sd.items())):
         t = t.float()
-        if name.startswith("blocks.") and name.endswith(".weight") and t.ndim == 2 and t.shape[1] % per_block == 0:
+        if raw and name in raw:
+            writer.add_tensor(name, raw[name][0], raw_dtype=raw[name][1])
+        elif name.startswith("blocks.") and name.endswith(".weight") and t.ndim == 2 and t.shape[1] % per_block == 0:
             if qtype_name == "F16":
                 writer.add_tensor(name, t.numpy().astype(np.float16))
             else:

@@ -127,25 +127,17 @@ def test_wrong_files_are_one_line(files, diffusers_checkpoint, single_files, tmp
     _refused(capsys, tmp_path, _flags(files, **{"--dit-2": cut}), str(cut), "GGUF")
     _refused(capsys, tmp_path, _flags(files, **{"--tokenizer": None}), "t2v-A14B names an architecture only",
              "--tokenizer")
-    unknown = _gguf_with_type(files["plain_dit_2"], tmp_path / "iq.gguf")
+    unknown = _gguf_with_type(sf, files["plain_dit_2"], tmp_path / "iq.gguf")
     _refused(capsys, tmp_path, _flags(files, **{"--dit-2": unknown}), str(unknown), "IQ4_NL", "cannot dequantize")
 
 
-def _gguf_with_type(plain, path):
+def _gguf_with_type(single_files, plain, path):
     """A GGUF expert whose first block weight is IQ4_NL (an importance-matrix type wan_rt does not decode)."""
     import gguf
     import numpy as np
 
-    writer = gguf.GGUFWriter(str(path), "wan")
-    for name, t in sorted(load_file(str(plain)).items()):
-        if name == "blocks.0.self_attn.q.weight":
-            rows, cols = t.shape
-            writer.add_tensor(name, np.zeros((rows, cols // 32 * 18), dtype=np.uint8),
-                              raw_dtype=gguf.GGMLQuantizationType.IQ4_NL)
-        else:
-            writer.add_tensor(name, t.numpy())
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    sd = load_file(str(plain))
+    rows, cols = sd["blocks.0.self_attn.q.weight"].shape
+    blocks = np.zeros((rows, cols // 32 * 18), dtype=np.uint8)
+    return single_files.write_gguf(sd, path, "F16", raw={"blocks.0.self_attn.q.weight":
+                                                         (blocks, gguf.GGMLQuantizationType.IQ4_NL)})

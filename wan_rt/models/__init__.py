@@ -46,7 +46,6 @@ def load_dit(source: Source, component: Optional[str] = None, *, dtype: Optional
     (.safetensors in Wan / ComfyUI / diffusers names, fp8 scaled, or .gguf: dequantized), or a
     checkpoint root plus `component` ("dit_high_noise", "dit_low_noise" or "dit"; default: the
     first stage)."""
-    from wan_rt.models import hf_config
     from wan_rt.models.dit import WanDiT, cast_dit
 
     files = _files(source)
@@ -61,12 +60,22 @@ def load_dit(source: Source, component: Optional[str] = None, *, dtype: Optional
         from wan_rt.models.single_file import dit_state
 
         config, sd = dit_state(folder, dtype or torch.float32)
-        with meta_parameters():
-            model = WanDiT(config)
-        model = load_into(model, sd, source=folder)
-        if dtype is not None:
-            cast_dit(model, dtype)
-        return model.to(device) if device is not None else model
+    else:
+        config, sd = _dit_folder(folder)
+    with meta_parameters():
+        model = WanDiT(config)
+    # Cast on the host before moving: a 57 GB fp32 expert must not land on the GPU uncast. The
+    # cast keeps diffusers' fp32 modules (time embedder, modulation tables, cross-attn norm).
+    model = load_into(model, sd, source=folder)
+    if dtype is not None:
+        cast_dit(model, dtype)
+    return model.to(device) if device is not None else model
+
+
+def _dit_folder(folder: Path):
+    """(config, tensors in our names) of a diffusers or official DiT folder."""
+    from wan_rt.models import hf_config
+
     cfg = read_config(folder / "config.json")
     official = "dim" in cfg and "num_attention_heads" not in cfg
     if official:
@@ -80,14 +89,7 @@ def load_dit(source: Source, component: Optional[str] = None, *, dtype: Optional
 
         config = dataclasses.replace(config, text_dim=infer_dit_text_dim(sd))
         sd = map_keys(sd, official_dit_to_diffusers, source=folder)
-    with meta_parameters():
-        model = WanDiT(config)
-    # Cast on the host before moving: a 57 GB fp32 expert must not land on the GPU uncast. The
-    # cast keeps diffusers' fp32 modules (time embedder, modulation tables, cross-attn norm).
-    model = load_into(model, sd, source=folder)
-    if dtype is not None:
-        cast_dit(model, dtype)
-    return model.to(device) if device is not None else model
+    return config, sd
 
 
 def load_vae(source: Source, *, dtype: Optional[torch.dtype] = torch.float32,
