@@ -141,3 +141,36 @@ def _gguf_with_type(single_files, plain, path):
     blocks = np.zeros((rows, cols // 32 * 18), dtype=np.uint8)
     return single_files.write_gguf(sd, path, "F16", raw={"blocks.0.self_attn.q.weight":
                                                          (blocks, gguf.GGMLQuantizationType.IQ4_NL)})
+
+
+def test_fp8_build_keeps_the_files_fp8_weights_and_scales(files, tmp_path):
+    """`--precision fp8` on an fp8_scaled expert: every quantized weight of the graph is the
+    file's own fp8 tensor with its per-tensor scale_weight (no requantizing)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from wan_rt.build import build_engines
+    from wan_rt.export.quantize import QuantConfig
+    from wan_rt.models.checkpoint import diffusers_dit_to_official, read_state_dict
+    from wan_rt.resolve import compose_model
+
+    model = compose_model("t2v-A14B", **{k.lstrip("-").replace("-", "_"): str(files[k]) for k in
+                                         ("--dit", "--dit-2", "--vae", "--text-encoder", "--tokenizer")})
+    build_engines(model, "ort", tmp_path / "engines", precision="fp8", components=["dit_high_noise"],
+                  quant_config=QuantConfig("fp8", calib_prompts=("a fox",), calib_steps=2), log=lambda _: None)
+    main = tmp_path / "engines" / "dit_high_noise" / "main"
+    inits = {i.name: i for i in onnx.load(str(main / "model.onnx")).graph.initializer}
+    report = json.loads((main / "qdq_report.json").read_text())
+    raw = read_state_dict(files["--dit"])
+    checked = 0
+    for name, path in report["weights"].items():
+        if name not in inits or inits[name].data_type != onnx.TensorProto.FLOAT8E4M3FN:
+            continue
+        key = "model.diffusion_model." + diffusers_dit_to_official(path + ".weight")
+        q = torch.from_numpy(numpy_helper.to_array(inits[name]).astype(np.float32)).T  # graph: [in, out]
+        scale = numpy_helper.to_array(inits[name.removesuffix("_q") + "_scale"])
+        assert torch.equal(q, raw[key].float()), path
+        assert np.all(scale == np.float32(raw[key.removesuffix("weight") + "scale_weight"].item())), path
+        checked += 1
+    assert checked == 16  # 2 blocks x 8 linears of the step graph (cross-attention K/V live in the text graph)

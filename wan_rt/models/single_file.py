@@ -117,6 +117,21 @@ def dit_state(path: PathLike, dtype: torch.dtype = torch.float32,
     return config, _dit_names(path, _dequantize(path, raw, dtype, keep_quantized))
 
 
+def fp8_weight_scales(path: PathLike) -> dict[str, float]:
+    """{our Linear's path: scale_weight} of an fp8_scaled DiT file (empty for other files): what
+    an fp8 build quantizes those weights with, to keep the file's own fp8 values."""
+    path = Path(path)
+    if is_gguf(path):
+        return {}
+    raw = read_file(path)
+    if not is_fp8(raw):  # type: ignore[arg-type]
+        return {}
+    scaled = {k.removesuffix("scale_weight") + "weight": v for k, v in raw.items() if k.endswith(".scale_weight")}
+    if "head.head.weight" in raw:
+        scaled = map_keys(scaled, official_dit_to_diffusers, source=path)
+    return {k.removesuffix(".weight"): float(v.float()) for k, v in scaled.items()}
+
+
 # -------------------------------------------------------------------------------------------- VAE
 def _vae_base(path: Path, sd: Mapping[str, object]) -> VAEConfig:
     _expect(path, sd, "vae")
@@ -176,5 +191,5 @@ def file_config(path: PathLike, kind: Kind):
     return {"dit": dit_config, "vae": vae_config, "text_encoder": text_encoder_config}[kind](path)
 
 
-__all__ = ["QuantizedWeight", "dit_config", "dit_state", "file_config", "is_gguf", "is_single_file", "kind_of",
+__all__ = ["QuantizedWeight", "dit_config", "dit_state", "file_config", "fp8_weight_scales", "is_gguf", "is_single_file", "kind_of",
            "read_file", "text_encoder_config", "text_encoder_state", "vae_config", "vae_state"]
