@@ -27,6 +27,7 @@ from wan_rt.resolve import ResolvedCheckpoint, resolve_checkpoint
 from wan_rt.runtime.backends import get_backend
 from wan_rt.runtime.engines import check_engines_model, load_engine_components
 from wan_rt.runtime.engines_dir import LoraPairs, build_size, dit_layout, is_stale, read_index
+from wan_rt.runtime.gguf_weights import GGUFLinear
 from wan_rt.runtime.graphs import components_of
 
 BACKEND_CHOICES = ("eager", "ort", "aoti", "trt")
@@ -270,6 +271,7 @@ class WanPipeline(Pipeline):
         for component, refs in plan.items():
             if getattr(self.components[component], "module", None) is None:
                 continue
+            self._eager_module(component)  # refuses GGUF experts
             for ref in refs:
                 applied = load_lora(self.components[component].module, ref.path, ref.scale, mode)  # type: ignore[arg-type]
                 self._loras.setdefault(component, []).append(applied)
@@ -283,6 +285,10 @@ class WanPipeline(Pipeline):
             raise ValueError(f"{component} runs as a compiled engine with its weights built in: LoRAs go in at build "
                              "time (`wan-rt build --lora PATH[:SCALE]` / `--lora-2`, or from_pretrained(lora=..., "
                              "rebuild=True); engines are re-weighted without recompiling)")
+        if any(isinstance(m, GGUFLinear) for m in module.modules()):
+            raise ValueError(f"{component} is a GGUF expert whose weights stay quantized in eager: LoRAs on it are "
+                             "not supported; build engines with the LoRA (`wan-rt build --lora-2 ...`), which "
+                             "dequantizes first")
         return module
 
     def _text_kv_changed(self, component: str) -> None:

@@ -1,12 +1,14 @@
 """GGUF checkpoint files (city96's ComfyUI-GGUF Wan experts), read with the `gguf` package.
 
-Float tensors (F32, F16, BF16) come back as torch tensors. Quantized ones come back as
+Everything stays memory-mapped, as safetensors files do. Float tensors (F32, F16, BF16) come
+back as torch tensors. Quantized ones come back as
 `QuantizedWeight`: the raw blocks, their GGML type and the tensor's logical shape, dequantized on
 request with `gguf.quants.dequantize`. Names are as stored (original Wan names in city96's files).
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Union
@@ -31,6 +33,9 @@ class QuantizedWeight:
     qtype: str
     shape: torch.Size
 
+    def numel(self) -> int:
+        return self.shape.numel()
+
     def dequantize(self, dtype: torch.dtype = torch.float32, device: Union[str, torch.device, None] = None) -> Tensor:
         import gguf
 
@@ -54,6 +59,8 @@ def read_gguf(path: Union[str, Path]) -> dict[str, GGUFTensor]:
     except Exception as e:  # truncated file, bad magic, unknown version
         raise CheckpointError(f"{path}: cannot read GGUF: {_one_line(e)}") from e
     out: dict[str, GGUFTensor] = {}
+    # torch warns that the map is read-only; nothing writes to checkpoint tensors (casts copy).
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
     for t in reader.tensors:
         kind = t.tensor_type.name
         shape = torch.Size(int(d) for d in reversed(t.shape.tolist()))  # GGML lists dims fastest-first
@@ -62,7 +69,7 @@ def read_gguf(path: Union[str, Path]) -> dict[str, GGUFTensor]:
         original = reader.fields.get(f"comfy.gguf.orig_shape.{t.name}")
         if original is not None:
             shape = torch.Size(int(d) for d in original.contents())
-        data = np.array(t.data)  # a copy in memory: the file's map is read-only
+        data = t.data  # a view of the file's read-only memory map: pages are read when used
         if kind == "BF16":
             out[t.name] = torch.from_numpy(data.view(np.int16)).view(torch.bfloat16).reshape(shape)
         elif kind in _FLOAT_TYPES:
