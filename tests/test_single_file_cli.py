@@ -101,6 +101,30 @@ def test_converted_spiece_equals_the_original(diffusers_checkpoint):
         assert getattr(ours.trainer_spec, field) == getattr(original.trainer_spec, field), field
 
 
+def test_cpp_tokenizes_the_converted_spiece_like_python(diffusers_checkpoint, cpp_build, tmp_path):
+    """The C++ runtime's tokenizer (wan-rt-cpp-probe) on the spiece.model made from tokenizer.json
+    gives the Python pipeline's ids on every prompt of tests/test_cpp.py."""
+    import importlib.util
+    import subprocess
+    from pathlib import Path
+
+    from wan_rt.models.spiece import spiece_from_tokenizer_json
+
+    spec = importlib.util.spec_from_file_location("wan_rt_tests_cpp", Path(__file__).with_name("test_cpp.py"))
+    test_cpp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(test_cpp)
+    tokenizer = diffusers_checkpoint(T2V) / "tokenizer"
+    model = tmp_path / "spiece.model"
+    model.write_bytes(spiece_from_tokenizer_json(tokenizer / "tokenizer.json"))
+    proc = subprocess.run([str(cpp_build / "wan-rt-cpp-probe"), "tokenize", str(model), "16"], capture_output=True,
+                          text=True, input=json.dumps(test_cpp.PROMPTS), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    ids, mask = tokenize(load_tokenizer(tokenizer), test_cpp.PROMPTS, 16)
+    for got, prompt, i, m in zip(json.loads(proc.stdout), test_cpp.PROMPTS, ids.tolist(), mask.tolist()):
+        assert (got["ids"], got["mask"]) == (i, m), prompt
+    assert len({tuple(i) for i in ids.tolist()}) > len(test_cpp.PROMPTS) // 2  # the prompts tokenize apart
+
+
 def _refused(capsys, tmp_path, args, *words) -> str:
     capsys.readouterr()
     out = tmp_path / "never.mp4"
