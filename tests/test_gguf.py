@@ -68,3 +68,22 @@ def test_gguf_expert_matches_diffusers(qtype, dit_and_config, single_files, tmp_
                    for m in swapped)
     for ours in (on_the_fly(*_inputs()), load_dit(path, dtype=torch.float32)(*_inputs())):  # eager, build input
         assert (ours - expected).abs().max().item() < 1e-4 * max(1.0, expected.abs().max().item())
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K"])
+def test_torch_dequantization_equals_ggufs_numpy(qtype):
+    """wan_rt's torch port (runs on the GPU where the blocks live) decodes random blocks to the
+    same float32 values as gguf-py's reference numpy code (blocks with inf/nan scales aside)."""
+    import gguf
+    import numpy as np
+
+    from wan_rt.models.gguf_dequant import TORCH_DEQUANTIZE
+
+    kind = gguf.GGMLQuantizationType[qtype]
+    per_block, nbytes = gguf.GGML_QUANT_SIZES[kind]
+    blocks = np.random.default_rng(7).integers(0, 256, size=(256, nbytes), dtype=np.uint8)
+    with np.errstate(invalid="ignore", over="ignore"):
+        ref = gguf.quants.dequantize(blocks.reshape(1, -1), kind).reshape(256, per_block)
+    finite = np.isfinite(ref)
+    ours = TORCH_DEQUANTIZE[qtype](torch.from_numpy(blocks)).numpy()
+    assert finite.mean() > 0.8 and np.array_equal(ours[finite], ref[finite])

@@ -37,13 +37,27 @@ class QuantizedWeight:
         return self.shape.numel()
 
     def dequantize(self, dtype: torch.dtype = torch.float32, device: Union[str, torch.device, None] = None) -> Tensor:
-        import gguf
+        """On the blocks' device with torch where gguf_dequant has the type, else gguf's numpy."""
+        from wan_rt.models.gguf_dequant import TORCH_DEQUANTIZE
 
-        values = gguf.quants.dequantize(self.data.cpu().numpy(), gguf.GGMLQuantizationType[self.qtype])
-        return torch.from_numpy(values).reshape(self.shape).to(device=device or self.data.device, dtype=dtype)
+        if self.qtype in TORCH_DEQUANTIZE:
+            blocks = self.data.reshape(-1, _block_bytes(self.qtype))
+            values = TORCH_DEQUANTIZE[self.qtype](blocks)
+        else:
+            import gguf
+
+            values = torch.from_numpy(gguf.quants.dequantize(self.data.cpu().numpy(),
+                                                             gguf.GGMLQuantizationType[self.qtype]))
+        return values.reshape(self.shape).to(device=device or self.data.device, dtype=dtype)
 
 
 GGUFTensor = Union[Tensor, QuantizedWeight]
+
+
+def _block_bytes(qtype: str) -> int:
+    import gguf
+
+    return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]][1]
 
 
 def read_gguf(path: Union[str, Path]) -> dict[str, GGUFTensor]:

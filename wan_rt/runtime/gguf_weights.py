@@ -1,6 +1,7 @@
 """GGUF experts in eager: the quantized blocks stay in memory, each Linear dequantizes its own
-weight inside its forward (the ComfyUI-GGUF / diffusers GGUFLinear scheme), so a 14B Q4_K
-expert holds ~8 GB of weights instead of 28 GB of bf16.
+weight inside its forward (the ComfyUI-GGUF / diffusers GGUFLinear scheme; torch code on the
+blocks' device, wan_rt.models.gguf_dequant), so a 14B Q4_K expert holds ~9 GB of weights
+instead of 28 GB of bf16.
 
 A variant applied from outside the pure model: `load_gguf_dit` builds wan_rt's WanDiT and swaps
 every Linear whose weight the file quantizes for a `GGUFLinear`. Float tensors of the file (norms,
