@@ -85,6 +85,19 @@ def test_files_run_eager_and_as_engines(files, tmp_path, capsys):
         assert row[:len(want)] == want and not any(row[len(want):]), prompt
 
 
+def test_ti2v_from_files_alone(diffusers_checkpoint, single_files, tmp_path, capsys):
+    """TI2V-5B as files: its DiT (per-token timesteps off the 48 channels), the Wan 2.2 VAE file."""
+    ckpt, sf = diffusers_checkpoint("tiny-ti2v-5B"), single_files
+    args = ["--model", "ti2v-5B", "--dit", sf.write_dit(ckpt / "transformer", tmp_path / "wan2.2_ti2v_5B_fp16.safetensors",
+                                                        dtype=torch.float16),
+            "--vae", sf.write_vae(ckpt / "vae", tmp_path / "wan2.2_vae.safetensors", "2.2", 1),
+            "--text-encoder", sf.write_umt5(ckpt / "text_encoder", tmp_path / "umt5.safetensors"),
+            "--tokenizer", ckpt / "tokenizer", "--steps", "2"]
+    frames = _run(tmp_path, "ti2v", *args)
+    assert frames.shape[0] == 5 and torch.isfinite(frames).all()
+    assert "from tiny-ti2v-5B (eager)" in capsys.readouterr().out
+
+
 def test_converted_spiece_equals_the_original(diffusers_checkpoint):
     from sentencepiece import sentencepiece_model_pb2 as pb
 

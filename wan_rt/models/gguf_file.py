@@ -72,9 +72,14 @@ def read_gguf(path: Union[str, Path]) -> dict[str, GGUFTensor]:
         reader = gguf.GGUFReader(str(path))
     except Exception as e:  # truncated file, bad magic, unknown version
         raise CheckpointError(f"{path}: cannot read GGUF: {_one_line(e)}") from e
+    with warnings.catch_warnings():
+        # torch warns that the map is read-only; nothing writes to checkpoint tensors (casts copy).
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return _tensors(path, reader)
+
+
+def _tensors(path: Path, reader) -> dict[str, GGUFTensor]:
     out: dict[str, GGUFTensor] = {}
-    # torch warns that the map is read-only; nothing writes to checkpoint tensors (casts copy).
-    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
     for t in reader.tensors:
         kind = t.tensor_type.name
         shape = torch.Size(int(d) for d in reversed(t.shape.tolist()))  # GGML lists dims fastest-first
