@@ -63,6 +63,13 @@ def test_files_run_eager_and_as_engines(files, tmp_path, capsys):
     plain = _run(tmp_path, "plain", *_flags(files, **{"--dit": files["plain_dit"], "--dit-2": files["plain_dit_2"]}))
     assert (eager - plain).abs().max().item() < 1e-5  # fp8 x scale, GGUF on the fly == the dequantized weights
     assert "from tiny-t2v-A14B (eager)" in capsys.readouterr().out  # the architecture off the shapes
+    from wan_rt.cli.run import DEFAULT_PROMPT
+    from wan_rt.loader import WanPipeline
+
+    pipe = WanPipeline.from_pretrained("t2v-A14B", files={k.lstrip("-").replace("-", "_"): files[k] for k in
+                                                          ("--dit", "--dit-2", "--vae", "--text-encoder", "--tokenizer")})
+    api = pipe(DEFAULT_PROMPT, generator=torch.Generator().manual_seed(3)).frames[0]
+    assert torch.equal(torch.from_numpy(api), eager)  # the Python API takes the same files
 
     engines = tmp_path / "engines"
     assert wan_rt_main(["build", *map(str, _flags(files)), "--backend", "ort", "--engines-dir", str(engines)]) == 0
