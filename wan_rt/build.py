@@ -119,7 +119,8 @@ def build_engines(model: str, backend: str, engines_dir: Path, *, precision: Opt
         quantized_dits = [c for c in wanted if c in spec.dit_components and precision in QUANTIZED_PRECISIONS]
         trt_config = (trt_config or BuildConfig()).for_build(
             precision, {c: component_dtype(c, precision, backend, dev) for c in wanted}, quantized_dits)
-    model_id = model if not Path(model).exists() else str(Path(model).resolve())
+    # A composed model (component files, resolve.compose_model) already names absolute paths.
+    model_id = model if model.startswith("{") or not Path(model).exists() else str(Path(model).resolve())
     engines_dir = Path(engines_dir)
     engines_dir.mkdir(parents=True, exist_ok=True)
     check_index(engines_dir, model_id, spec, force)
