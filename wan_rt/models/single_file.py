@@ -28,7 +28,7 @@ from wan_rt.models.shapes import infer_text_encoder_config, infer_vae_config
 
 Kind = Literal["dit", "vae", "text_encoder"]
 PathLike = Union[str, Path]
-_PREFIX = "model.diffusion_model."
+_PREFIXES = ("model.diffusion_model.", "diffusion_model.")  # ComfyUI's, and some community re-saves
 _KIND_WORDS = {"dit": "a Wan DiT expert", "vae": "a Wan VAE", "text_encoder": "a umT5 text encoder"}
 _HEAD_DIM = 128  # every released Wan DiT; the presets' own widths are matched first
 
@@ -42,13 +42,14 @@ def is_gguf(path: PathLike) -> bool:
 
 
 def read_file(path: PathLike) -> dict[str, GGUFTensor]:
-    """The file's tensors as stored (GGUF blocks kept quantized, fp8 kept fp8), ComfyUI's DiT
-    prefix removed. Memory-mapped where the format allows."""
+    """The file's tensors as stored (GGUF blocks kept quantized, fp8 kept fp8), a prefix every
+    key shares (ComfyUI's `model.diffusion_model.`) removed. Memory-mapped where the format allows."""
     path = Path(path)
     sd = read_gguf(path) if is_gguf(path) else read_state_dict(path)
     if not sd:
         raise CheckpointError(f"{path}: the file holds no tensors")
-    return {k.removeprefix(_PREFIX): v for k, v in sd.items()}
+    prefix = next((p for p in _PREFIXES if all(k.startswith(p) for k in sd if k != "scaled_fp8")), "")
+    return {k.removeprefix(prefix): v for k, v in sd.items()}
 
 
 def kind_of(sd: Mapping[str, object]) -> Optional[Kind]:
