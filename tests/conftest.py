@@ -135,6 +135,18 @@ def engine_checks():
 
 
 @pytest.fixture(scope="session")
+def single_files():
+    """tests/single_files.py (writers of ComfyUI / fp8 scaled / GGUF component files), loaded by path."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("wan_rt_tests_single_files",
+                                                  Path(__file__).with_name("single_files.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
 def cpp_build() -> Path:
     """The folder of wan_rt's C++ build (wan-rt-cpp, run_graph, wan-rt-cpp-probe), built once per
     session (`wan_rt.cpp.build`, cached by sources). A failing build fails the test; only a machine

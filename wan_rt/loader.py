@@ -23,10 +23,11 @@ from wan_rt.parallel import ParallelPlan, local_component_names, parallelize
 from wan_rt.parallel.plan import local_device
 from wan_rt.pipeline import Pipeline
 from wan_rt.precision import component_dtype
-from wan_rt.resolve import ResolvedCheckpoint, resolve_checkpoint
+from wan_rt.resolve import ResolvedCheckpoint, compose_model, resolve_checkpoint
 from wan_rt.runtime.backends import get_backend
 from wan_rt.runtime.engines import check_engines_model, load_engine_components
 from wan_rt.runtime.engines_dir import LoraPairs, build_size, dit_layout, is_stale, read_index
+from wan_rt.runtime.gguf_weights import GGUFLinear
 from wan_rt.runtime.graphs import components_of
 
 BACKEND_CHOICES = ("eager", "ort", "aoti", "trt")
@@ -176,8 +177,8 @@ class WanPipeline(Pipeline):
                         rebuild: bool = False, kernels: str = "auto",
                         parallel: Optional[ParallelPlan] = None, lora: Iterable[LoraArg] = (),
                         lora_2: Iterable[LoraArg] = (), lora_mode: str = "fuse",
-                        memory_budget_gb: Optional[float] = None, cpu_components: Sequence[str] = ()
-                        ) -> "WanPipeline":
+                        memory_budget_gb: Optional[float] = None, cpu_components: Sequence[str] = (),
+                        files: Optional[Mapping[str, Union[str, Path]]] = None) -> "WanPipeline":
         """path: a diffusers-layout folder, an official Wan2.2 folder, or a preset name (None with
         engines_dir: the model the engines were built from). engines_dir: run the engines
         `wan-rt build` wrote there, on their own backend unless `backend="eager"`; backend_for
@@ -192,7 +193,13 @@ class WanPipeline(Pipeline):
         rank gets the same frames (device default: cuda:LOCAL_RANK, else the CPU).
         memory_budget_gb: GPU memory to stay within; the cheapest plan that fits is applied
         (wan_rt.offload: all resident, one expert at a time, or block offload for eager experts).
-        cpu_components: "text_encoder", "vae_encoder", "vae_decoder" to run on the CPU."""
+        cpu_components: "text_encoder", "vae_encoder", "vae_decoder" to run on the CPU.
+        files: components as single files over `path` ({"dit", "dit_2", "text_encoder", "vae":
+        file, "tokenizer": folder}; ComfyUI / fp8 scaled / GGUF / official files); with every
+        component a file, `path` may name the architecture ("t2v-A14B", "i2v-A14B", "ti2v-5B")."""
+        if files:
+            base = path if path is not None or engines_dir is None else read_index(Path(engines_dir))["model"]
+            path = compose_model(base, **{k: str(v) for k, v in files.items()})
         dev = torch.device(device) if device else (default_device() if parallel is None else local_device())
         if parallel is not None and (memory_budget_gb is not None or cpu_components):
             raise ValueError("memory_budget_gb and cpu_components run in one process, not with a parallel plan")
@@ -270,6 +277,7 @@ class WanPipeline(Pipeline):
         for component, refs in plan.items():
             if getattr(self.components[component], "module", None) is None:
                 continue
+            self._eager_module(component)  # refuses GGUF experts
             for ref in refs:
                 applied = load_lora(self.components[component].module, ref.path, ref.scale, mode)  # type: ignore[arg-type]
                 self._loras.setdefault(component, []).append(applied)
@@ -283,6 +291,10 @@ class WanPipeline(Pipeline):
             raise ValueError(f"{component} runs as a compiled engine with its weights built in: LoRAs go in at build "
                              "time (`wan-rt build --lora PATH[:SCALE]` / `--lora-2`, or from_pretrained(lora=..., "
                              "rebuild=True); engines are re-weighted without recompiling)")
+        if any(isinstance(m, GGUFLinear) for m in module.modules()):
+            raise ValueError(f"{component} is a GGUF expert whose weights stay quantized in eager: LoRAs on it are "
+                             "not supported; build engines with the LoRA (`wan-rt build --lora-2 ...`), which "
+                             "dequantizes first")
         return module
 
     def _text_kv_changed(self, component: str) -> None:

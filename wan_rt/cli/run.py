@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from wan_rt.cli.build import add_lora_arguments, built_default_engines
+from wan_rt.cli.build import (add_component_file_arguments, add_lora_arguments, built_default_engines,
+                              has_component_files, model_with_files)
 from wan_rt.cli.plan_flags import add_plan_arguments, plan_from_args
 from wan_rt.config import DEFAULT_SPEC
 
@@ -64,6 +65,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--text-encoder-on-cpu", action="store_true", help="run umT5 on the CPU (no GPU memory)")
     p.add_argument("--vae-on-cpu", action="store_true", help="run the VAE on the CPU (no GPU memory)")
     add_lora_arguments(p)
+    add_component_file_arguments(p)
     p.add_argument("--lora-mode", default="fuse", choices=["fuse", "runtime"],
                    help="eager experts: fuse LoRAs into the weights (fastest steps) or apply them at run time "
                         "(weights untouched); engines carry the LoRAs they were built with")
@@ -119,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
     if frames_out is not None and (frames_out.suffix != ".safetensors" or not frames_out.parent.is_dir()):
         raise UsageError(f"--frames-out must be a .safetensors path in an existing folder; got {args.frames_out}")
     engines_dir = args.engines_dir
-    if engines_dir is None and args.model is None and args.backend in (None, "ort", "aoti", "trt"):
+    files = has_component_files(args)
+    if engines_dir is None and args.model is None and not files and args.backend in (None, "ort", "aoti", "trt"):
         engines_dir = built_default_engines()
     pinned = _parse_backend_for(args.backend_for, UsageError)
     if args.cache_threshold is not None and args.cache is None:
@@ -128,12 +131,13 @@ def run(args: argparse.Namespace) -> int:
         if args.backend not in (None, "eager"):
             raise UsageError(f"--backend {args.backend} runs built engines: run `wan-rt build --backend "
                              f"{args.backend}` first, then pass --engines-dir")
-        model = args.model or DEFAULT_SPEC
+        model = args.model or (None if files else DEFAULT_SPEC)
     else:
         index = read_index(Path(engines_dir))
         if args.backend not in (None, "eager", index["backend"]):
             raise UsageError(f"{engines_dir} holds {index['backend']} engines, not {args.backend}")
         model = args.model or index["model"]
+    model = model_with_files(args, model)
 
     # Everything about the request is checked before anything heavy loads (or any process starts).
     spec = resolve_checkpoint(model).spec
