@@ -261,3 +261,26 @@ def _generate_rtx_stubs(stubs: Path) -> bool:
     assert n == 1, "tensorrt_rtx's add_scale_nd signature changed: revisit the repair"
     pyi.write_text(text)
     return True
+
+
+# ---- a deployment's shared services, private to the session --------------------------------------
+@pytest.fixture(scope="session")
+def local_services():
+    """bench/local_services.py (a private PostgreSQL server, moto's S3 server), loaded by path."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "local_services.py"
+    spec = importlib.util.spec_from_file_location("wan_rt_bench_local_services", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def postgres_url(local_services):
+    """A private PostgreSQL server (wan-rt serve's shared job store), stopped at the end of the session."""
+    try:
+        with local_services.private_postgres() as url:
+            yield url
+    except local_services.Unavailable as exc:
+        pytest.skip(str(exc))

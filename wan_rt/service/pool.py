@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 from wan_rt.service.jobs import JobError, JobStore
 from wan_rt.service.served_model import ServedModel
-from wan_rt.service.workers import BOOT, GROUP_LOADED, Seat, WorkerSettings
+from wan_rt.service.workers import BOOT, DRAIN, GROUP_LOADED, Seat, WorkerSettings
 
 if TYPE_CHECKING:
     from wan_rt.parallel import ParallelPlan
@@ -87,6 +87,7 @@ class _Group:
     last_exit: Optional[str] = None
     jobs_done: int = 0
     job: Optional[str] = None   # the job it runs now
+    drained: bool = False       # it said it claims no more jobs (the pool drains)
 
     @property
     def device(self) -> str:
@@ -117,11 +118,12 @@ class WorkerPool:
         self._groups = [_Group(i, [_Rank(device) for device in devices]) for i, devices in enumerate(groups)]
         self._on_job, self._on_restart, self._on_tick = on_job, on_restart, on_tick
         self._stopping = threading.Event()
+        self._draining = threading.Event()
         self._monitor = threading.Thread(target=self._watch, name="wan-rt-workers", daemon=True)
         self._lock = threading.Lock()
         self._node = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
         cpu_processes = sum(1 for devices in groups for device in devices if device == "cpu")
-        self._cpu_threads = max(1, (os.cpu_count() or 1) // cpu_processes) if cpu_processes else 0
+        self._cpu_threads = max(1, _usable_cpus() // cpu_processes) if cpu_processes else 0
         self._generation = 0
 
     # ---------------------------------------------------------------- public
@@ -140,6 +142,24 @@ class WorkerPool:
                 self._end(group.ranks, timeout)
                 self.store.release("the service stopped", self.settings.max_attempts, time.time(),
                                    worker_id=group.worker_id, charge=False)
+
+    def drain(self, timeout: float) -> bool:
+        """Workers claim no more jobs and none is restarted; wait up to `timeout` s for the jobs
+        they run to end. True once every worker is idle; False at the timeout (stop() then hands
+        the jobs still running back to the queue, uncharged)."""
+        self._draining.set()
+        for group in self._groups:
+            if group.running:
+                _tell_all(group.ranks[:1], DRAIN)
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                # A worker still loading has no job; the flag it will read before claiming stops it.
+                if all(g.drained or not g.ready for g in self._groups):
+                    return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
 
     @property
     def ready(self) -> bool:
@@ -163,7 +183,7 @@ class WorkerPool:
         with self._lock:
             for rank, (process, conn) in zip(group.ranks, started):
                 rank.process, rank.conn, rank.ready, rank.failure = process, conn, False, None
-            group.worker_id, group.running = worker_id, True
+            group.worker_id, group.running, group.drained = worker_id, True, False
 
     def _start_process(self, seat: Seat, worker_id: str) -> tuple[subprocess.Popen, Connection]:
         threads = self._cpu_threads if seat.device == "cpu" else 0
@@ -192,7 +212,8 @@ class WorkerPool:
                     self._died(group, rank)
             now = time.monotonic()
             for group in self._groups:
-                if not group.running and now >= group.restart_at and not self._stopping.is_set():
+                if not group.running and now >= group.restart_at and not self._stopping.is_set() \
+                        and not self._draining.is_set():
                     self._spawn(group)
             if now >= next_tick:
                 next_tick = now + 1.0
@@ -219,6 +240,9 @@ class WorkerPool:
                     self._on_job(group.device, payload)
                 elif kind == "broken":
                     rank.failure = JobError(*payload)
+                elif kind == "drained":
+                    with self._lock:
+                        group.drained = True
         except (EOFError, OSError):
             return False
         return True
@@ -296,6 +320,14 @@ def _tell_all(ranks: Sequence[_Rank], message: bytes) -> None:
 
 def _pid(rank: _Rank) -> Optional[int]:
     return rank.process.pid if rank.process is not None else None
+
+
+def _usable_cpus() -> int:
+    """The cores this process may run on (a `taskset` or a container's CPU set), not the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
 
 
 def _free_port() -> int:
