@@ -165,7 +165,8 @@ def _rss(pid: int) -> tuple[int, int]:
     return anon, file
 
 
-def measure(cmd: list[str], outputs: list[Path], timeout: float, env: dict | None = None) -> dict:
+def measure(cmd: list[str], outputs: list[Path], timeout: float, env: dict | None = None,
+            cwd: Path | None = None) -> dict:
     """Run `cmd`, sampling the process tree's RssAnon / RssFile; -> figures."""
     for p in outputs:
         if p.is_dir():
@@ -174,7 +175,7 @@ def measure(cmd: list[str], outputs: list[Path], timeout: float, env: dict | Non
             p.unlink()
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, **(env or {})})
+                            env={**os.environ, **(env or {})}, cwd=cwd)
     peak_anon = peak_file = 0
     while proc.poll() is None and time.perf_counter() - start < timeout:
         anon = file = 0
