@@ -7,6 +7,7 @@ from the engines `wan-rt build` wrote, rebuilding stale engines when asked to.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence, Union
 
@@ -16,6 +17,7 @@ from wan_rt.build import build_engines
 from wan_rt.caching import apply_step_cache, remove_step_cache
 from wan_rt.config import ModelSpec
 from wan_rt.eager import build_eager_components, use_triton_kernels
+from wan_rt.host_memory import choose_host_dtype
 from wan_rt.lora import AppliedLora, LoraRef, expert_component, load_lora
 from wan_rt.models.text_encoder import load_tokenizer
 from wan_rt.offload import MemoryPlan, apply_plan, choose_plan, weight_bytes
@@ -72,6 +74,7 @@ def load_components(model: Optional[str], *, backend: Optional[str] = None, engi
                     kernels: str = "auto", parallel: Optional[ParallelPlan] = None,
                     loras: Optional[Mapping[str, LoraPairs]] = None,
                     placement: Optional[Mapping[str, torch.device]] = None,
+                    size: Optional[tuple[int, int, int]] = None,
                     ) -> tuple[ResolvedCheckpoint, dict, str]:
     """-> (resolved checkpoint, components, a few words on what runs them).
 
@@ -81,7 +84,10 @@ def load_components(model: Optional[str], *, backend: Optional[str] = None, engi
     this rank's part of a multi-process plan (wan_rt.parallel), inside an initialized group.
     `loras` ({component: [(file, scale)]}) are what engine experts must have been built with (a
     rebuild fuses them); eager experts take theirs afterwards (WanPipeline.load_lora). `placement`
-    puts eager components elsewhere than `device` (memory_placement: a low-VRAM plan)."""
+    puts eager components elsewhere than `device` (memory_placement: a low-VRAM plan). `size`
+    (height, width, frames): the largest request, for the host-memory check (wan_rt.host_memory:
+    eager components on the CPU that cannot fit in RAM are refused before loading; a dtype left
+    open on the CPU is fp32, or bf16 when only that fits)."""
     dev = device or (default_device() if parallel is None else local_device())
     groups = parallel.groups() if parallel is not None else None
     if backend is not None and backend not in BACKEND_CHOICES:
@@ -97,13 +103,13 @@ def load_components(model: Optional[str], *, backend: Optional[str] = None, engi
     resolved = resolve_checkpoint(model)
     if parallel is not None:
         parallel.check_model(resolved.spec)
-    if dtype is None:
-        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     if index is None or backend == "eager":
+        names = (list(components_of(resolved.spec)) if groups is None
+                 else local_component_names(resolved.spec, groups.plan, groups.rank))
+        dtype = _fit_host_memory(resolved, names, dev, dtype, placement, size)
         how = "eager" + (" + Triton kernels" if use_triton_kernels(kernels, dev) else "")
         if groups is None:
             return resolved, build_eager_components(resolved, dev, dtype, kernels=kernels, placement=placement), how
-        names = local_component_names(resolved.spec, groups.plan, groups.rank)
         sharded = torch.device("cpu") if groups.plan.shard_weights else None  # FSDP moves the shards
         components = build_eager_components(resolved, dev, dtype, names, kernels=kernels, dit_load_device=sharded)
         return resolved, parallelize(components, resolved.spec, groups, dev), f"{how}, {groups.plan.describe()}"
@@ -129,11 +135,28 @@ def load_components(model: Optional[str], *, backend: Optional[str] = None, engi
     eager = [c for c in components_of(resolved.spec) if c not in components]
     if eager:
         base = component_dtype("dit", index["precision"], index["backend"], dev)
+        _fit_host_memory(resolved, eager, dev, base, placement, size)
         components.update(build_eager_components(resolved, dev, base, eager, placement=placement))
     how = f"{index['backend']} engines in {engines_dir}"
     if groups is None:
         return resolved, components, how
     return resolved, parallelize(components, resolved.spec, groups, dev), f"{how}, {groups.plan.describe()}"
+
+
+def _fit_host_memory(resolved: ResolvedCheckpoint, names: Sequence[str], device: torch.device,
+                     dtype: Optional[torch.dtype], placement: Optional[Mapping[str, torch.device]],
+                     size: Optional[tuple[int, int, int]]) -> torch.dtype:
+    """The eager dtype: the caller's, checked against host RAM for what runs on the CPU; left open,
+    bf16 on a GPU and on a CPU fp32 unless only bf16 fits (said on stderr)."""
+    on_cpu = [n for n in names if torch.device((placement or {}).get(n, device)).type == "cpu"]
+    if dtype is None and device.type == "cuda":
+        dtype = torch.bfloat16
+    if not on_cpu:
+        return dtype or torch.float32
+    chosen, note = choose_host_dtype(resolved.spec, resolved.files, on_cpu, dtype, size)
+    if note:
+        print(f"wan-rt: {note}", file=sys.stderr)
+    return chosen
 
 
 def memory_plan(resolved: ResolvedCheckpoint, budget_gb: float, dtype: torch.dtype,

@@ -210,7 +210,8 @@ def _generate(args: argparse.Namespace, spec, request: _Request, device, plan, r
                                                 device=device, dtype=dtypes[args.dtype] if args.dtype else None,
                                                 backend_for=request.pinned, rebuild=args.rebuild, kernels=args.kernels,
                                                 parallel=plan, loras=lora_pairs(request.loras),
-                                                placement=memory_placement(spec, request.memory, request.on_cpu))
+                                                placement=memory_placement(spec, request.memory, request.on_cpu),
+                                                size=(request.height, request.width, request.num_frames))
     tokenizer = load_tokenizer(resolved.files.tokenizer, spec.text_encoder.vocab_size)  # warns if degenerate
     pipe = WanPipeline(spec, components, tokenizer, resolved.defaults, device)
     pipe.set_progress_bar_config(disable=rank != 0)

@@ -25,7 +25,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Redirect
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from wan_rt.service.jobs import InvalidRequest, Job, JobNotFound, QueueFull, VideoRequest
+from wan_rt.service.jobs import InvalidRequest, Job, JobNotFound, ModelUnavailable, QueueFull, VideoRequest
 from wan_rt.service.outputs import VARIANTS
 from wan_rt.service.service import VideoExpired, VideoNotReady, VideoService
 from wan_rt.service.storage import StorageError
@@ -139,13 +139,16 @@ def create_app(service: VideoService, api_key: Optional[str] = None,
         return HTMLResponse(resources.files("wan_rt.service").joinpath("static/index.html").read_text("utf-8"))
 
     @app.get("/healthz")
-    async def healthz() -> dict:
-        return {"status": "ok"}
+    async def healthz() -> JSONResponse:
+        # Alive unless the model cannot load here: then no restart of a worker will help, say why.
+        if (reason := service.load_error) is not None:
+            return JSONResponse({"status": "failed", "error": reason}, status_code=503)
+        return JSONResponse({"status": "ok"})
 
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
         body = {"ready": service.ready, "draining": service.draining, "model": service.model.id,
-                "workers": service.workers()}
+                "error": service.load_error, "workers": service.workers()}
         return JSONResponse(body, status_code=200 if service.ready else 503)
 
     @app.get("/metrics", dependencies=[Depends(authorize)])
@@ -356,6 +359,8 @@ async def _call(fn: Callable, *args: Any) -> Any:
         raise APIError(404, str(exc), code="video_expired") from None
     except StorageError as exc:
         raise APIError(503, str(exc), type_="server_error", code="storage_unavailable") from None
+    except ModelUnavailable as exc:
+        raise APIError(503, str(exc), type_="server_error", code="model_load_failed") from None
 
 
 def _too_large(limit: int) -> APIError:

@@ -31,6 +31,9 @@ if TYPE_CHECKING:
     from wan_rt.parallel import ParallelPlan
 
 MAX_BACKOFF_S = 30.0       # a worker that dies before it is ready is restarted 1, 2, 4 ... 30 s later
+# A worker that fails to load this many times in a row is not restarted again: the model cannot
+# load here (too little memory, a broken checkpoint) and another try would end the same way.
+MAX_LOAD_FAILURES = 3
 
 
 def worker_groups(devices: Sequence[str], plan: Optional["ParallelPlan"], served: ServedModel) -> list[list[str]]:
@@ -71,6 +74,7 @@ class _Rank:
     conn: Optional[Connection] = None
     ready: bool = False
     failure: Optional[JobError] = None   # what it reported before it left its group
+    load_error: Optional[str] = None     # why its pipeline could not load (one line)
 
 
 @dataclass
@@ -88,6 +92,8 @@ class _Group:
     jobs_done: int = 0
     job: Optional[str] = None   # the job it runs now
     drained: bool = False       # it said it claims no more jobs (the pool drains)
+    load_failures: int = 0      # consecutive ends before it was ready
+    gave_up: Optional[str] = None   # why it is not restarted any more (MAX_LOAD_FAILURES loads failed)
 
     @property
     def device(self) -> str:
@@ -112,11 +118,13 @@ class WorkerPool:
     def __init__(self, settings: WorkerSettings, groups: Sequence[Sequence[str]], store: JobStore,
                  on_job: Callable[[str, dict], None] = lambda device, report: None,
                  on_restart: Callable[[str, str], None] = lambda device, reason: None,
-                 on_tick: Callable[[], None] = lambda: None):
+                 on_tick: Callable[[], None] = lambda: None,
+                 on_give_up: Callable[[str], None] = lambda reason: None):
         self.settings = settings
         self.store = store
         self._groups = [_Group(i, [_Rank(device) for device in devices]) for i, devices in enumerate(groups)]
         self._on_job, self._on_restart, self._on_tick = on_job, on_restart, on_tick
+        self._on_give_up = on_give_up  # called once when every group has given up
         self._stopping = threading.Event()
         self._draining = threading.Event()
         self._monitor = threading.Thread(target=self._watch, name="wan-rt-workers", daemon=True)
@@ -165,11 +173,18 @@ class WorkerPool:
     def ready(self) -> bool:
         return any(group.ready for group in self._groups)
 
+    @property
+    def load_error(self) -> Optional[str]:
+        """Why no worker will run: set once every group failed to load MAX_LOAD_FAILURES times."""
+        with self._lock:
+            reasons = [g.gave_up for g in self._groups]
+        return reasons[0] if reasons and all(reasons) else None
+
     def status(self) -> list[dict]:
         with self._lock:
             return [{"device": g.device, "pid": _pid(g.ranks[0]), "pids": [_pid(r) for r in g.ranks],
                      "ready": g.ready, "job": g.job, "jobs_done": g.jobs_done, "restarts": g.restarts,
-                     "last_exit": g.last_exit}
+                     "last_exit": g.last_exit, "gave_up": g.gave_up}
                     for g in self._groups]
 
     # ---------------------------------------------------------------- monitor
@@ -212,8 +227,8 @@ class WorkerPool:
                     self._died(group, rank)
             now = time.monotonic()
             for group in self._groups:
-                if not group.running and now >= group.restart_at and not self._stopping.is_set() \
-                        and not self._draining.is_set():
+                if not group.running and group.gave_up is None and now >= group.restart_at \
+                        and not self._stopping.is_set() and not self._draining.is_set():
                     self._spawn(group)
             if now >= next_tick:
                 next_tick = now + 1.0
@@ -240,6 +255,8 @@ class WorkerPool:
                     self._on_job(group.device, payload)
                 elif kind == "broken":
                     rank.failure = JobError(*payload)
+                elif kind == "load_failed":
+                    rank.load_error = payload
                 elif kind == "drained":
                     with self._lock:
                         group.drained = True
@@ -269,6 +286,8 @@ class WorkerPool:
         code = cause.process.returncode  # type: ignore[union-attr]
         if cause.failure is not None:
             reason, error_code = f"{group.who(cause)} failed: {cause.failure.message}", cause.failure.code
+        elif (load_error := next((r.load_error for r in group.ranks if r.load_error), None)) is not None:
+            reason, error_code = f"{group.who(cause)} could not load the model: {load_error}", "model_load_failed"
         else:
             how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
             reason, error_code = f"{group.who(cause)} {how}", "worker_crashed"
@@ -277,14 +296,23 @@ class WorkerPool:
         was_ready = group.ready
         with self._lock:
             for rank in group.ranks:
-                rank.process, rank.conn, rank.ready, rank.failure = None, None, False, None
+                rank.process, rank.conn, rank.ready, rank.failure, rank.load_error = None, None, False, None, None
             group.running, group.job = False, None
-            group.restarts += 1
             group.last_exit = reason
-            # A worker that never got ready (a load that fails) is retried ever more slowly.
-            group.backoff = 0.0 if was_ready else min(MAX_BACKOFF_S, max(1.0, 2 * group.backoff))
-            group.restart_at = time.monotonic() + group.backoff
-        self._on_restart(group.device, reason)
+            # A worker that never got ready (a load that fails) is retried ever more slowly, and
+            # not at all after MAX_LOAD_FAILURES tries in a row.
+            group.load_failures = 0 if was_ready else group.load_failures + 1
+            if group.load_failures >= MAX_LOAD_FAILURES:
+                group.gave_up = f"{reason} ({group.load_failures} tries; not restarted again)"
+            else:
+                group.restarts += 1
+                group.backoff = 0.0 if was_ready else min(MAX_BACKOFF_S, max(1.0, 2 * group.backoff))
+                group.restart_at = time.monotonic() + group.backoff
+            every_group_gave_up = all(g.gave_up for g in self._groups)
+        if group.gave_up is None:
+            self._on_restart(group.device, reason)
+        elif every_group_gave_up:
+            self._on_give_up(group.gave_up)
 
     @staticmethod
     def _end(ranks: Sequence[_Rank], timeout: float) -> None:

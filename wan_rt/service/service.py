@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, AsyncIterator, Iterator, Optional, Sequence, U
 
 from PIL import Image
 
-from wan_rt.service.jobs import InvalidRequest, Job, JobNotFound, QueueFull, VideoRequest, new_job_id
+from wan_rt.service.jobs import InvalidRequest, Job, JobError, JobNotFound, ModelUnavailable, QueueFull, VideoRequest, new_job_id
 from wan_rt.service.metrics import ServiceMetrics
 from wan_rt.service.outputs import VARIANTS, JobFiles
 from wan_rt.service.served_model import ServedModel, describe
@@ -118,7 +118,7 @@ class VideoService:
         self.metrics = ServiceMetrics(self.store, self.model.id, lambda: sum(w["ready"] for w in self.workers()))
         self._pool = WorkerPool(settings, self.groups, self.store, on_job=self._job_finished,
                                 on_restart=lambda device, reason: self.metrics.worker_restarts.labels(device).inc(),
-                                on_tick=self._housekeeping)
+                                on_tick=self._housekeeping, on_give_up=self._workers_gave_up)
         self._pool.start()
         return self
 
@@ -154,6 +154,18 @@ class VideoService:
         self._draining = True
         return self._pool is None or self._pool.drain(timeout)
 
+    @property
+    def load_error(self) -> Optional[str]:
+        """Why no worker will ever run a job: every worker failed to load the model a few times
+        in a row and is not restarted (wan_rt.service.pool.MAX_LOAD_FAILURES); None otherwise."""
+        return self._pool.load_error if self._pool is not None else None
+
+    def _workers_gave_up(self, reason: str) -> None:
+        """Jobs waiting for this service's workers fail with the reason instead of waiting forever;
+        on a shared store other services may still run them, so they are left queued there."""
+        if self._exclusive:
+            self.store.fail_queued(self.model.id, JobError("model_load_failed", reason), time.time())
+
     def workers(self) -> list[dict]:
         return self._pool.status() if self._pool is not None else []
 
@@ -161,6 +173,8 @@ class VideoService:
     def submit(self, request: VideoRequest, image: Union[bytes, Image.Image, None] = None) -> Job:
         """Queue a generation; InvalidRequest (one line) for what this model cannot run,
         QueueFull when max_queue jobs wait."""
+        if (reason := self.load_error) is not None:
+            raise ModelUnavailable(reason)
         request = self._complete(request)
         picture = _read_image(image) if image is not None else None
         task, name = self.model.spec.task, self.model.spec.name

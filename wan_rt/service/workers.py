@@ -123,9 +123,13 @@ def worker_main(settings: WorkerSettings, seat: Seat, worker_id: str, conn: Conn
     try:
         if seat.grouped:
             _join_group(seat, settings.plan.timeout_s if settings.plan is not None else None)
-        pipe = wan_rt.WanPipeline.from_pretrained(served.model, backend=served.backend, device=seat.device,
-                                                  engines_dir=served.engines_dir,
-                                                  parallel=settings.plan if seat.grouped else None)
+        try:
+            pipe = wan_rt.WanPipeline.from_pretrained(served.model, backend=served.backend, device=seat.device,
+                                                      engines_dir=served.engines_dir,
+                                                      parallel=settings.plan if seat.grouped else None)
+        except Exception as exc:  # the pool counts failed loads and gives up after a few
+            conn.send(("load_failed", _failure(exc, seat.device).message))
+            raise
         pipe.set_progress_bar_config(disable=True)
         conn.send(("ready", {}))
         if seat.grouped:
