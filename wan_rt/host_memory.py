@@ -25,7 +25,8 @@ from typing import Optional, Sequence
 import torch
 
 from wan_rt.config import ModelSpec, latent_shape
-from wan_rt.models.checkpoint import read_state_dict
+from wan_rt.models.gguf_file import QuantizedWeight
+from wan_rt.models.single_file import read_file
 
 _GIB = 2**30
 BUDGET_ENV = "WAN_RT_HOST_MEMORY_GB"  # the RAM wan_rt may plan for (default: what the machine has free)
@@ -96,10 +97,14 @@ def _cgroup_room() -> Optional[int]:
 
 
 def _weights(path: Path, dtype: torch.dtype) -> tuple[int, int]:
-    """(converted, mapped) bytes of one component's weights run at `dtype`."""
+    """(converted, mapped) bytes of one component's weights run at `dtype`: a folder or one file
+    (GGUF blocks stay quantized and mapped, dequantized a layer at a time; fp8 scaled weights
+    are dequantized on load, so they count as converted)."""
     converted = mapped = 0
-    for t in read_state_dict(path).values():
-        if t.is_floating_point() and t.dtype != dtype:
+    for t in read_file(path).values():
+        if isinstance(t, QuantizedWeight):
+            mapped += t.data.numel() * t.data.element_size()
+        elif t.is_floating_point() and t.dtype != dtype:
             converted += t.numel() * dtype.itemsize
         else:
             mapped += t.numel() * t.element_size()
