@@ -1,5 +1,6 @@
-"""A job's files in the data dir: the uploaded first frame and the outputs, each written to a
-temporary name and renamed, so a file that exists is complete."""
+"""A job's files in the data dir: its inputs (the uploaded first frame; the source video of a
+remix, edit or extension) and the outputs, each written to a temporary name and renamed, so a
+file that exists is complete."""
 
 from __future__ import annotations
 
@@ -30,6 +31,12 @@ class JobFiles:
     def input_image(self, job_id: str) -> Path:
         return self.inputs / f"{job_id}.png"
 
+    def input_video(self, job_id: str) -> Path:
+        return self.inputs / f"{job_id}.mp4"
+
+    def save_input_video(self, job_id: str, data: bytes) -> Path:
+        return _write_atomic(self.input_video(job_id), data)
+
     def save_input(self, job_id: str, image: Image.Image) -> Path:
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
@@ -45,7 +52,8 @@ class JobFiles:
         export_to_video(pixels, self.output(job_id, "video"), fps=fps)  # itself temp-then-rename
 
     def remove(self, job_id: str, inputs: bool = True) -> None:
-        paths = [self.output(job_id, v) for v in VARIANTS] + ([self.input_image(job_id)] if inputs else [])
+        paths = [self.output(job_id, v) for v in VARIANTS]
+        paths += [self.input_image(job_id), self.input_video(job_id)] if inputs else []
         for path in paths:
             path.unlink(missing_ok=True)
 

@@ -21,13 +21,18 @@ class RequestLimits:
     max_side: int          # width and height, each
     max_frames: int        # frames a job generates (a video-to-video source is cut to this many)
     max_steps: int = 1000
+    max_source_frames: int = 321        # a remixed, edited or extended video (uploads: also its bytes)
+    max_source_seconds: float = 20.0
 
     @staticmethod
     def for_spec(spec: ModelSpec) -> "RequestLimits":
         """Twice the model's default size and length: room to explore, not an 8K request by accident."""
+        from wan_rt.video import MAX_VIDEO_FRAMES
+
         stride = spec.vae.stride[0]
         return RequestLimits(max_side=2 * max(spec.height, spec.width),
-                             max_frames=stride * ((2 * spec.num_frames - 2) // stride) + 1)
+                             max_frames=stride * ((2 * spec.num_frames - 2) // stride) + 1,
+                             max_source_frames=MAX_VIDEO_FRAMES, max_source_seconds=MAX_VIDEO_FRAMES / spec.fps)
 
 
 @dataclass(frozen=True)
