@@ -14,12 +14,14 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
 
 from wan_rt.service.served_model import ServedModel
 
 MAX_SEED = 2**63 - 1
-PROMPT_PATTERN = r"\S"   # unanchored: at least one character that is not a space
+# Unanchored: at least one character that is not whitespace as Python's str.strip() sees it (the
+# service refuses a prompt that strips to nothing; regex engines disagree on what \S excludes).
+PROMPT_PATTERN = "[^" + "".join(c for c in map(chr, range(0x3001)) if c.isspace()) + "]"
 
 
 class Solver(str, Enum):
@@ -156,6 +158,11 @@ class VideoReference(BaseModel):
     id: str
 
 
+def _integral(value: Any) -> Any:
+    """JSON Schema counts 22.0 as an integer; pydantic's strict mode would not."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 @dataclass(frozen=True)
 class RequestModels:
     """The served model's request bodies (JSON form; see module docstring for multipart)."""
@@ -182,21 +189,27 @@ def request_models(served: ServedModel) -> RequestModels:
     seconds_field = (Optional[Union[Literal[seconds], Annotated[float, Field(gt=0, le=longest)]]], Field(
         None, description=f"the clip's length: one of the listed texts, or a number of seconds up to "
                           f"{longest:g}; rounded to the nearest frame count the model takes"))
-    frames_field = (Optional[Literal[frames]], Field(None, description="frames to generate (wins over seconds)"))
-    strength = (Optional[float], Field(None, gt=0, le=1, description=(
+    frames_field = (Optional[Annotated[Literal[frames], BeforeValidator(_integral)]], Field(None, description="frames to generate (wins over seconds)"))
+    strength = (Optional[Annotated[float, Field(gt=0, le=1)]], Field(None, description=(
         "wan_rt: how far the result may move from the source video: the fraction of the denoising "
         "steps that run (1: the source only sets the size and length)")))
 
+    def optional(kind: Any, **constraints) -> tuple:
+        """An optional field whose constraints the JSON schema shows (inside the Optional; an
+        integer's before the validator that takes 22.0, or the schema would not show them)."""
+        integral = (BeforeValidator(_integral),) if kind is int else ()
+        return (Optional[Annotated[(kind, Field(**constraints), *integral)]], None)
+
     common = dict(
         negative_prompt=(Optional[str], None),
-        num_inference_steps=(Optional[int], Field(None, ge=1, le=limits.max_steps)),
-        guidance_scale=(Optional[float], Field(None, ge=0, le=100)),
-        guidance_scale_2=(Optional[float], Field(None, ge=0, le=100)),
-        seed=(Optional[int], Field(None, ge=0, le=MAX_SEED)),
-        shift=(Optional[float], Field(None, gt=0, le=1000)),
+        num_inference_steps=optional(int, ge=1, le=limits.max_steps),
+        guidance_scale=optional(float, ge=0, le=100),
+        guidance_scale_2=optional(float, ge=0, le=100),
+        seed=optional(int, ge=0, le=MAX_SEED),
+        shift=optional(float, gt=0, le=1000),
         solver=(Optional[Solver], None),
     )
-    prompt = (str, Field(pattern=PROMPT_PATTERN, description="what the video shows"))
+    prompt = (str, Field(min_length=1, pattern=PROMPT_PATTERN, description="what the video shows"))
     video = (Union[VideoReference, None], Field(None, description=(
         "the source: {\"id\": ...} of a completed video here (JSON), or an mp4 upload (multipart)")))
     image = "none" if spec.task == "t2v" else ("required" if spec.task == "i2v" else "optional")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import re
 import time
 from importlib import resources
 from typing import Any, AsyncIterator, Callable, Optional
@@ -21,7 +22,6 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Route
 
 from wan_rt.service import openapi
 from wan_rt.service.api_models import (ErrorResponse, Health, Model, ModelList, Order, Ready, Variant, Video,
@@ -39,6 +39,11 @@ WHY = {400: "a request this server refuses (the message names the field)", 401: 
        413: "the body is larger than the upload limit", 429: "the queue is full; retry after Retry-After seconds",
        503: "no worker has loaded the model yet"}
 SUBMIT_ERRORS = (400, 413, 429)
+# One server-sent event (OpenAPI 3.1: the schema of a text/event-stream is each event's): its data
+# is a Video object as JSON, or an error once the video is deleted.
+_SSE_EVENT = {"type": "object", "required": ["data"], "properties": {
+    "event": {"type": "string"}, "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": {
+        "anyOf": [{"$ref": "#/components/schemas/Video"}, {"$ref": "#/components/schemas/ErrorResponse"}]}}}}
 
 
 def create_app(service: VideoService, api_key: Optional[str] = None,
@@ -136,7 +141,7 @@ def create_app(service: VideoService, api_key: Optional[str] = None,
         return FileResponse(path, media_type=media_type, filename=f"{video_id}{suffix}")
 
     @api.get("/videos/{video_id}/events", operation_id="video_events", response_class=StreamingResponse,
-             responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+             responses={200: {"content": {"text/event-stream": {"schema": _SSE_EVENT}},
                               "description": "the Video object as `data:` events"}, **errors(404)})
     async def video_events(video_id: str) -> StreamingResponse:
         """Server-sent events: the Video object now and on every change, until it is finished."""
@@ -184,8 +189,8 @@ def create_app(service: VideoService, api_key: Optional[str] = None,
         content, media_type = await run_in_threadpool(service.metrics.render)
         return Response(content, media_type=media_type)
 
-    _answer_unsupported_methods(app)
     openapi.install(app, models, api_key)
+    _answer_unsupported_methods(app, {"/v1/videos/extensions": {"POST"}})
     return app
 
 
@@ -306,19 +311,29 @@ async def _call(fn: Callable, *args: Any) -> Any:
         raise APIError(404, str(exc), code="video_expired") from None
 
 
-def _answer_unsupported_methods(app: FastAPI) -> None:
-    """A method a path does not take is a 405 whose Allow lists every method of that path, as the
-    document has them. Starlette would list only the first route's methods, and send GET
-    /v1/videos/edits to the {video_id} route; here a literal path wins over a templated one."""
-    routes = [r for r in app.routes if isinstance(r, Route)]
+def _answer_unsupported_methods(app: FastAPI, hidden: dict[str, set[str]]) -> None:
+    """A method a path does not take is a 405 whose Allow lists the methods the document gives that
+    path (plus `hidden`: served, not documented). Starlette would list only the first matching
+    route's methods, and send GET /v1/videos/edits to the {video_id} route: here a literal path
+    wins over a templated one, as in OpenAPI."""
+    table: list[tuple[re.Pattern, int, set[str]]] = []
+
+    def paths() -> list[tuple[re.Pattern, int, set[str]]]:
+        if not table:
+            methods = {path: {m.upper() for m in item} for path, item in app.openapi()["paths"].items()}
+            for path, extra in hidden.items():
+                methods[path] = methods.get(path, set()) | extra
+            for path, allowed in methods.items():
+                pattern = re.compile("^" + re.sub(r"\\{[^/]+?\\}", "[^/]+", re.escape(path)) + "$")
+                table.append((pattern, path.count("{"), allowed))
+        return table
 
     @app.middleware("http")
     async def allow(request: Request, call_next):
-        path = request.url.path
-        matching = [r for r in routes if r.path_regex.match(path)]
+        matching = [(params, allowed) for pattern, params, allowed in paths() if pattern.match(request.url.path)]
         if matching:
-            fewest = min(r.path_format.count("{") for r in matching)
-            methods = {m for r in matching if r.path_format.count("{") == fewest for m in r.methods or ()}
+            fewest = min(params for params, _ in matching)
+            methods = set().union(*(allowed for params, allowed in matching if params == fewest))
             if request.method not in methods:
                 allowed = ", ".join(sorted(methods))
                 return JSONResponse(_error_body(f"{request.method} is not allowed here; allowed: {allowed}",

@@ -58,8 +58,7 @@ def _document(app: FastAPI, models: RequestModels, api_key: Optional[str]) -> di
 
 
 def _body(model: type[BaseModel], upload: Optional[str], schemas: dict, image_required: bool) -> dict[str, Any]:
-    """JSON: the model; multipart: the same fields as text, the upload as a file part (or, for a
-    video, the client's `video[id]` field)."""
+    """JSON: the model; multipart: the same fields as text, the upload as a file part."""
     schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
     schemas.update(schema.pop("$defs", {}))
     json_schema = copy.deepcopy(schema)
@@ -70,11 +69,10 @@ def _body(model: type[BaseModel], upload: Optional[str], schemas: dict, image_re
         form["properties"][upload] = {"type": "string", "format": "binary",
                                       "description": schema["properties"][upload].get("description", "")}
         encoding[upload] = {"contentType": FILE_TYPES[upload]}
-        if upload == "video":   # JSON names a video here; a form uploads one or names it as video[id]
+        if upload == "video":   # JSON names a completed video here; a form uploads one
             json_schema["properties"]["video"] = _no_null(json_schema["properties"]["video"])
-            json_schema["required"].append("video")
-            form["properties"]["video[id]"] = {"type": "string", "description": "a completed video here, by id"}
-            form["oneOf"] = [{"required": ["video"]}, {"required": ["video[id]"]}]
+            for body in (json_schema, form):
+                body["required"].append("video")
         elif image_required:
             for body in (json_schema, form):
                 body["required"].append(upload)

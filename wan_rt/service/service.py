@@ -149,7 +149,7 @@ class VideoService:
             request = from_source(request, source, self.model)
         request = self._complete(request)
         if source is not None:
-            check_source(request, self.model)
+            request = check_source(request, self.model)
         picture = _read_image(image) if image is not None else None
         task, name = self.model.spec.task, self.model.spec.name
         if task == "t2v" and picture is not None:

@@ -5,6 +5,7 @@ job is submitted (a bad video is a 400 naming `video`), and its mp4 is kept with
 from __future__ import annotations
 
 import dataclasses
+import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,19 +56,28 @@ def from_source(request: VideoRequest, source: SourceVideo, served: ServedModel)
     return dataclasses.replace(request, num_frames=frames, source_frames=source.frames, strength=strength)
 
 
-def check_source(request: VideoRequest, served: ServedModel) -> None:
-    """What the model cannot run with this source, in one line (InvalidRequest)."""
+def check_source(request: VideoRequest, served: ServedModel) -> VideoRequest:
+    """What the model cannot run with this source, in one line (InvalidRequest); a strength too
+    small to run one of the steps runs one (the job shows the strength it ran)."""
     from wan_rt.pipeline import check_extendable, strength_start
 
     if request.source not in SOURCES:
         raise InvalidRequest(f"source must be one of {', '.join(SOURCES)}; got {request.source!r}", "source")
-    try:
-        if request.source == "extension":
+    if request.source == "extension":
+        try:
             check_extendable(served.spec)
-        else:
-            strength_start(request.num_inference_steps, request.strength)
-    except ValueError as exc:
-        raise InvalidRequest(str(exc), "model" if request.source == "extension" else "strength") from None
+        except ValueError as exc:
+            raise InvalidRequest(str(exc), "model") from None
+        return request
+    steps, strength = request.num_inference_steps, request.strength
+    if not 0 < strength <= 1:
+        raise InvalidRequest(f"strength must be in (0, 1]; got {strength}", "strength")
+    if int(steps * strength) < 1:
+        strength = 1 / steps
+        while int(steps * strength) < 1:  # 1/steps * steps may round below 1
+            strength = math.nextafter(strength, 2.0)
+    strength_start(steps, strength)
+    return dataclasses.replace(request, strength=strength)
 
 
 def _makes(served: ServedModel, height: int, width: int) -> bool:
