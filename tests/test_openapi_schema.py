@@ -115,7 +115,8 @@ def test_allow_lists_the_methods_of_the_path(tmp_path):
 @pytest.mark.slow
 def test_schemathesis_finds_nothing(tmp_path):
     """`schemathesis run --checks all` (every phase, stateful included) against `wan-rt serve`:
-    0 failures. Bounded: 3 examples per operation, a fixed seed, one worker, a hard timeout.
+    0 failures. Bounded: 3 examples per operation, 75 s (fuzzing and stateful runs fill it), a fixed
+    seed, one worker, a hard timeout.
     tests/schemathesis_hooks.py makes its uploads real mp4s (a schema cannot say "decodable")."""
     pytest.importorskip("schemathesis")
     serve = _serve_helpers()
@@ -124,7 +125,7 @@ def test_schemathesis_finds_nothing(tmp_path):
         env = {**os.environ, "SCHEMATHESIS_HOOKS": "schemathesis_hooks", "PYTHONPATH": str(Path(__file__).parent),
                "NO_COLOR": "1"}
         run = subprocess.run([sys.executable, "-m", "schemathesis.cli", "run", f"{server.url}/openapi.json",
-                              "--checks", "all", "--max-examples", "3", "--seed", "1", "--workers", "1",
+                              "--checks", "all", "--max-examples", "3", "--max-time", "75", "--seed", "1", "--workers", "1",
                               "--request-timeout", "30"], env=env, capture_output=True, text=True,
                              timeout=SCHEMATHESIS_TIMEOUT_S, cwd=tmp_path)
         report = run.stdout + run.stderr

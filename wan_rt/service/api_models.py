@@ -176,9 +176,14 @@ class RequestModels:
     seconds: tuple[str, ...]                 # `seconds` as text: the lengths of those frame counts
 
 
+def request_frames(served: ServedModel) -> tuple[int, ...]:
+    """The frame counts a request may ask for: 4k+1 up to the server's limit."""
+    return tuple(range(1, served.limits.max_frames + 1, served.spec.vae.stride[0]))
+
+
 def request_models(served: ServedModel) -> RequestModels:
     spec, limits = served.spec, served.limits
-    frames = tuple(range(1, limits.max_frames + 1, spec.vae.stride[0]))
+    frames = request_frames(served)
     seconds = tuple(f"{n / spec.fps:g}" for n in frames)
     multiple = spec.spatial_multiple
     sides = "|".join(str(n) for n in range(multiple, limits.max_side + 1, multiple))

@@ -17,6 +17,7 @@ from fastapi import Request
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 
+from wan_rt.service.api_models import request_frames
 from wan_rt.service.served_model import ServedModel
 
 FILE_FIELDS = ("input_reference", "video")   # the uploads; `name[key]` form fields are their JSON objects
@@ -62,11 +63,13 @@ async def read_body(request: Request, model: type[BaseModel], served: ServedMode
         name, _, sub = key.partition("[")
         if name in fields or name in files:
             raise APIError(400, f"{name} is given more than once", param=name)
-        if name in FILE_FIELDS and name in properties and not sub:
+        if name in FILE_FIELDS and not sub:
+            if name not in properties:  # not a field of this body: validation names it below
+                fields[name] = "(a file)"
+                continue
             files[name] = await value.read() if isinstance(value, UploadFile) else value.encode()
         elif isinstance(value, UploadFile):
-            raise APIError(400, f"unexpected file in field {key!r}; only {' and '.join(FILE_FIELDS)} take a file",
-                           param=name)
+            raise APIError(400, f"unexpected file in field {key!r}", param=name)
         elif sub and sub.endswith("]") and name in FILE_FIELDS:   # the client's input_reference[image_url]
             fields[name] = {sub[:-1]: value}
         else:
@@ -135,17 +138,28 @@ def _validate(model: type[BaseModel], raw: bytes, served: ServedModel) -> BaseMo
 def _explain(error: dict, body: dict, served: ServedModel) -> APIError:
     """pydantic's first complaint as one line that names the field, in the CLI's words where the
     CLI has words for it (sizes, frame counts, steps)."""
-    loc = [str(part) for part in error.get("loc", ())]
+    loc = [str(part) for part in error.get("loc", ()) if re.fullmatch(r"\w+", str(part))]  # no union tags
     name = loc[0] if loc else None
     got = body.get(name) if name else None
     kind = error.get("type", "")
+    if kind == "extra_forbidden" and name == "input_reference" and served.spec.task == "t2v":
+        return APIError(400, f"{served.spec.name} is a text-to-video model; input_reference needs an i2v or "
+                             "ti2v model", param=name)
     if kind == "extra_forbidden":
         return APIError(400, f"unknown parameter {'.'.join(loc)!r}", param=name)
+    if loc == ["input_reference", "image_url"]:
+        return APIError(400, "input_reference.image_url must be a base64 data: URL (this server fetches nothing)",
+                        param=name)
     if kind == "missing":
         return APIError(400, f"{'.'.join(loc)} is required", param=name)
     if name == "model":
         return APIError(400, f"model {got!r} is not served here; this server serves {served.id!r}",
                         param="model", code="model_not_found")
+    if name == "seconds":
+        frames = request_frames(served)
+        texts = ", ".join(f"{n / served.spec.fps:g}" for n in frames)
+        return APIError(400, f"seconds must be one of {texts} or a number of seconds up to "
+                             f"{frames[-1] / served.spec.fps:g} on this server; got {got!r}", param=name)
     words = _cli_words(name, got, served)
     if words is not None:
         return APIError(400, words, param=name)
