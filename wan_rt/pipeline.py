@@ -2,9 +2,9 @@
 
 Mirrors the official `wan/text2video.py`, `image2video.py`, `textimage2video.py` and diffusers'
 `WanPipeline` / `WanImageToVideoPipeline` / `WanVideoToVideoPipeline` (same keywords, same
-meaning; video-to-video's `latents` is the noise the source is mixed with, see __call__). The loop talks to
-components only through the named-tensor contract (runtime/component.py), so it is identical
-for every backend.
+meaning; video-to-video's `latents` is the noise the source is mixed with, see __call__). The
+loop talks to components only through the named-tensor contract (runtime/component.py), so it
+is identical for every backend.
 """
 
 from __future__ import annotations
