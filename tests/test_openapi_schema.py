@@ -113,14 +113,13 @@ def test_allow_lists_the_methods_of_the_path(tmp_path):
 
 
 @pytest.mark.slow
-def test_schemathesis_finds_nothing(tmp_path):
+def test_schemathesis_finds_nothing(tmp_path, serve_helpers):
     """`schemathesis run --checks all` (every phase, stateful included) against `wan-rt serve`:
     0 failures. Bounded: 3 examples per operation, 75 s (fuzzing and stateful runs fill it), a fixed
     seed, one worker, a hard timeout.
     tests/schemathesis_hooks.py makes its uploads real mp4s (a schema cannot say "decodable")."""
     pytest.importorskip("schemathesis")
-    serve = _serve_helpers()
-    server = serve.Server(tmp_path / "data").start()
+    server = serve_helpers.Server(tmp_path / "data").start()
     try:
         env = {**os.environ, "SCHEMATHESIS_HOOKS": "schemathesis_hooks", "PYTHONPATH": str(Path(__file__).parent),
                "NO_COLOR": "1"}
@@ -135,11 +134,3 @@ def test_schemathesis_finds_nothing(tmp_path):
     finally:
         server.kill()
 
-
-def _serve_helpers():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("wan_rt_tests_serve", Path(__file__).with_name("test_serve.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module

@@ -4,10 +4,9 @@ a video), mp4s decoded by PyAV; bad uploads; the source kept with the job; the p
 
 from __future__ import annotations
 
-import importlib.util
 import io
+import shutil
 from fractions import Fraction
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,15 +17,6 @@ av = pytest.importorskip("av")
 pytestmark = [pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning"), pytest.mark.slow]
 
 
-def _serve_helpers():
-    """tests/test_serve.py's server process and HTTP helpers, loaded by path (not on sys.path)."""
-    spec = importlib.util.spec_from_file_location("wan_rt_tests_serve", Path(__file__).with_name("test_serve.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-serve = _serve_helpers()
 STEPS = {"num_inference_steps": 2}
 
 
@@ -43,7 +33,12 @@ def mp4(frames: int, height: int, width: int, rate: Fraction = Fraction(24), see
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def serve(serve_helpers):
+    return serve_helpers
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, serve):
     """The tiny TI2V-5B (64x64, 5 frames, 24 fps by default) on one CPU worker, a 1 MB upload limit."""
     srv = serve.Server(tmp_path_factory.mktemp("serve-v2v") / "data", "--model", "tiny-ti2v-5B",
                        "--max-upload-mb", "1")
@@ -62,7 +57,7 @@ def source(server):
     return video
 
 
-def test_remix_edit_extend_with_the_openai_client(server, source):
+def test_remix_edit_extend_with_the_openai_client(server, source, serve):
     client = server.client()
     source_mp4 = client.videos.download_content(source.id).content
     source_frames = serve.decode(source_mp4)
@@ -105,7 +100,7 @@ def test_remix_edit_extend_with_the_openai_client(server, source):
     assert np.abs(frames[:5].astype(int) - source_frames.astype(int)).mean() < 8
 
 
-def test_the_source_is_kept_with_the_job(server, source):
+def test_the_source_is_kept_with_the_job(server, source, serve):
     """The remix's source mp4 is copied with the job when it is submitted: deleting the source
     right away does not stop it; deleting the remix removes the copy."""
     client = server.client()
@@ -119,7 +114,7 @@ def test_the_source_is_kept_with_the_job(server, source):
     assert not kept.exists()
 
 
-def test_bad_sources_are_400s_naming_video(server, source):
+def test_bad_sources_are_400s_naming_video(server, source, serve):
     client = server.client(max_retries=0)
 
     def refused(status: int, message: str, param="video", **edit) -> None:
@@ -146,10 +141,10 @@ def test_bad_sources_are_400s_naming_video(server, source):
     client.videos.delete(running.id)
 
 
-def test_remix_and_extend_from_the_page(server, source):
+def test_remix_and_extend_from_the_page(server, source, serve):
     """Headless Chromium: a finished video's Remix and Extend buttons queue new jobs that finish."""
     webdriver = pytest.importorskip("selenium.webdriver")
-    chromium, driver_path = serve.shutil.which("chromium"), serve.shutil.which("chromedriver")
+    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
     if chromium is None or driver_path is None:
         pytest.skip("needs Chromium and chromedriver (Debian: apt-get install chromium chromium-driver)")
     from selenium.webdriver.common.by import By

@@ -17,17 +17,14 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
 
 from wan_rt.service.served_model import ServedModel
+from wan_rt.service.service import MAX_SEED, SOLVERS
 
-MAX_SEED = 2**63 - 1
 # Unanchored: at least one character that is not whitespace as Python's str.strip() sees it (the
 # service refuses a prompt that strips to nothing; regex engines disagree on what \S excludes).
 PROMPT_PATTERN = "[^" + "".join(c for c in map(chr, range(0x3001)) if c.isspace()) + "]"
 
 
-class Solver(str, Enum):
-    unipc = "unipc"
-    dpmpp = "dpm++"
-    euler = "euler"
+Solver = Enum("Solver", {name: name for name in SOLVERS}, type=str)  # the service's list, as an enum
 
 
 class Variant(str, Enum):
