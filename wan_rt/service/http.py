@@ -23,6 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from wan_rt.pipeline import check_extendable
 from wan_rt.service import openapi
 from wan_rt.service.api_models import (ErrorResponse, Health, Model, ModelList, Order, Ready, Variant, Video,
                                        VideoDeleted, VideoList, request_models)
@@ -88,7 +89,7 @@ def create_app(service: VideoService, api_key: Optional[str] = None,
         reference = fields.pop("input_reference", None)
         image = body.files.get("input_reference") or (
             data_url_bytes(reference["image_url"], "input_reference") if reference else None)
-        return await submit(_video_request(fields, service), image)
+        return await submit(VideoRequest(**_request_fields(fields, service)), image)
 
     @api.post("/videos/{video_id}/remix", operation_id="remix_video", **from_video)
     async def remix_video(video_id: str, request: Request) -> JSONResponse:
@@ -99,8 +100,8 @@ def create_app(service: VideoService, api_key: Optional[str] = None,
 
     @api.post("/videos/edits", operation_id="edit_video", **from_video)
     async def edit_video(request: Request) -> JSONResponse:
-        """Video-to-video of an upload (multipart `video`, an mp4) or a completed video here
-        (`video[id]` in a form, {"video": {"id": ...}} in JSON)."""
+        """Video-to-video of an upload (multipart `video`, an mp4) or of a completed video here
+        (JSON {"video": {"id": ...}})."""
         fields, upload, video_id = _source(await body_of(request, models.edit))
         return await submit(VideoRequest(**_request_fields(fields, service), source="edit",
                                          source_video_id=video_id), video=upload)
@@ -110,9 +111,11 @@ def create_app(service: VideoService, api_key: Optional[str] = None,
     async def extend_video(request: Request) -> JSONResponse:
         """The video continued from its last frame (image-conditioned models): the source, then
         `seconds` (or `num_frames`) of new frames."""
-        if models.extend is None:
-            raise APIError(400, f"{service.model.id} cannot extend a video: extension continues from the last "
-                                "frame, which needs an image-conditioned model (i2v, ti2v)", param="model")
+        if models.extend is None:  # not in the document either; the pipeline's words for why
+            try:
+                check_extendable(service.model.spec)
+            except ValueError as exc:
+                raise APIError(400, str(exc), param="model") from None
         fields, upload, video_id = _source(await body_of(request, models.extend))
         return await submit(VideoRequest(**_request_fields(fields, service), source="extension",
                                          source_video_id=video_id), video=upload)
@@ -216,10 +219,6 @@ def _request_fields(fields: dict[str, Any], service: VideoService) -> dict[str, 
     if seconds is not None and "num_frames" not in fields:
         fields["num_frames"] = _frames_for(float(seconds), service)
     return fields
-
-
-def _video_request(fields: dict[str, Any], service: VideoService) -> VideoRequest:
-    return VideoRequest(**_request_fields(fields, service))
 
 
 def _frames_for(seconds: float, service: VideoService) -> int:
