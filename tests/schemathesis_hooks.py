@@ -1,7 +1,8 @@
 """Schemathesis hooks for `wan-rt serve`'s schema (SCHEMATHESIS_HOOKS=schemathesis_hooks, with
-tests/ on PYTHONPATH). A JSON Schema can say "a file part of type video/mp4" but not "a video
-ffmpeg decodes": without this, every generated upload is random bytes, which the server rightly
-refuses (400 naming `video`), and schemathesis counts that as valid data rejected."""
+tests/ on PYTHONPATH). A JSON Schema can say "a file part of type video/mp4" (or image/png) but
+not "a video ffmpeg decodes": without this, every generated upload is random bytes, which the
+server rightly refuses (a 400 naming the field), and schemathesis counts that as valid data
+rejected."""
 
 from __future__ import annotations
 
@@ -26,6 +27,19 @@ def _mp4(frames: int, height: int, width: int, seed: int) -> bytes:
         container.mux(stream.encode())
     return buffer.getvalue()
 
+
+def _image(fmt: str, seed: int) -> bytes:
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+# First frames (input_reference on image-to-video models), one per type the schema lists.
+for media_type, fmt in (("image/png", "PNG"), ("image/jpeg", "JPEG"), ("image/webp", "WEBP")):
+    schemathesis.openapi.media_type(media_type, st.sampled_from([_image(fmt, seed) for seed in range(2)]))
 
 # A few small clips: square and not, one frame and several, sizes the model takes and one it does not.
 CLIPS = [_mp4(*shape, seed) for seed, shape in enumerate([(5, 32, 32), (1, 16, 16), (9, 32, 48), (3, 24, 40)])]
