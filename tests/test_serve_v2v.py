@@ -170,3 +170,27 @@ def test_remix_and_extend_from_the_page(server, source, serve):
             assert f"{kind} of {source.id}" in done.text
     finally:
         browser.quit()
+
+
+def test_a_queued_edit_survives_kill9_and_restart(tmp_path, serve):
+    """kill -9 of the service while an edit of an upload waits behind a long job: after a restart
+    on the same data dir the edit runs from the upload kept with it."""
+    data = tmp_path / "data"
+    first = serve.Server(data).start()
+    try:
+        client = first.client()
+        busy = client.videos.create(prompt="keeps the worker busy", extra_body={"num_inference_steps": 400})
+        edit = client.videos.edit(prompt="from the kept upload", video=("clip.mp4", mp4(5, 32, 32), "video/mp4"),
+                                  extra_body=STEPS)
+        assert client.videos.retrieve(edit.id).status == "queued"
+    finally:
+        first.kill()
+    second = serve.Server(data).start(wait_ready=False)
+    try:
+        client = second.client()
+        client.videos.delete(busy.id)
+        done = client.videos.poll(edit.id, poll_interval_ms=100)
+        assert done.status == "completed", done.error
+        assert serve.decode(client.videos.download_content(edit.id).content).shape == (5, 32, 32, 3)
+    finally:
+        second.kill()
