@@ -121,14 +121,12 @@ def diffusers_checkpoint(tmp_path_factory):
 
 
 # ---- shared fixtures ---------------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def engine_checks():
-    """tests/engine_checks.py (the checks every engine backend's tests share), loaded by path:
-    the tests folder stays off sys.path (its kernels/ would shadow a package of that name)."""
+def _tests_file(name: str):
+    """A file of tests/ as a module, loaded by path: the tests folder stays off sys.path (its
+    kernels/ would shadow a package of that name)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("wan_rt_tests_engine_checks",
-                                                  Path(__file__).with_name("engine_checks.py"))
+    spec = importlib.util.spec_from_file_location(f"wan_rt_tests_{name}", Path(__file__).with_name(f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -137,13 +135,20 @@ def engine_checks():
 @pytest.fixture(scope="session")
 def single_files():
     """tests/single_files.py (writers of ComfyUI / fp8 scaled / GGUF component files), loaded by path."""
-    import importlib.util
+    return _tests_file("single_files")
 
-    spec = importlib.util.spec_from_file_location("wan_rt_tests_single_files",
-                                                  Path(__file__).with_name("single_files.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+
+@pytest.fixture(scope="session")
+def engine_checks():
+    """tests/engine_checks.py: the checks every engine backend's tests share."""
+    return _tests_file("engine_checks")
+
+
+@pytest.fixture(scope="session")
+def serve_helpers():
+    """tests/test_serve.py's `wan-rt serve` process (Server) and HTTP helpers, for the other
+    service tests."""
+    return _tests_file("test_serve")
 
 
 @pytest.fixture(scope="session")

@@ -171,11 +171,11 @@ def test_openai_client_round_trip(server):
     assert (sheet.format, sheet.size) == ("JPEG", (4 * 48, 3 * 32))  # 9 frames, 4 to a row
 
     # A field that OpenAI's `seconds` and wan_rt's `num_frames` both set: num_frames wins.
-    both = client.videos.create(prompt="which wins", seconds="4", extra_body={"num_frames": 5,
-                                                                             "num_inference_steps": 1})
+    both = client.videos.create(prompt="which wins", seconds="0.5625", extra_body={"num_frames": 5,
+                                                                                  "num_inference_steps": 1})
     assert both.model_extra["num_frames"] == 5 and both.seconds == "0.3125"
-    only_seconds = client.videos.create(prompt="seconds", seconds="1", extra_body={"num_inference_steps": 1})
-    assert only_seconds.model_extra["num_frames"] == 17  # 16 fps -> the nearest 4k+1
+    only_seconds = client.videos.create(prompt="seconds", seconds="0.5", extra_body={"num_inference_steps": 1})
+    assert only_seconds.model_extra["num_frames"] == 9  # 16 fps -> the nearest 4k+1
 
     everything = {v.id for v in client.videos.list(limit=100)}
     paged = [v.id for v in client.videos.list(limit=1)]  # the client follows after=last_id while has_more
@@ -295,7 +295,9 @@ def test_bad_requests_get_openai_errors(server, tmp_path, capsys):
             "model_not_found", model="sora-2")
     refused(400, "tiny-t2v-A14B is a text-to-video model; input_reference needs an i2v or ti2v model",
             "input_reference", input_reference=("frame.png", png(), "image/png"))
-    refused(413, "the request is larger than the 1 MB upload limit", "input_reference", "request_too_large",
+    refused(400, "seconds must be one of 0.0625, 0.3125, 0.5625 or a number of seconds up to 0.5625 on this "
+                 "server; got 4.0", "seconds", seconds="4")  # 65 frames: more than this server makes (9)
+    refused(413, "the request is larger than the 1 MB upload limit", None, "request_too_large",
             input_reference=("big.png", os.urandom(2 * 2**20), "image/png"))
 
     # The same words as the CLI: `wan-rt run` refuses the same size before loading anything.
@@ -308,20 +310,21 @@ def test_bad_requests_get_openai_errors(server, tmp_path, capsys):
     expect_error(http("POST", url, {"size": "32x32"}), 400, "prompt is required", "prompt")
     expect_error(http("POST", url, b"{nope", {"Content-Type": "application/json"}), 400,
                  "the body is not valid JSON")
-    expect_error(http("POST", url, {"prompt": "x", "input_reference": {"image_url": "https://example.com/a.png"}}),
-                 400, "input_reference.image_url must be a base64 data: URL (this server fetches nothing)",
+    expect_error(http("POST", url, {"prompt": "x", "input_reference": {"image_url": "data:image/png;base64,AA"}}),
+                 400, "tiny-t2v-A14B is a text-to-video model; input_reference needs an i2v or ti2v model",
                  "input_reference")
     for path in ("/v1/videos/video_nope", "/v1/videos/video_nope/content", "/v1/videos/video_nope/events"):
         expect_error(http("GET", server.url + path), 404, "no video with id 'video_nope'", code="not_found")
     expect_error(http("DELETE", url + "/video_nope"), 404, "no video with id 'video_nope'", code="not_found")
-    expect_error(http("GET", url + "?limit=0"), 400, "limit must be between 1 and 100; got 0", "limit")
+    expect_error(http("GET", url + "?limit=0"), 400, "limit: Input should be greater than or equal to 1; got '0'",
+                 "limit")
     expect_error(http("GET", url + "?after=video_nope"), 404, "no video with id 'video_nope'", code="not_found")
     expect_error(http("GET", server.url + "/v1/nothing"), 404, "not found")
     expect_error(http("GET", url + "/video_nope/content?variant=gif"), 400,
-                 "variant must be one of video, thumbnail, spritesheet", "variant")
+                 "variant: Input should be 'video', 'thumbnail' or 'spritesheet'; got 'gif'", "variant")
 
     waiting = client.videos.create(prompt="not done yet", extra_body={"num_inference_steps": 400})
-    expect_error(http("GET", f"{url}/{waiting.id}/content"), 400, f"video {waiting.id} is ", code="video_not_ready")
+    expect_error(http("GET", f"{url}/{waiting.id}/content"), 409, f"video {waiting.id} is ", code="video_not_ready")
     client.videos.delete(waiting.id)
 
 
@@ -457,6 +460,10 @@ def test_image_upload_with_the_openai_client(keyed_server):
         headers={"Authorization": f"Bearer {KEY}"})
     assert status == 200 and body["status"] == "queued"
     assert client.videos.poll(body["id"], poll_interval_ms=100).status == "completed"
+    expect_error(http("POST", keyed_server.url + "/v1/videos", {
+        "prompt": "x", "input_reference": {"image_url": "https://example.com/a.png"}},
+        headers={"Authorization": f"Bearer {KEY}"}), 400,
+        "input_reference.image_url must be a base64 data: URL (this server fetches nothing)", "input_reference")
 
     strict = keyed_server.client(KEY, max_retries=0)
     with pytest.raises(openai.BadRequestError) as err:

@@ -2,15 +2,14 @@
 web page, on a VideoService. `create_app(service)` -> a FastAPI app; `wan-rt serve` runs it.
 
 The official `openai` client works unchanged (`client.videos.create_and_poll(...)`, `retrieve`,
-`download_content`, `list`, `delete`); wan_rt's own fields go in `extra_body`. Errors have
-OpenAI's shape, {"error": {"message", "type", "param", "code"}}.
+`download_content`, `list`, `delete`, `remix`, `edit`, `extend`); wan_rt's own fields go in
+`extra_body`. Errors have OpenAI's shape, {"error": {"message", "type", "param", "code"}}.
+/openapi.json describes every body and answer (api_models.py, openapi.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import hmac
 import json
 import re
@@ -18,13 +17,17 @@ import time
 from importlib import resources
 from typing import Any, AsyncIterator, Callable, Optional
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
-from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from wan_rt.pipeline import check_extendable
+from wan_rt.service import openapi
+from wan_rt.service.api_models import (ErrorResponse, Health, Model, ModelList, Order, Ready, Variant, Video,
+                                       VideoDeleted, VideoList, request_models)
+from wan_rt.service.http_bodies import APIError, Body, data_url_bytes, read_body
 from wan_rt.service.jobs import InvalidRequest, Job, JobNotFound, ModelUnavailable, QueueFull, VideoRequest
 from wan_rt.service.outputs import VARIANTS
 from wan_rt.service.service import VideoExpired, VideoNotReady, VideoService
@@ -33,18 +36,16 @@ from wan_rt.service.storage import StorageError
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 POLL_AFTER_MS = 250        # what the openai client's poll() waits between retrieves (openai-poll-after-ms)
 KEEPALIVE_S = 15.0         # an SSE comment this often keeps proxies from closing a quiet stream
-_INT_FIELDS = ("num_frames", "num_inference_steps", "seed")
-_FLOAT_FIELDS = ("guidance_scale", "guidance_scale_2", "shift")
-_TEXT_FIELDS = ("prompt", "negative_prompt", "solver", "model", "size", "seconds")
-_SIZE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: Optional[str] = None, code: Optional[str] = None, headers: Optional[dict] = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-        self.headers = headers or {}
+WHY = {400: "a request this server refuses (the message names the field)", 401: "no or a wrong API key",
+       404: "no such video (or model), or its files expired", 409: "the video is not completed (yet, or ever)",
+       413: "the body is larger than the upload limit", 429: "the queue is full; retry after Retry-After seconds",
+       503: "no worker has loaded the model (yet, or it cannot load here), or the storage failed"}
+SUBMIT_ERRORS = (400, 413, 429, 503)
+# One server-sent event (OpenAPI 3.1: the schema of a text/event-stream is each event's): its data
+# is a Video object as JSON, or an error once the video is deleted.
+_SSE_EVENT = {"type": "object", "required": ["data"], "properties": {
+    "event": {"type": "string"}, "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": {
+        "anyOf": [{"$ref": "#/components/schemas/Video"}, {"$ref": "#/components/schemas/ErrorResponse"}]}}}}
 
 
 def create_app(service: VideoService, api_key: Optional[str] = None,
@@ -53,6 +54,8 @@ def create_app(service: VideoService, api_key: Optional[str] = None,
     constant time); the page, /healthz and /readyz stay open (the page asks for the key)."""
     app = FastAPI(title="wan_rt", summary="OpenAI-compatible video generation", docs_url="/docs")
     started = int(time.time())
+    models = request_models(service.model)
+    keyed = (401,) if api_key is not None else ()
     _install_error_handlers(app)
 
     def authorize(request: Request) -> None:
@@ -65,41 +68,83 @@ def create_app(service: VideoService, api_key: Optional[str] = None,
         if not hmac.compare_digest(token.strip().encode(), api_key.encode()):
             raise APIError(401, "incorrect API key", code="invalid_api_key")
 
+    def errors(*statuses: int) -> dict:
+        return {status: {"model": ErrorResponse, "description": WHY[status]} for status in (*statuses, *keyed)}
+
+    async def body_of(request: Request, model) -> Body:
+        return await read_body(request, model, service.model, max_upload_bytes)
+
+    async def submit(request: VideoRequest, image: Optional[bytes] = None, video: Optional[bytes] = None):
+        return _video_response(await _call(service.submit, request, image, video), service)
+
     api = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
+    created = dict(response_model=Video, responses=errors(*SUBMIT_ERRORS))
+    from_video = dict(response_model=Video, responses=errors(*SUBMIT_ERRORS, 404, 409))
 
-    @api.post("/videos")
+    @api.post("/videos", operation_id="create_video", **created)
     async def create_video(request: Request) -> JSONResponse:
-        """Multipart form (as the openai client sends it) or JSON: prompt, model, size ("WxH"),
-        seconds, input_reference (an image upload, or {"image_url": "data:..."}), and wan_rt's
-        negative_prompt, num_frames (wins over seconds), num_inference_steps, guidance_scale,
-        guidance_scale_2, seed, shift, solver."""
-        fields, image = await _read_create_body(request, max_upload_bytes)
-        video_request = _video_request(fields, service)
-        job = await _call(service.submit, video_request, image)
-        return JSONResponse(_video(job, service))
+        """A video from a prompt (and a first frame: input_reference, on image-to-video models).
+        Multipart form (as the openai client sends it) or JSON; wan_rt's fields beside OpenAI's."""
+        body = await body_of(request, models.create)
+        fields = body.given()
+        reference = fields.pop("input_reference", None)
+        image = body.files.get("input_reference") or (
+            data_url_bytes(reference["image_url"], "input_reference") if reference else None)
+        return await submit(VideoRequest(**_request_fields(fields, service)), image)
 
-    @api.get("/videos")
-    async def list_videos(after: Optional[str] = None, limit: int = 20, order: str = "desc") -> JSONResponse:
-        if not 1 <= limit <= 100:
-            raise APIError(400, f"limit must be between 1 and 100; got {limit}", param="limit")
-        if order not in ("asc", "desc"):
-            raise APIError(400, f"order must be asc or desc; got {order!r}", param="order")
-        jobs, has_more = await _call(service.page, after, limit, order)
+    @api.post("/videos/{video_id}/remix", operation_id="remix_video", **from_video)
+    async def remix_video(video_id: str, request: Request) -> JSONResponse:
+        """The completed video again with a new prompt: video-to-video of its frames, its settings
+        unless given here (`strength`: how far the remix may move from it)."""
+        fields = (await body_of(request, models.remix)).given()
+        return _video_response(await _call(service.remix, video_id, _request_fields(fields, service)), service)
+
+    @api.post("/videos/edits", operation_id="edit_video", **from_video)
+    async def edit_video(request: Request) -> JSONResponse:
+        """Video-to-video of an upload (multipart `video`, an mp4) or of a completed video here
+        (JSON {"video": {"id": ...}})."""
+        fields, upload, video_id = _source(await body_of(request, models.edit))
+        return await submit(VideoRequest(**_request_fields(fields, service), source="edit",
+                                         source_video_id=video_id), video=upload)
+
+    @api.post("/videos/extensions", operation_id="extend_video", include_in_schema=models.extend is not None,
+              **from_video)
+    async def extend_video(request: Request) -> JSONResponse:
+        """The video continued from its last frame (image-conditioned models): the source, then
+        `seconds` (or `num_frames`) of new frames."""
+        if models.extend is None:  # not in the document either; the pipeline's words for why
+            try:
+                check_extendable(service.model.spec)
+            except ValueError as exc:
+                raise APIError(400, str(exc), param="model") from None
+        fields, upload, video_id = _source(await body_of(request, models.extend))
+        return await submit(VideoRequest(**_request_fields(fields, service), source="extension",
+                                         source_video_id=video_id), video=upload)
+
+    @api.get("/videos", operation_id="list_videos", response_model=VideoList, responses=errors(400, 404))
+    async def list_videos(after: Optional[str] = None, limit: int = Query(20, ge=1, le=100),
+                          order: Order = Order.desc) -> JSONResponse:
+        jobs, has_more = await _call(service.page, after, limit, order.value)
         data = [_video(job, service) for job in jobs]
         return JSONResponse({"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
                              "last_id": data[-1]["id"] if data else None, "has_more": has_more})
 
-    @api.get("/videos/{video_id}")
+    @api.get("/videos/{video_id}", operation_id="retrieve_video", response_model=Video, responses=errors(404))
     async def retrieve_video(video_id: str) -> JSONResponse:
         job = await _call(service.get, video_id)
         headers = {} if job.done else {"openai-poll-after-ms": str(POLL_AFTER_MS)}
         return JSONResponse(_video(job, service), headers=headers)
 
-    @api.get("/videos/{video_id}/content")
-    async def download_content(video_id: str, variant: str = "video") -> Response:
+    content_types = {media: {"schema": {"type": "string", "format": "binary"}} for _, media in VARIANTS.values()}
+
+    @api.get("/videos/{video_id}/content", operation_id="download_content", response_class=FileResponse,
+             responses={200: {"content": content_types, "description": "the file"},
+                        307: {"description": "a presigned URL of the file in the bucket (--presign)"},
+                        **errors(400, 404, 409, 503)})
+    async def download_content(video_id: str, variant: Variant = Variant.video) -> Response:
         """The file from the data dir, streamed from the bucket, or a redirect to a presigned URL."""
-        download = await _call(service.content, video_id, variant)
-        suffix, media_type = VARIANTS[variant]
+        download = await _call(service.content, video_id, variant.value)
+        suffix, media_type = VARIANTS[variant.value]
         if download.url is not None:
             return RedirectResponse(download.url, status_code=307)
         if download.path is not None:
@@ -109,23 +154,26 @@ def create_app(service: VideoService, api_key: Optional[str] = None,
             headers["Content-Length"] = str(download.size)
         return StreamingResponse(download.chunks, media_type=media_type, headers=headers)
 
-    @api.get("/videos/{video_id}/events")
+    @api.get("/videos/{video_id}/events", operation_id="video_events", response_class=StreamingResponse,
+             responses={200: {"content": {"text/event-stream": {"schema": _SSE_EVENT}},
+                              "description": "the Video object as `data:` events"}, **errors(404)})
     async def video_events(video_id: str) -> StreamingResponse:
         """Server-sent events: the Video object now and on every change, until it is finished."""
         await _call(service.get, video_id)  # 404 before the stream starts
         return StreamingResponse(_sse(service, video_id), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    @api.delete("/videos/{video_id}")
+    @api.delete("/videos/{video_id}", operation_id="delete_video", response_model=VideoDeleted,
+                responses=errors(404))
     async def delete_video(video_id: str) -> JSONResponse:
         job = await _call(service.delete, video_id)
         return JSONResponse({"id": job.id, "object": "video.deleted", "deleted": True})
 
-    @api.get("/models")
+    @api.get("/models", operation_id="list_models", response_model=ModelList, responses=errors())
     async def list_models() -> JSONResponse:
         return JSONResponse({"object": "list", "data": [_model(service, started)]})
 
-    @api.get("/models/{model_id}")
+    @api.get("/models/{model_id}", operation_id="retrieve_model", response_model=Model, responses=errors(404))
     async def retrieve_model(model_id: str) -> JSONResponse:
         if model_id != service.model.id:
             raise APIError(404, f"model {model_id!r} is not served here (this server serves "
@@ -138,165 +186,84 @@ def create_app(service: VideoService, api_key: Optional[str] = None,
     async def page() -> HTMLResponse:
         return HTMLResponse(resources.files("wan_rt.service").joinpath("static/index.html").read_text("utf-8"))
 
-    @app.get("/healthz")
+    @app.get("/healthz", operation_id="healthz", response_model=Health,
+             responses={503: {"model": Health, "description": "the model cannot load here (error says why)"}})
     async def healthz() -> JSONResponse:
         # Alive unless the model cannot load here: then no restart of a worker will help, say why.
         if (reason := service.load_error) is not None:
             return JSONResponse({"status": "failed", "error": reason}, status_code=503)
         return JSONResponse({"status": "ok"})
 
-    @app.get("/readyz")
+    @app.get("/readyz", operation_id="readyz", response_model=Ready,
+             responses={503: {"model": Ready, "description": WHY[503]}})
     async def readyz() -> JSONResponse:
         body = {"ready": service.ready, "draining": service.draining, "model": service.model.id,
                 "error": service.load_error, "workers": service.workers()}
         return JSONResponse(body, status_code=200 if service.ready else 503)
 
-    @app.get("/metrics", dependencies=[Depends(authorize)])
+    @app.get("/metrics", operation_id="metrics", dependencies=[Depends(authorize)], response_class=Response,
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                              "description": "Prometheus text format"}, **errors()})
     async def metrics() -> Response:
         content, media_type = await run_in_threadpool(service.metrics.render)
         return Response(content, media_type=media_type)
 
+    openapi.install(app, models, api_key)
+    _answer_unsupported_methods(app, {"/v1/videos/extensions": {"POST"}})
     return app
 
 
 # ----------------------------------------------------------------------------- requests
-async def _read_create_body(request: Request, limit: int) -> tuple[dict[str, Any], Optional[bytes]]:
-    """-> (fields, uploaded image bytes). The body is read up to `limit` bytes (413 beyond)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _too_large(limit)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit)
-        chunks.append(chunk)
-    request._body = b"".join(chunks)  # Starlette's form parser reads the cached body
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type == "application/json":
-        try:
-            fields = json.loads(request._body or b"null")
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise APIError(400, f"the body is not valid JSON: {exc}") from None
-        if not isinstance(fields, dict):
-            raise APIError(400, "the JSON body must be an object")
-        reference = fields.pop("input_reference", None)
-        return fields, _reference_image(reference)
-    if content_type not in ("multipart/form-data", "application/x-www-form-urlencoded"):
-        raise APIError(400, "send the request as multipart/form-data or application/json; got "
-                            f"{content_type or 'no content type'}")
-    form = await request.form(max_files=2, max_fields=64)
-    fields, image = {}, None
-    for key, value in form.multi_items():
-        if key == "input_reference" and isinstance(value, UploadFile):
-            image = await value.read()
-        elif key == "input_reference[image_url]":
-            image = _reference_image({"image_url": value})
-        elif key.startswith("input_reference"):
-            image = _reference_image({key[len("input_reference["):-1]: value})
-        elif isinstance(value, UploadFile):
-            raise APIError(400, f"unexpected file in field {key!r}; only input_reference takes a file", param=key)
-        else:
-            fields[key] = value
-    return fields, image
+def _source(body: Body) -> tuple[dict[str, Any], Optional[bytes], Optional[str]]:
+    """-> (the other fields, an uploaded video, a video id): exactly one of the last two."""
+    fields = body.given()
+    reference, upload = fields.pop("video", None), body.files.get("video")
+    if (reference is None) == (upload is None):
+        raise APIError(400, "video: upload an mp4 or name a completed video ({\"id\": ...}), one of the two",
+                       param="video")
+    return fields, upload, reference["id"] if reference else None
 
 
-def _reference_image(reference: Any) -> Optional[bytes]:
-    """input_reference as an object: {"image_url": "data:image/png;base64,..."}. wan_rt fetches nothing."""
-    if reference is None:
-        return None
-    if not isinstance(reference, dict):
-        raise APIError(400, "input_reference must be an image upload or {\"image_url\": \"data:...\"}",
-                       param="input_reference")
-    if "file_id" in reference:
-        raise APIError(400, "input_reference.file_id is not supported here: upload the image itself",
-                       param="input_reference")
-    url = reference.get("image_url")
-    if not isinstance(url, str) or not url.startswith("data:") or ";base64," not in url:
-        raise APIError(400, "input_reference.image_url must be a base64 data: URL (this server fetches nothing)",
-                       param="input_reference")
-    try:
-        return base64.b64decode(url.split(";base64,", 1)[1], validate=True)
-    except (binascii.Error, ValueError):
-        raise APIError(400, "input_reference.image_url is not valid base64", param="input_reference") from None
-
-
-def _video_request(fields: dict[str, Any], service: VideoService) -> VideoRequest:
-    """OpenAI's fields and wan_rt's -> a VideoRequest. `num_frames` wins over `seconds`."""
-    fields = {k: v for k, v in fields.items() if v is not None}
-    for name in fields:
-        if name not in (*_TEXT_FIELDS, *_INT_FIELDS, *_FLOAT_FIELDS):
-            raise APIError(400, f"unknown parameter {name!r}", param=name)
-    values: dict[str, Any] = {}
-    for name in _TEXT_FIELDS:
-        if name in fields:
-            if not isinstance(fields[name], (str, int, float)) or isinstance(fields[name], bool):
-                raise APIError(400, f"{name} must be a string", param=name)
-            values[name] = str(fields[name])
-    for name in _INT_FIELDS:
-        if name in fields:
-            values[name] = _number(fields[name], name, int)
-    for name in _FLOAT_FIELDS:
-        if name in fields:
-            values[name] = _number(fields[name], name, float)
-    if "prompt" not in values:
-        raise APIError(400, "prompt is required", param="prompt")
-    model = values.pop("model", None)
-    if model is not None and model != service.model.id:
-        raise APIError(400, f"model {model!r} is not served here; this server serves {service.model.id!r}",
-                       param="model", code="model_not_found")
-    height = width = None
-    if "size" in values:
-        match = _SIZE.match(values.pop("size"))
-        if match is None:
-            raise APIError(400, f"size must be WIDTHxHEIGHT, e.g. 832x480; got {fields['size']!r}", param="size")
-        width, height = int(match[1]), int(match[2])
-    seconds = values.pop("seconds", None)
-    if seconds is not None and "num_frames" not in values:
-        values["num_frames"] = _frames_for(_number(seconds, "seconds", float), service)
-    return VideoRequest(height=height, width=width, **values)
+def _request_fields(fields: dict[str, Any], service: VideoService) -> dict[str, Any]:
+    """OpenAI's fields and wan_rt's -> VideoRequest's. `num_frames` wins over `seconds`."""
+    fields = dict(fields)
+    fields.pop("model", None)  # validated: the served model
+    size, seconds = fields.pop("size", None), fields.pop("seconds", None)
+    if size is not None:
+        width, height = (int(n) for n in size.lower().split("x"))
+        fields.update(width=width, height=height)
+    if seconds is not None and "num_frames" not in fields:
+        fields["num_frames"] = _frames_for(float(seconds), service)
+    return fields
 
 
 def _frames_for(seconds: float, service: VideoService) -> int:
     """Seconds -> the nearest frame count the VAE takes (4k+1 at the model's fps)."""
-    if not seconds > 0:
-        raise APIError(400, f"seconds must be > 0; got {seconds:g}", param="seconds")
     stride = service.model.spec.vae.stride[0]
     return stride * max(0, round((seconds * service.model.spec.fps - 1) / stride)) + 1
 
 
-def _number(value: Any, name: str, kind: Callable) -> Any:
-    """Form fields arrive as text ("7", "5.0"); JSON as numbers. Booleans are not numbers."""
-    try:
-        if isinstance(value, bool):
-            raise ValueError
-        if kind is float:
-            return float(value)
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
-            return int(value)
-        raise ValueError
-    except (TypeError, ValueError, OverflowError):
-        what = "an integer" if kind is int else "a number"
-        raise APIError(400, f"{name} must be {what}; got {value!r}", param=name) from None
-
-
 # ----------------------------------------------------------------------------- responses
+def _video_response(job: Job, service: VideoService) -> JSONResponse:
+    return JSONResponse(_video(job, service))
+
+
 def _video(job: Job, service: VideoService) -> dict[str, Any]:
-    """OpenAI's Video object, plus wan_rt's own request fields."""
+    """OpenAI's Video object, plus wan_rt's own request fields. An extension's `seconds` is the
+    stitched total, as OpenAI's."""
     r, fps = job.request, service.model.spec.fps
+    frames = (r.num_frames or 0) + ((r.source_frames or 1) - 1 if r.source == "extension" else 0)
     return {
         "id": job.id, "object": "video", "model": job.model, "status": job.status, "progress": job.progress,
         "created_at": int(job.created_at), "completed_at": _seconds(job.completed_at),
         "expires_at": _seconds(job.expires_at), "size": f"{r.width}x{r.height}",
-        "seconds": f"{(r.num_frames or 0) / fps:g}", "prompt": r.prompt, "remixed_from_video_id": None,
+        "seconds": f"{frames / fps:g}", "prompt": r.prompt,
+        "remixed_from_video_id": r.source_video_id if r.source == "remix" else None,
         "error": {"code": job.error.code, "message": job.error.message} if job.error else None,
         "negative_prompt": r.negative_prompt, "num_frames": r.num_frames,
         "num_inference_steps": r.num_inference_steps, "guidance_scale": r.guidance_scale,
         "guidance_scale_2": r.guidance_scale_2, "seed": r.seed, "shift": r.shift, "solver": r.solver,
+        "strength": r.strength, "source": r.source, "source_video_id": r.source_video_id,
         "attempts": job.attempts, "last_error": job.last_error,
     }
 
@@ -354,7 +321,7 @@ async def _call(fn: Callable, *args: Any) -> Any:
         raise APIError(429, str(exc), type_="rate_limit_error", code="queue_full",
                        headers={"Retry-After": str(max(1, round(exc.retry_after_s)))}) from None
     except VideoNotReady as exc:
-        raise APIError(400, str(exc), code="video_not_ready") from None
+        raise APIError(409, str(exc), code="video_not_ready") from None
     except VideoExpired as exc:
         raise APIError(404, str(exc), code="video_expired") from None
     except StorageError as exc:
@@ -363,9 +330,35 @@ async def _call(fn: Callable, *args: Any) -> Any:
         raise APIError(503, str(exc), type_="server_error", code="model_load_failed") from None
 
 
-def _too_large(limit: int) -> APIError:
-    return APIError(413, f"the request is larger than the {limit / 2**20:g} MB upload limit",
-                    param="input_reference", code="request_too_large")
+def _answer_unsupported_methods(app: FastAPI, hidden: dict[str, set[str]]) -> None:
+    """A method a path does not take is a 405 whose Allow lists the methods the document gives that
+    path (plus `hidden`: served, not documented). Starlette would list only the first matching
+    route's methods, and send GET /v1/videos/edits to the {video_id} route: here a literal path
+    wins over a templated one, as in OpenAPI."""
+    table: list[tuple[re.Pattern, int, set[str]]] = []
+
+    def paths() -> list[tuple[re.Pattern, int, set[str]]]:
+        if not table:
+            methods = {path: {m.upper() for m in item} for path, item in app.openapi()["paths"].items()}
+            for path, extra in hidden.items():
+                methods[path] = methods.get(path, set()) | extra
+            for path, allowed in methods.items():
+                pattern = re.compile("^" + re.sub(r"\\{[^/]+?\\}", "[^/]+", re.escape(path)) + "$")
+                table.append((pattern, path.count("{"), allowed))
+        return table
+
+    @app.middleware("http")
+    async def allow(request: Request, call_next):
+        matching = [(params, allowed) for pattern, params, allowed in paths() if pattern.match(request.url.path)]
+        if matching:
+            fewest = min(params for params, _ in matching)
+            methods = set().union(*(allowed for params, allowed in matching if params == fewest))
+            if request.method not in methods:
+                allowed = ", ".join(sorted(methods))
+                return JSONResponse(_error_body(f"{request.method} is not allowed here; allowed: {allowed}",
+                                                "invalid_request_error", None, None),
+                                    status_code=405, headers={"Allow": allowed})
+        return await call_next(request)
 
 
 def _error_body(message: str, type_: str, param: Optional[str], code: Optional[str]) -> dict:
@@ -382,9 +375,8 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
         param = str(first["loc"][-1]) if first.get("loc") else None
-        message = str(first["msg"])
-        return JSONResponse(_error_body(f"{param}: {message}" if param else message, "invalid_request_error",
-                                        param, None), status_code=400)
+        message = f"{param}: {first['msg']}; got {first.get('input')!r}" if param else str(first["msg"])
+        return JSONResponse(_error_body(message, "invalid_request_error", param, None), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -63,6 +63,11 @@ class VideoRequest:
     seed: Optional[int] = None
     shift: Optional[float] = None
     solver: Optional[str] = None
+    # From another video (kept with the job: the job's input video, see JobFiles.save_input_video):
+    source: Optional[str] = None            # None: text/image to video; "remix" | "edit" | "extension"
+    source_video_id: Optional[str] = None   # the video it came from, when not an upload
+    source_frames: Optional[int] = None     # frames of the source (an extension adds num_frames - 1)
+    strength: Optional[float] = None        # video-to-video: the share of the steps that run
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
-"""A job's files: the uploaded first frame and the outputs (the mp4, its thumbnail and
-spritesheet), named here and kept in the service's storage (storage.py: the data dir or a bucket).
+"""A job's files: its inputs (the uploaded first frame; the source video of a remix, edit or
+extension) and the outputs (the mp4, its thumbnail and spritesheet), named here and kept in the
+service's storage (storage.py: the data dir or a bucket).
 An object that exists is complete; the mp4 is written last, so its presence means all are there."""
 
 from __future__ import annotations
@@ -47,6 +48,20 @@ class JobFiles:
         """The uploaded first frame's file in the data dir (local storage only)."""
         return self._local().path(self.input_key(job_id))
 
+    @staticmethod
+    def input_video_key(job_id: str) -> str:
+        return f"inputs/{job_id}.mp4"
+
+    def save_input_video(self, job_id: str, data: bytes) -> None:
+        self.storage.put_bytes(self.input_video_key(job_id), data, "video/mp4")
+
+    def load_input_video(self, job_id: str) -> bytes:
+        key = self.input_video_key(job_id)
+        try:
+            return self.storage.read(key)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"source video not found: {self.storage.where(key)}") from None
+
     def save_input(self, job_id: str, image: Image.Image) -> None:
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
@@ -80,7 +95,8 @@ class JobFiles:
             mp4.unlink(missing_ok=True)
 
     def remove(self, job_id: str, inputs: bool = True) -> None:
-        keys = [self.output_key(job_id, v) for v in VARIANTS] + ([self.input_key(job_id)] if inputs else [])
+        keys = [self.output_key(job_id, v) for v in VARIANTS]
+        keys += [self.input_key(job_id), self.input_video_key(job_id)] if inputs else []
         self.storage.delete(keys)
 
     def remove_quietly(self, job_id: str, inputs: bool = True) -> Optional[str]:

@@ -35,6 +35,7 @@ from wan_rt.service.served_model import ServedModel, describe
 from wan_rt.service.storage import Download, StorageConfig, open_storage
 from wan_rt.service.stores import open_store
 from wan_rt.service.pool import WorkerPool, worker_groups
+from wan_rt.service.sources import SourceVideo, check_source, from_source, read_source
 from wan_rt.service.workers import WorkerSettings
 
 if TYPE_CHECKING:
@@ -170,12 +171,20 @@ class VideoService:
         return self._pool.status() if self._pool is not None else []
 
     # ---------------------------------------------------------------- jobs
-    def submit(self, request: VideoRequest, image: Union[bytes, Image.Image, None] = None) -> Job:
+    def submit(self, request: VideoRequest, image: Union[bytes, Image.Image, None] = None,
+               video: Optional[bytes] = None) -> Job:
         """Queue a generation; InvalidRequest (one line) for what this model cannot run,
-        QueueFull when max_queue jobs wait."""
+        QueueFull when max_queue jobs wait. From another video (request.source: "edit",
+        "extension"): `video` (mp4 bytes) or request.source_video_id, a completed video here.
+        ModelUnavailable when the workers could not load the model and gave up."""
         if (reason := self.load_error) is not None:
             raise ModelUnavailable(reason)
+        source = self._source(request, video)
+        if source is not None:
+            request = from_source(request, source, self.model)
         request = self._complete(request)
+        if source is not None:
+            request = check_source(request, self.model)
         picture = _read_image(image) if image is not None else None
         task, name = self.model.spec.task, self.model.spec.name
         if task == "t2v" and picture is not None:
@@ -187,6 +196,8 @@ class VideoService:
                   has_image=picture is not None)
         if picture is not None:
             self.files.save_input(job.id, picture)
+        if source is not None:
+            self.files.save_input_video(job.id, source.data)
         try:
             return self.store.add(job, self.max_queue)
         except QueueFull as exc:
@@ -197,6 +208,14 @@ class VideoService:
         except BaseException:
             self.files.remove(job.id)
             raise
+
+    def remix(self, video_id: str, changes: dict) -> Job:
+        """The completed video `video_id` again with a new prompt (changes["prompt"]): video-to-video
+        of its frames with its settings (size, steps, guidance, seed...) unless `changes` has them."""
+        base = self.get(video_id).request
+        fresh = dict(num_frames=None, strength=None, source_frames=None, source="remix", source_video_id=video_id)
+        request = dataclasses.replace(base, **(fresh | changes))
+        return self.submit(request)
 
     def get(self, job_id: str) -> Job:
         job = self.store.get(job_id)
@@ -304,8 +323,21 @@ class VideoService:
         seed = secrets.randbelow(2**31) if r.seed is None else r.seed
         if not 0 <= seed <= MAX_SEED:
             raise InvalidRequest(f"seed must be between 0 and {MAX_SEED}; got {seed}", "seed")
-        return VideoRequest(r.prompt, r.negative_prompt, height, width, frames, steps, r.guidance_scale,
-                            r.guidance_scale_2, seed, r.shift, r.solver)
+        return dataclasses.replace(r, height=height, width=width, num_frames=frames, num_inference_steps=steps,
+                                   seed=seed)
+
+    def _source(self, request: VideoRequest, video: Optional[bytes]) -> Optional[SourceVideo]:
+        """The source video of a remix, edit or extension (bounded, decodable), or None."""
+        if request.source is None:
+            if video is not None or request.source_video_id is not None:
+                raise InvalidRequest("video applies to remix, edit and extension (set request.source)", "video")
+            return None
+        if (video is None) == (request.source_video_id is None):
+            raise InvalidRequest("video: upload an mp4 or name a completed video, one of the two", "video")
+        if video is None:
+            self.content(request.source_video_id)  # completed and not expired, else one line why
+            video = self.files.storage.read(self.files.output_key(request.source_video_id))
+        return read_source(video, self.model)
 
     def _job_finished(self, device: str, report: dict) -> None:
         self.metrics.observe_job(device, report)

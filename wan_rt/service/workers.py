@@ -289,10 +289,17 @@ def _pipeline_args(job: Job, files: JobFiles) -> dict[str, Any]:
     req = job.request
     assert req.seed is not None, "the service sets every job's seed at submit"
     image = files.load_input(job.id) if job.has_image else None
-    return dict(prompt=req.prompt, negative_prompt=req.negative_prompt, image=image, height=req.height,
+    args = dict(prompt=req.prompt, negative_prompt=req.negative_prompt, image=image, height=req.height,
                 width=req.width, num_frames=req.num_frames, num_inference_steps=req.num_inference_steps,
                 guidance_scale=req.guidance_scale, guidance_scale_2=req.guidance_scale_2, shift=req.shift,
                 solver=req.solver, seed=req.seed)
+    if req.source is not None:  # the mp4 kept with the job; an extension conditions on its last frame
+        args.update(video=files.load_input_video(job.id), extend=req.source == "extension")
+        if req.source == "extension":
+            del args["image"]
+        else:
+            args["strength"] = req.strength
+    return args
 
 
 def _call(pipe, args: dict[str, Any], on_step):
@@ -302,7 +309,8 @@ def _call(pipe, args: dict[str, Any], on_step):
     # The seed drives a CPU generator, as `wan-rt run` does: the same request gives the same video
     # on every device, on every rank of a group and after every restart.
     generator = torch.Generator("cpu").manual_seed(args.pop("seed"))
-    return pipe(**args, generator=generator, output_type="np", callback_on_step_end=on_step)
+    run = pipe.extend if args.pop("extend", False) else pipe
+    return run(**args, generator=generator, output_type="np", callback_on_step_end=on_step)
 
 
 def _failure(exc: BaseException, device) -> JobError:
