@@ -164,7 +164,7 @@ def create_app(service: VideoService, api_key: Optional[str] = None,
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @api.delete("/videos/{video_id}", operation_id="delete_video", response_model=VideoDeleted,
-                responses=errors(404))
+                responses=errors(404, 503))
     async def delete_video(video_id: str) -> JSONResponse:
         job = await _call(service.delete, video_id)
         return JSONResponse({"id": job.id, "object": "video.deleted", "deleted": True})
