@@ -2,6 +2,10 @@
 
 import sys
 
-from wan_rt.cli import main
+from wan_rt.child_process import drop_current_folder
+
+drop_current_folder()  # from a clone's root, its kernels/ would shadow the installed `kernels`
+
+from wan_rt.cli import main  # noqa: E402
 
 sys.exit(main())

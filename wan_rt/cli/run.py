@@ -178,7 +178,8 @@ def run(args: argparse.Namespace) -> int:
     job = from_environment()
     if job is None:
         if plan is not None:  # start the processes: each runs this same command as one rank
-            return launch(["-m", "wan_rt.cli", *args.argv], args.nproc_per_node or plan.world_size)
+            return launch(["-m", "wan_rt.cli", *args.argv], args.nproc_per_node or plan.world_size,
+                          prog="wan-rt run")
         device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return _generate(args, spec, request, device, None, rank=0)
     device = torch.device(args.device) if args.device else local_device()
