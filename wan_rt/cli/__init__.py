@@ -87,6 +87,8 @@ def _is_user_error(exc: Exception) -> bool:
     from wan_rt.models.checkpoint import CheckpointError
     from wan_rt.runtime.engines_dir import StaleEngineError
 
+    if isinstance(exc, ImportError) and "pip install" in str(exc):  # an optional package: it names the extra
+        return True
     return isinstance(exc, (UsageError, ValueError, FileNotFoundError, CheckpointError, StaleEngineError))
 
 

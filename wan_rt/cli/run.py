@@ -185,7 +185,10 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device) if args.device else local_device()
     init_process_group(device)
     try:
-        return _generate(args, spec, request, device, plan or ParallelPlan(), rank=job[0])
+        code = _generate(args, spec, request, device, plan or ParallelPlan(), rank=job[0])
+        # No rank tears its process group down while another may still be in a collective with it.
+        torch.distributed.barrier()
+        return code
     finally:
         torch.distributed.destroy_process_group()
 
