@@ -558,6 +558,13 @@ def full_forward_row(name: str, eager: nn.Module, inputs: dict[str, Tensor], wan
 
 # ---------------------------------------------------------------------------------------------
 
+def _torch_older_than(major: int, minor: int) -> bool:
+    import torch
+
+    found = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+    return found < (major, minor)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -592,6 +599,11 @@ def main(argv: list[str] | None = None) -> int:
         # No compile / CUDA graphs off the GPU: the fastest path there is kernels + int8 + fp8 (EMULATED).
         VARIANTS["fast"] = dict(VARIANTS["fast"], compile=None, cuda_graphs=False)
         variants = [v for v in variants if v != "kernels+int8+fp8"]
+        if "aoti" in variants and _torch_older_than(2, 13):
+            # The package's FP8 linears scale weights per channel; a CPU _scaled_mm takes that from 2.13.
+            print(f"aoti skipped: torch {torch.__version__}'s CPU torch._scaled_mm takes per-tensor scales only "
+                  "(the FP8 linears' per-channel weight scales need torch >= 2.13 on a CPU; CUDA has them)")
+            variants.remove("aoti")
     if not cuda and not args.tiny:
         p.error("real sizes need a CUDA GPU; use --tiny on a CPU")
     chosen = scenarios(args.tiny, args.batch)

@@ -20,7 +20,18 @@ import pytest
 from wan_rt import child_process
 from wan_rt.parallel.launch import launch
 
-PY310 = shutil.which("python3.10")
+
+
+def _python310() -> str | None:
+    """A Python 3.10 that runs (a pyenv shim may exist without selecting one)."""
+    candidates = [shutil.which("python3.10"), *map(str, Path.home().glob(".pyenv/versions/3.10*/bin/python3.10"))]
+    for candidate in filter(None, candidates):
+        if subprocess.run([candidate, "-c", "pass"], capture_output=True).returncode == 0:
+            return candidate
+    return None
+
+
+PY310 = _python310()
 
 
 @pytest.fixture
