@@ -100,17 +100,17 @@ def kept_configs(variant: str, configs: list, capability: int, shared_scale: flo
 
 
 def pruner(variant_of: Callable[[dict], tuple[str, float]],
-           prefilter: Callable[[list, dict], list] = lambda configs, args: configs) -> Callable[..., list]:
+           prefer: Callable[[list, dict], list] = lambda configs, args: configs) -> Callable[..., list]:
     """`early_config_prune` for triton.autotune: `variant_of(args)` names the measured variant a
     launch stands for and the shared-memory scale from it; the configs that fit the GPU of the
-    launch survive, before autotuning benchmarks any."""
+    launch survive, before autotuning benchmarks any (of those, `prefer`'s when it keeps some)."""
     def prune(configs: list, named_args: dict, **kwargs: Any) -> list:
         import torch
 
         args = {**named_args, **kwargs}
         variant, scale = variant_of(args)
-        capability = device_capability(torch.cuda.current_device())
-        return kept_configs(variant, prefilter(configs, args), capability, scale)
+        kept = kept_configs(variant, configs, device_capability(torch.cuda.current_device()), scale)
+        return prefer(kept, args) or kept
     return prune
 
 

@@ -86,14 +86,17 @@ def test_the_attention_autotuner_prunes_per_gpu(monkeypatch):
         prune(tuned.configs, _args(torch.bfloat16))
 
 
-def test_the_conv_autotuner_keeps_tiles_that_suit_the_channels(monkeypatch):
+def test_the_conv_autotuner_prefers_tiles_that_suit_the_channels(monkeypatch):
+    """Of the configs that fit, those whose tiles suit the channels; the others when none does."""
     from wan_rt.kernels import causal_conv
 
     tuned = causal_conv._causal_conv3d_tuned
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(targets, "device_capability", lambda index: 90)
     x = SimpleNamespace(dtype=torch.bfloat16)
-    wide = tuned.early_config_prune(tuned.configs, {"X": x, "C_in": 384, "C_out": 384})
-    narrow = tuned.early_config_prune(tuned.configs, {"X": x, "C_in": 12, "C_out": 16})
-    assert wide and all(c.kwargs["BLOCK_N"] == 64 and c.kwargs["BLOCK_K"] == 32 for c in wide)
-    assert narrow and all(c.kwargs["BLOCK_N"] == 32 and c.kwargs["BLOCK_K"] == 16 for c in narrow)
+    for cc in targets.TARGETS:
+        monkeypatch.setattr(targets, "device_capability", lambda index, cc=cc: cc)
+        fitting = targets.kept_configs("causal_conv3d[bf16]", tuned.configs, cc)
+        for c_in, c_out, n, k in ((384, 384, 64, 32), (12, 16, 32, 16)):
+            kept = tuned.early_config_prune(tuned.configs, {"X": x, "C_in": c_in, "C_out": c_out})
+            suited = [c for c in fitting if c.kwargs["BLOCK_N"] == n and c.kwargs["BLOCK_K"] == k]
+            assert kept == (suited or fitting), (cc, c_in, c_out)
