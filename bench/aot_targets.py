@@ -52,8 +52,8 @@ def _key(variant, config: tuple, target: int) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-def compile_one(job: tuple, full: bool) -> dict:
-    """Compile one (variant, config, target), through the result cache."""
+def compile_one(job: tuple, full: bool, use_cache: bool = True) -> dict:
+    """Compile one (variant, config, target), through the result cache unless `use_cache` is off."""
     import dataclasses
 
     from wan_rt.kernels.targets import compile_for, config_name
@@ -62,7 +62,7 @@ def compile_one(job: tuple, full: bool) -> dict:
     variant = next(v for v in variants(full) if v.name == name)
     config = next(c for c in variant.configs if config_name(*c) == cfg_name)
     path = _cache_dir() / f"{_key(variant, config, target)}.json"
-    if path.is_file():
+    if use_cache and path.is_file():
         return json.loads(path.read_text())
     kwargs, warps, stages = config
     compiled = compile_for(variant.fn, variant.signature, {**variant.constexprs, **kwargs}, target, warps, stages)
@@ -74,11 +74,12 @@ def compile_one(job: tuple, full: bool) -> dict:
     return result
 
 
-def compile_all(job_list: list[tuple], full: bool, workers: int) -> dict:
+def compile_all(job_list: list[tuple], full: bool, workers: int, use_cache: bool = True) -> dict:
     """{variant: {target: {config: measures}}} for the jobs, `workers` compiles at a time."""
     table: dict = {}
+    n = len(job_list)
     with concurrent.futures.ProcessPoolExecutor(workers) as pool:
-        for job, result in zip(job_list, pool.map(compile_one, job_list, [full] * len(job_list))):
+        for job, result in zip(job_list, pool.map(compile_one, job_list, [full] * n, [use_cache] * n)):
             name, cfg_name, target = job
             table.setdefault(name, {}).setdefault(str(target), {})[cfg_name] = result
     return table
@@ -153,7 +154,7 @@ def check(full: bool, workers: int) -> dict:
             measures = table.get(v.name, {}).get(str(cc), {})
             todo += [(v.name, config_name(*c), cc) for c in v.configs
                      if full or fits(measures.get(config_name(*c), {"shared": 1 << 30, "spill_bytes": 0}), cc)]
-    fresh = compile_all(todo, full, workers)
+    fresh = compile_all(todo, full, workers, use_cache=False)  # the compiler's word, not the cache's
     for name, cfg_name, cc in todo:
         got = fresh[name][str(cc)][cfg_name]
         report["checked"].append([name, cfg_name, cc, got])
