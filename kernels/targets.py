@@ -1,15 +1,15 @@
 """The GPUs wan_rt's Triton kernels claim, what each allows a kernel, and which configs fit.
 
 `TARGETS` is the claim (compute capability -> shared memory a block may use, the opt-in maximum).
-`fits(...)` prunes a kernel's configs for a target before autotuning can pick one: each kernel
-module states its configs and a shared-memory estimate, and `prune(...)` keeps the configs whose
-estimate fits the device the launch runs on (`early_config_prune` of `triton.autotune`).
-`compile_for(...)` compiles one kernel + config for a named target with no GPU present
-(`triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`) and reads its shared memory
-from the metadata and its registers and spills from the bundled ptxas (its `-v` report):
-tests/kernels/test_aot_targets.py checks every kept config that way (the estimate must not be
-below what Triton allocates, no kept config may spill past MAX_SPILL_BYTES) and
-bench/aot_targets.py prints the table into bench/RESULTS.md.
+Each kernel module lists its GPU configs and `aot_variants()`: representative specializations.
+`compile_for(...)` compiles one of them in one config for a named target with no GPU present
+(`triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`): shared memory from the
+metadata, registers and spills from the log of the ptxas run Triton makes (`-v`).
+bench/aot_targets.py does that for every variant x config x target and writes
+kernels/aot_targets.json; `pruner(...)` is the autotuners' `early_config_prune`: it keeps the
+configs whose measurements fit the launch's GPU (shared memory, scaled for wider tiles, and at
+most MAX_SPILL_BYTES of spills), before autotuning benchmarks any. tests/kernels/test_aot_targets.py
+checks the table against fresh compiles and that every kernel keeps a config on every target.
 
 Nothing here imports triton at module level (`wan_rt.kernels` stays importable without it).
 """
