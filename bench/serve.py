@@ -7,13 +7,20 @@ queue, the store, the worker processes and HTTP cost or gain. Batches of every v
 interleaved (the order rotates each round; the median counts), the servers staying up. Latency:
 GET /v1/videos/{id} on one keep-alive connection, idle and while a long job runs, p50/p99.
 
+--scale adds serving past one machine, as README "Serving at scale" deploys it: one PostgreSQL
+queue and one bucket (a private PostgreSQL server and moto's S3 server, bench/local_services.py),
+2 services x 1 CPU worker (each pinned to its own cores, as two machines) vs 1 service x 2 CPU
+workers, the same jobs; jobs go to the services in turn, as a load balancer sends them.
+
     python bench/serve.py --json bench/serve.json                          # 1 and 2 CPU workers
+    python bench/serve.py --scale --devices cpu,cpu --json bench/serve_scale.json
     python bench/serve.py --jobs 1 --rounds 1 --requests 5 --devices cpu   # smoke test (CI)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
@@ -28,6 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, interleaved, median, print_table, write_json  # noqa: E402
+from local_services import MOTO_ENV, moto_s3, new_database, private_postgres  # noqa: E402
 
 MODEL = "tiny-t2v-A14B"
 JOB = {"num_inference_steps": 4, "num_frames": 5, "size": "32x32"}   # the tiny model's defaults, spelled out
@@ -63,11 +71,15 @@ class Api:
         raise TimeoutError(f"{video_id} not finished after {timeout} s")
 
 
-def serve(devices: str, data_dir: Path) -> tuple[subprocess.Popen, int]:
+def serve(devices: str, data_dir: Path, extra: tuple[str, ...] = (),
+          cpus: set[int] | None = None) -> tuple[subprocess.Popen, int]:
+    """cpus: the cores the service and its workers may use (as if it had a machine of its own)."""
     code = "import sys; from wan_rt.cli import main; sys.exit(main(sys.argv[1:]))"
     proc = subprocess.Popen([sys.executable, "-c", code, "serve", "--port", "0", "--devices", devices,
-                             "--data-dir", str(data_dir), "--log-level", "warning", "--model", MODEL],
-                            stdout=subprocess.PIPE, text=True, cwd=data_dir.parent, start_new_session=True)
+                             "--data-dir", str(data_dir), "--log-level", "warning", "--model", MODEL, *extra],
+                            stdout=subprocess.PIPE, text=True, cwd=data_dir.parent, start_new_session=True,
+                            env={**os.environ, **MOTO_ENV},
+                            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
     line = proc.stdout.readline()  # type: ignore[union-attr]
     found = re.search(r"http://127\.0\.0\.1:(\d+)", line)
     if not found:
@@ -98,24 +110,43 @@ def p(values: list[float], q: float) -> float:
 
 
 class ServerVariant:
-    """A `wan-rt serve` process kept up for the whole run; calling it runs one batch of jobs."""
+    """`wan-rt serve` processes kept up for the whole run; calling it runs one batch of jobs.
+    services > 1: that many services on `shared` (store URL, storage URL, S3 endpoint), each
+    pinned to its share of the cores; jobs go to them in turn."""
 
-    def __init__(self, devices: str, work: Path):
-        self.devices = devices
-        self.workers = len(devices.split(","))
-        self.name = f"wan-rt serve, {self.workers} CPU worker{'s' if self.workers > 1 else ''}"
-        self.proc, port = serve(devices, work / f"data-{devices.replace(',', '-')}")
-        self.api = Api(port)
+    def __init__(self, devices: str, work: Path, services: int = 1, shared: tuple[str, str, str] | None = None):
+        per_service = len(devices.split(","))
+        self.workers = services * per_service
+        workers = f"{per_service} CPU worker{'s' if per_service > 1 else ''}"
+        if shared is None:
+            self.name = f"wan-rt serve, {workers}"
+        else:
+            self.name = f"{services} service{'s' if services > 1 else ''} x {workers}, one PostgreSQL queue + bucket"
+        extra = () if shared is None else ("--store", shared[0], "--storage", shared[1], "--s3-endpoint-url", shared[2])
+        cores = os.cpu_count() or 1
+        share = cores // services if services > 1 else 0
+        self.procs, self.apis = [], []
+        for i in range(services):
+            cpus = set(range(i * share, (i + 1) * share)) if share else None
+            proc, port = serve(devices, work / f"data-{services}x{devices.replace(',', '-')}-{i}", extra, cpus)
+            self.procs.append(proc)
+            self.apis.append(Api(port))
+        self.api = self.apis[0]
         self.batch = 0
-        _, warm = self.api.call("POST", "/v1/videos", {"prompt": "warm-up", **JOB})
-        self.warm_id = self.api.wait(warm["id"])["id"]
+        warm = self.submit([{"prompt": f"warm-up {i}", **JOB} for i in range(self.workers)])  # every worker's first job
+        self.warm_id = warm[0]
+
+    def submit(self, bodies: list[dict]) -> list[str]:
+        """POST each body to the services in turn, then wait for all; -> the video ids."""
+        posted = [(api, api.call("POST", "/v1/videos", body)[1]["id"])
+                  for api, body in zip(self.apis * len(bodies), bodies)]
+        results = [api.wait(video_id) for api, video_id in posted]
+        assert all(r["status"] == "completed" for r in results), [r["error"] for r in results]
+        return [video_id for _, video_id in posted]
 
     def __call__(self, jobs: int) -> None:
         self.batch += 1
-        ids = [self.api.call("POST", "/v1/videos", {"prompt": f"job {self.batch}.{i}", "seed": i, **JOB})[1]["id"]
-               for i in range(jobs)]
-        results = [self.api.wait(i) for i in ids]
-        assert all(r["status"] == "completed" for r in results), [r["error"] for r in results]
+        self.submit([{"prompt": f"job {self.batch}.{i}", "seed": i, **JOB} for i in range(jobs)])
 
     def latency(self, requests: int) -> dict:
         """GET p50/p99, idle and while a long job runs on a worker."""
@@ -129,8 +160,10 @@ class ServerVariant:
                 "get_busy_p50_ms": p(busy, 50), "get_busy_p99_ms": p(busy, 99)}
 
     def stop(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        self.proc.wait(timeout=60)
+        for proc in self.procs:
+            os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs:
+            proc.wait(timeout=120)
 
 
 class PipelineVariant:
@@ -171,15 +204,26 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=300, help="GETs per latency measurement")
     parser.add_argument("--devices", action="append", default=None,
                         help="a server variant's --devices (repeatable; default: cpu and cpu,cpu)")
+    parser.add_argument("--scale", action="store_true",
+                        help="also 2 services x 1 CPU worker vs 1 service x 2 CPU workers on one PostgreSQL queue and "
+                             "one bucket (a private PostgreSQL server and moto's S3 server)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="wan_rt_bench_serve_"))
     cores = os.cpu_count() or 1
     references = [PipelineVariant(work, t) for t in sorted({cores, 1}, reverse=True)]
     servers: list[ServerVariant] = []
+    shared = contextlib.ExitStack()
     try:
         for devices in args.devices or ["cpu", "cpu,cpu"]:
             servers.append(ServerVariant(devices, work))
+        if args.scale:
+            postgres = shared.enter_context(private_postgres())
+            endpoint = shared.enter_context(moto_s3("wan-rt-bench"))
+            for services, devices in ((1, "cpu,cpu"), (2, "cpu")):  # a queue and a prefix each: no job crosses over
+                name = f"scale{services}"
+                store = new_database(postgres, name)
+                servers.append(ServerVariant(devices, work, services, (store, f"s3://wan-rt-bench/{name}", endpoint)))
         latency = {s.name: s.latency(args.requests) for s in servers}
         variants = {v.name: v for v in (*references, *servers)}
         seconds = interleaved({name: (lambda v=v: v(args.jobs)) for name, v in variants.items()}, args.rounds,
@@ -187,6 +231,7 @@ def main() -> int:
     finally:
         for server in servers:
             server.stop()
+        shared.close()
     rows = []
     for name, variant in variants.items():
         batch = median(seconds[name])

@@ -103,6 +103,9 @@ class QuantPlan:
     stats: CalibrationStats
     num_layers: int
     head_dim: int
+    # fp8: per-tensor weight scales a checkpoint already quantized with (module path -> scale:
+    # ComfyUI's fp8_scaled `scale_weight`); those weights keep the file's fp8 values and scale.
+    weight_scales: Mapping[str, float] = field(default_factory=dict)
 
     def apply(self, onnx_path: Path, module: torch.nn.Module | None = None) -> list[str]:
         """Quantize the file in place; returns the files (relative names) now in its folder.
@@ -167,11 +170,16 @@ def smooth_factors(act_channel_amax: np.ndarray, weight_channel_amax: np.ndarray
     return s.astype(np.float32)
 
 
-def quantize_weight(w: np.ndarray, precision: str, out_axis: int, elem_type: int) -> tuple[torch.Tensor, np.ndarray]:
-    """Per-output-channel symmetric quantization -> (quantized values as float32, scales)."""
+def quantize_weight(w: np.ndarray, precision: str, out_axis: int, elem_type: int,
+                    given_scale: float | None = None) -> tuple[torch.Tensor, np.ndarray]:
+    """Per-output-channel symmetric quantization -> (quantized values as float32, scales).
+    `given_scale`: the one scale the weights were quantized with already (fp8 checkpoints):
+    dividing by it gives back their fp8 values, so nothing is requantized."""
     reduce = 1 - out_axis
     amax = np.abs(w).max(axis=reduce)
     scale = _round_to(np.where(amax > 0, amax / QMAX[precision], 1.0), elem_type)
+    if given_scale is not None:
+        scale = _round_to(np.full_like(amax, given_scale, dtype=np.float32), elem_type)
     shape = [1, 1]
     shape[out_axis] = -1
     scaled = torch.from_numpy(w / scale.reshape(shape))
@@ -377,7 +385,7 @@ def _quantize_linears(g: _Graph, plan: QuantPlan, paths: Mapping[str, str], repo
         dq = _qdq(g, src, amax, cfg.precision, float_type, first, tag)
         qtype = TensorProto.FLOAT8E4M3FN if cfg.precision == "fp8" else TensorProto.INT8
         for n, w, axis, path in zip(nodes, weights, out_axes, node_paths):
-            q, scale = quantize_weight(w, cfg.precision, 1, float_type)  # [in, out]: out is axis 1
+            q, scale = quantize_weight(w, cfg.precision, 1, float_type, plan.weight_scales.get(path))  # out: axis 1
             tag_w = path.replace(".", "/") + "/weight"
             w_q = g.constant(f"{tag_w}_q", q.T if axis == 0 else q, qtype)  # back in the node's layout
             w_scale = g.constant(f"{tag_w}_scale", torch.from_numpy(scale), float_type)

@@ -135,6 +135,18 @@ def engine_checks():
 
 
 @pytest.fixture(scope="session")
+def single_files():
+    """tests/single_files.py (writers of ComfyUI / fp8 scaled / GGUF component files), loaded by path."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("wan_rt_tests_single_files",
+                                                  Path(__file__).with_name("single_files.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
 def cpp_build() -> Path:
     """The folder of wan_rt's C++ build (wan-rt-cpp, run_graph, wan-rt-cpp-probe), built once per
     session (`wan_rt.cpp.build`, cached by sources). A failing build fails the test; only a machine
@@ -261,3 +273,26 @@ def _generate_rtx_stubs(stubs: Path) -> bool:
     assert n == 1, "tensorrt_rtx's add_scale_nd signature changed: revisit the repair"
     pyi.write_text(text)
     return True
+
+
+# ---- a deployment's shared services, private to the session --------------------------------------
+@pytest.fixture(scope="session")
+def local_services():
+    """bench/local_services.py (a private PostgreSQL server, moto's S3 server), loaded by path."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "local_services.py"
+    spec = importlib.util.spec_from_file_location("wan_rt_bench_local_services", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def postgres_url(local_services):
+    """A private PostgreSQL server (wan-rt serve's shared job store), stopped at the end of the session."""
+    try:
+        with local_services.private_postgres() as url:
+            yield url
+    except local_services.Unavailable as exc:
+        pytest.skip(str(exc))

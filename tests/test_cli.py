@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+
 from pathlib import Path
 
 import numpy as np
@@ -80,14 +81,18 @@ def test_console_script_error_has_no_traceback(tmp_path):
 
 
 def test_repo_root_is_not_importable_as_kernels():
-    """transformers probes for a package named `kernels`; ours must only exist as wan_rt.kernels
-    (a top-level `kernels` may only be the hub package, when it is installed)."""
-    repo = str(Path(__file__).resolve().parents[1])
-    code = ("import importlib.util as u, wan_rt.kernels; s = u.find_spec('kernels'); "
-            f"print(s is None or not (s.origin or '').startswith({repo!r}))")
+    """transformers probes for a package named `kernels`; ours must only exist as wan_rt.kernels."""
+    # transformers depends on the hub's own `kernels` package, so a top-level `kernels` may exist:
+    # it must never be this repo's folder, and the repo root must not be on sys.path at all.
+    code = ("import importlib.util as u, os, sys, wan_rt.kernels; s = u.find_spec('kernels'); "
+            "print(s.origin if s is not None else None); print(*[os.path.realpath(p) for p in sys.path], sep='\\n')")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=os.path.expanduser("~"), timeout=120)
-    assert proc.stdout.strip() == "True", proc.stderr
+    assert proc.returncode == 0, proc.stderr
+    origin, *path = proc.stdout.splitlines()
+    repo = str(Path(__file__).resolve().parents[1])
+    assert not origin.startswith(repo + os.sep), origin
+    assert repo not in path, "the repo root is on sys.path: its kernels/ could shadow the hub package"
 
 
 def test_help_states_each_default_once(capsys):

@@ -107,6 +107,26 @@ def _image(path, width: int, height: int, seed: int) -> str:
     return str(path)
 
 
+def _lossless_video(path, frames: np.ndarray) -> str:
+    """An mp4 of `frames` in H.264 RGB at qp 0 (lossless), so both runtimes decode the same bytes."""
+    import imageio_ffmpeg
+
+    writer = imageio_ffmpeg.write_frames(str(path), frames.shape[2:0:-1], fps=16, codec="libx264rgb",
+                                         pix_fmt_out="rgb24", macro_block_size=1, output_params=["-qp", "0"],
+                                         ffmpeg_log_level="error")
+    writer.send(None)
+    for frame in frames:
+        writer.send(np.ascontiguousarray(frame))
+    writer.close()
+    return str(path)
+
+
+def _source_frames(count: int, height: int, width: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (count, 4, 4, 3), dtype=np.uint8)
+    return np.stack([np.asarray(Image.fromarray(f).resize((width, height), Image.BICUBIC)) for f in small])
+
+
 # ------------------------------------------------------------------------------ build
 def test_build_command_prints_the_executable_and_reuses_the_build(cpp_build):
     """`python -m wan_rt.cpp build`: the last line is wan-rt-cpp's path; a second call finds the
@@ -313,6 +333,30 @@ def test_video_equals_python(cpp_build, engines, tmp_path, capsys, case):
     assert not list(tmp_path.glob(".*partial*"))
 
 
+def test_video_to_video_equals_python(cpp_build, engines, tmp_path, capsys):
+    """`--video --strength` on both runtimes: the source (lossless, so decoded alike, checked
+    against its frames) resized, encoded, noised to the start step, denoised from there across the
+    expert switch: frames within 1e-4."""
+    from wan_rt.video import load_video
+
+    frames = _source_frames(9, 37, 50, seed=8)
+    source = _lossless_video(tmp_path / "source.mp4", frames)
+    assert np.array_equal(load_video(source), frames)
+    # 5 steps at strength 0.6: steps 2..4 run (timesteps 947, 889 on the high-noise expert, 750 on the low).
+    args = ["--engines-dir", engines[T2V], "--prompt", PROMPT, "--video", source, "--strength", "0.6", "--steps", "5",
+            "--seed", "4"]
+    code, err = _python_run(capsys, *args, "--output", tmp_path / "py.mp4", "--frames-out", tmp_path / "py.safetensors")
+    assert code == 0, err
+    assert {"dit_high_noise (2 steps)", "dit_low_noise (1 steps)"} <= {line.strip().split(":")[0] for line in err}, err
+    proc = _cpp(cpp_build, *args, "--output", tmp_path / "cpp.mp4", "--frames-out", tmp_path / "cpp.safetensors")
+    assert proc.returncode == 0, proc.stderr
+    assert "dit_high_noise (2 steps)" in proc.stderr and "dit_low_noise (1 steps)" in proc.stderr
+    want = load_file(str(tmp_path / "py.safetensors"))["frames"]
+    got = load_file(str(tmp_path / "cpp.safetensors"))["frames"]
+    assert got.shape == want.shape == (9, 32, 32, 3) and want.std() > 0.05
+    assert (got - want).abs().max() < TOL, (got - want).abs().max()
+
+
 def test_generation_stops_at_a_step_boundary(cpp_build, engines):
     """The step callback returning false stops the generation there (GenerationInterrupted)."""
     out = _probe(cpp_build, "interrupt", engines[T2V], 2)
@@ -325,6 +369,8 @@ def _bad_cases(engines, tmp_path):
     t2v, i2v = engines[T2V], engines[I2V]
     junk = tmp_path / "junk.png"
     junk.write_text("not a picture")
+    (tmp_path / "src").mkdir()  # the refusals check that no mp4 appears in tmp_path itself
+    source = _lossless_video(tmp_path / "src" / "source.mp4", _source_frames(9, 32, 32, seed=1))
     return [
         ("height", ["--engines-dir", t2v, "--height", "33"], True),
         ("frames", ["--engines-dir", t2v, "--frames", "6"], True),
@@ -339,6 +385,12 @@ def _bad_cases(engines, tmp_path):
         ("image-missing", ["--engines-dir", i2v, "--image", tmp_path / "missing.png"], True),
         ("image-unreadable", ["--engines-dir", i2v, "--image", junk], False),  # the decoders' reasons differ
         ("no-engines", ["--engines-dir", tmp_path / "empty"], True),
+        ("strength-no-video", ["--engines-dir", t2v, "--strength", "0.5"], True),
+        ("strength-range", ["--engines-dir", t2v, "--video", source, "--strength", "1.5"], True),
+        ("strength-no-step", ["--engines-dir", t2v, "--video", source, "--strength", "0.1", "--steps", "4"], True),
+        ("video-short", ["--engines-dir", t2v, "--video", source, "--frames", "13"], True),
+        ("video-missing", ["--engines-dir", t2v, "--video", tmp_path / "missing.mp4"], True),
+        ("video-unreadable", ["--engines-dir", t2v, "--video", junk], False),  # the decoders' reasons differ
     ]
 
 

@@ -26,9 +26,9 @@ LAYERS = {
     # 3. checkpoint resolution and the embedded presets
     "wan_rt.resolve": 3, "wan_rt.tiny": 3,
     # 4. runtime: component and graph contracts, backends' run side, the engines dir, residency
-    "wan_rt.runtime": 4,
+    "wan_rt.runtime": 4, "wan_rt.host_memory": 4,
     # 5. variants applied from outside the models
-    "wan_rt.kernels.integrate": 5, "wan_rt.runtime.fast": 5, "wan_rt.eager": 5, "wan_rt.parallel": 5,
+    "wan_rt.kernels.integrate": 5, "wan_rt.runtime.fast": 5, "wan_rt.runtime.gguf_weights": 5, "wan_rt.eager": 5, "wan_rt.parallel": 5,
     "wan_rt.lora": 5, "wan_rt.caching": 5, "wan_rt.offload": 5,
     # 6. the denoise loop
     "wan_rt.pipeline": 6,

@@ -4,15 +4,9 @@ worker's handling of a failed generation, and the in-process VideoService with w
 from __future__ import annotations
 
 import asyncio
-import glob
 import os
-import shutil
-import subprocess
-import tempfile
 import threading
 import time
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -23,42 +17,6 @@ from wan_rt.service.stores import open_store
 from wan_rt.service.workers import WorkerSettings, run_job
 
 MODEL = "tiny-t2v-A14B"
-
-
-# ----------------------------------------------------------------------------- PostgreSQL server
-def _postgres_bin() -> str | None:
-    for folder in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True):
-        if os.path.isfile(os.path.join(folder, "initdb")):
-            return folder
-    initdb = shutil.which("initdb")
-    return os.path.dirname(initdb) if initdb else None
-
-
-@pytest.fixture(scope="module")
-def postgres_url():
-    """A private PostgreSQL server on a unix socket in a temp dir, stopped at the end."""
-    bindir = _postgres_bin()
-    if bindir is None:
-        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed: apt-get install postgresql")
-    as_user: list[str] = []
-    root = Path(tempfile.mkdtemp(prefix="wan_rt_pg_"))
-    if os.geteuid() == 0:  # postgres refuses to run as root
-        if shutil.which("runuser") is None or subprocess.run(["id", "postgres"], capture_output=True).returncode:
-            pytest.skip("running as root and there is no 'postgres' user (or runuser) to start PostgreSQL as")
-        as_user = ["runuser", "-u", "postgres", "--"]
-        shutil.chown(root, "postgres")
-    data, log = root / "data", root / "log"
-    subprocess.run([*as_user, f"{bindir}/initdb", "-D", str(data), "-U", "postgres", "-A", "trust", "--no-sync",
-                    "-E", "UTF8"], check=True, capture_output=True, timeout=120)
-    options = f"-k {root} -c listen_addresses='' -F -p 5432"
-    subprocess.run([*as_user, f"{bindir}/pg_ctl", "-D", str(data), "-o", options, "-l", str(log), "-w", "-t", "60",
-                    "start"], check=True, capture_output=True, timeout=90)
-    try:
-        yield f"postgresql:///postgres?host={root}&port=5432&user=postgres"
-    finally:
-        subprocess.run([*as_user, f"{bindir}/pg_ctl", "-D", str(data), "-m", "immediate", "-w", "-t", "30", "stop"],
-                       capture_output=True, timeout=60)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def _fresh_postgres(url: str) -> None:

@@ -119,7 +119,8 @@ def build_engines(model: str, backend: str, engines_dir: Path, *, precision: Opt
         quantized_dits = [c for c in wanted if c in spec.dit_components and precision in QUANTIZED_PRECISIONS]
         trt_config = (trt_config or BuildConfig()).for_build(
             precision, {c: component_dtype(c, precision, backend, dev) for c in wanted}, quantized_dits)
-    model_id = model if not Path(model).exists() else str(Path(model).resolve())
+    # A composed model (component files, resolve.compose_model) already names absolute paths.
+    model_id = model if model.startswith("{") or not Path(model).exists() else str(Path(model).resolve())
     engines_dir = Path(engines_dir)
     engines_dir.mkdir(parents=True, exist_ok=True)
     check_index(engines_dir, model_id, spec, force)
@@ -168,7 +169,7 @@ def build_engines(model: str, backend: str, engines_dir: Path, *, precision: Opt
         if quantize:
             if calibration is None:  # once, before the first DiT graph, for every expert
                 calibration = _calibrate(resolved, model, wanted, quant_config, (height, width, frames), dev, log)
-            options["quant"] = _quant_plan(spec, quant_config, calibration[name])
+            options["quant"] = _quant_plan(spec, quant_config, calibration[name], resolved.files.dits[name])
         # Only the weights differ (other LoRAs): the backend may swap them in without a rebuild.
         in_place = _weights_only_change(final, want, backend_mod) if hasattr(builder, "reweight_graph") else None
         log(f"  {name:<16} {'re-weighting' if in_place else 'building'} ({backend}, {precision}) ...")
@@ -228,10 +229,13 @@ def _calibrate(resolved: ResolvedCheckpoint, model: str, wanted: list[str], conf
     return stats
 
 
-def _quant_plan(spec: ModelSpec, config: "QuantConfig", stats) -> "QuantPlan":
+def _quant_plan(spec: ModelSpec, config: "QuantConfig", stats, weights: Path) -> "QuantPlan":
+    """An fp8 build of an fp8_scaled DiT file keeps the file's fp8 weights and scales."""
     from wan_rt.export.quantize import QuantPlan
+    from wan_rt.models.single_file import fp8_weight_scales
 
-    return QuantPlan(config, stats, spec.dit.num_layers, spec.dit.head_dim)
+    scales = fp8_weight_scales(weights) if config.precision == "fp8" and weights.is_file() else {}
+    return QuantPlan(config, stats, spec.dit.num_layers, spec.dit.head_dim, scales)
 
 
 def _build_component(resolved: ResolvedCheckpoint, name: str, want: EngineManifest, builder,

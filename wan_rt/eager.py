@@ -13,6 +13,7 @@ from typing import Mapping, Optional
 import torch
 
 from wan_rt.models import load_dit, load_text_encoder, load_vae
+from wan_rt.models.single_file import is_gguf
 from wan_rt.resolve import ResolvedCheckpoint
 from wan_rt.runtime.component import EagerComponent, VAEDecodeGraph, VAEEncodeGraph
 from wan_rt.runtime.engine_component import EagerDiTComponent
@@ -54,7 +55,13 @@ def build_eager_components(resolved: ResolvedCheckpoint, device: torch.device, d
                                              where["text_encoder"], te_dtype)
     for name in spec.dit_components:
         if name in wanted:
-            dit = load_dit(files, name, dtype=dtype, device=(placement or {}).get(name) or dit_load_device or device)
+            dit_device = (placement or {}).get(name) or dit_load_device or device
+            if is_gguf(files.dits[name]):  # quantized blocks stay quantized; each Linear dequantizes its own
+                from wan_rt.runtime.gguf_weights import load_gguf_dit
+
+                dit = load_gguf_dit(files.dits[name], dtype, dit_device)
+            else:
+                dit = load_dit(files, name, dtype=dtype, device=dit_device)
             if fast:
                 install(dit)
             out[name] = EagerDiTComponent(name, spec, dit, dtype, where[name])

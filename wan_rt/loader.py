@@ -7,6 +7,7 @@ from the engines `wan-rt build` wrote, rebuilding stale engines when asked to.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence, Union
 
@@ -16,6 +17,7 @@ from wan_rt.build import build_engines
 from wan_rt.caching import apply_step_cache, remove_step_cache
 from wan_rt.config import ModelSpec
 from wan_rt.eager import build_eager_components, use_triton_kernels
+from wan_rt.host_memory import choose_host_dtype
 from wan_rt.lora import AppliedLora, LoraRef, expert_component, load_lora
 from wan_rt.models.text_encoder import load_tokenizer
 from wan_rt.offload import MemoryPlan, apply_plan, choose_plan, weight_bytes
@@ -23,10 +25,11 @@ from wan_rt.parallel import ParallelPlan, local_component_names, parallelize
 from wan_rt.parallel.plan import local_device
 from wan_rt.pipeline import Pipeline
 from wan_rt.precision import component_dtype
-from wan_rt.resolve import ResolvedCheckpoint, resolve_checkpoint
+from wan_rt.resolve import ResolvedCheckpoint, compose_model, resolve_checkpoint
 from wan_rt.runtime.backends import get_backend
 from wan_rt.runtime.engines import check_engines_model, load_engine_components
 from wan_rt.runtime.engines_dir import LoraPairs, build_size, dit_layout, is_stale, read_index
+from wan_rt.runtime.gguf_weights import GGUFLinear
 from wan_rt.runtime.graphs import components_of
 
 BACKEND_CHOICES = ("eager", "ort", "aoti", "trt")
@@ -71,6 +74,7 @@ def load_components(model: Optional[str], *, backend: Optional[str] = None, engi
                     kernels: str = "auto", parallel: Optional[ParallelPlan] = None,
                     loras: Optional[Mapping[str, LoraPairs]] = None,
                     placement: Optional[Mapping[str, torch.device]] = None,
+                    size: Optional[tuple[int, int, int]] = None,
                     ) -> tuple[ResolvedCheckpoint, dict, str]:
     """-> (resolved checkpoint, components, a few words on what runs them).
 
@@ -80,7 +84,10 @@ def load_components(model: Optional[str], *, backend: Optional[str] = None, engi
     this rank's part of a multi-process plan (wan_rt.parallel), inside an initialized group.
     `loras` ({component: [(file, scale)]}) are what engine experts must have been built with (a
     rebuild fuses them); eager experts take theirs afterwards (WanPipeline.load_lora). `placement`
-    puts eager components elsewhere than `device` (memory_placement: a low-VRAM plan)."""
+    puts eager components elsewhere than `device` (memory_placement: a low-VRAM plan). `size`
+    (height, width, frames): the largest request, for the host-memory check (wan_rt.host_memory:
+    eager components on the CPU that cannot fit in RAM are refused before loading; a dtype left
+    open on the CPU is fp32, or bf16 when only that fits)."""
     dev = device or (default_device() if parallel is None else local_device())
     groups = parallel.groups() if parallel is not None else None
     if backend is not None and backend not in BACKEND_CHOICES:
@@ -96,13 +103,13 @@ def load_components(model: Optional[str], *, backend: Optional[str] = None, engi
     resolved = resolve_checkpoint(model)
     if parallel is not None:
         parallel.check_model(resolved.spec)
-    if dtype is None:
-        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     if index is None or backend == "eager":
+        names = (list(components_of(resolved.spec)) if groups is None
+                 else local_component_names(resolved.spec, groups.plan, groups.rank))
+        dtype = _fit_host_memory(resolved, names, dev, dtype, placement, size)
         how = "eager" + (" + Triton kernels" if use_triton_kernels(kernels, dev) else "")
         if groups is None:
             return resolved, build_eager_components(resolved, dev, dtype, kernels=kernels, placement=placement), how
-        names = local_component_names(resolved.spec, groups.plan, groups.rank)
         sharded = torch.device("cpu") if groups.plan.shard_weights else None  # FSDP moves the shards
         components = build_eager_components(resolved, dev, dtype, names, kernels=kernels, dit_load_device=sharded)
         return resolved, parallelize(components, resolved.spec, groups, dev), f"{how}, {groups.plan.describe()}"
@@ -128,11 +135,28 @@ def load_components(model: Optional[str], *, backend: Optional[str] = None, engi
     eager = [c for c in components_of(resolved.spec) if c not in components]
     if eager:
         base = component_dtype("dit", index["precision"], index["backend"], dev)
+        _fit_host_memory(resolved, eager, dev, base, placement, size)
         components.update(build_eager_components(resolved, dev, base, eager, placement=placement))
     how = f"{index['backend']} engines in {engines_dir}"
     if groups is None:
         return resolved, components, how
     return resolved, parallelize(components, resolved.spec, groups, dev), f"{how}, {groups.plan.describe()}"
+
+
+def _fit_host_memory(resolved: ResolvedCheckpoint, names: Sequence[str], device: torch.device,
+                     dtype: Optional[torch.dtype], placement: Optional[Mapping[str, torch.device]],
+                     size: Optional[tuple[int, int, int]]) -> torch.dtype:
+    """The eager dtype: the caller's, checked against host RAM for what runs on the CPU; left open,
+    bf16 on a GPU and on a CPU fp32 unless only bf16 fits (said on stderr)."""
+    on_cpu = [n for n in names if torch.device((placement or {}).get(n, device)).type == "cpu"]
+    if dtype is None and device.type == "cuda":
+        dtype = torch.bfloat16
+    if not on_cpu:
+        return dtype or torch.float32
+    chosen, note = choose_host_dtype(resolved.spec, resolved.files, on_cpu, dtype, size)
+    if note:
+        print(f"wan-rt: {note}", file=sys.stderr)
+    return chosen
 
 
 def memory_plan(resolved: ResolvedCheckpoint, budget_gb: float, dtype: torch.dtype,
@@ -176,8 +200,8 @@ class WanPipeline(Pipeline):
                         rebuild: bool = False, kernels: str = "auto",
                         parallel: Optional[ParallelPlan] = None, lora: Iterable[LoraArg] = (),
                         lora_2: Iterable[LoraArg] = (), lora_mode: str = "fuse",
-                        memory_budget_gb: Optional[float] = None, cpu_components: Sequence[str] = ()
-                        ) -> "WanPipeline":
+                        memory_budget_gb: Optional[float] = None, cpu_components: Sequence[str] = (),
+                        files: Optional[Mapping[str, Union[str, Path]]] = None) -> "WanPipeline":
         """path: a diffusers-layout folder, an official Wan2.2 folder, or a preset name (None with
         engines_dir: the model the engines were built from). engines_dir: run the engines
         `wan-rt build` wrote there, on their own backend unless `backend="eager"`; backend_for
@@ -192,7 +216,13 @@ class WanPipeline(Pipeline):
         rank gets the same frames (device default: cuda:LOCAL_RANK, else the CPU).
         memory_budget_gb: GPU memory to stay within; the cheapest plan that fits is applied
         (wan_rt.offload: all resident, one expert at a time, or block offload for eager experts).
-        cpu_components: "text_encoder", "vae_encoder", "vae_decoder" to run on the CPU."""
+        cpu_components: "text_encoder", "vae_encoder", "vae_decoder" to run on the CPU.
+        files: components as single files over `path` ({"dit", "dit_2", "text_encoder", "vae":
+        file, "tokenizer": folder}; ComfyUI / fp8 scaled / GGUF / official files); with every
+        component a file, `path` may name the architecture ("t2v-A14B", "i2v-A14B", "ti2v-5B")."""
+        if files:
+            base = path if path is not None or engines_dir is None else read_index(Path(engines_dir))["model"]
+            path = compose_model(base, **{k: str(v) for k, v in files.items()})
         dev = torch.device(device) if device else (default_device() if parallel is None else local_device())
         if parallel is not None and (memory_budget_gb is not None or cpu_components):
             raise ValueError("memory_budget_gb and cpu_components run in one process, not with a parallel plan")
@@ -270,6 +300,7 @@ class WanPipeline(Pipeline):
         for component, refs in plan.items():
             if getattr(self.components[component], "module", None) is None:
                 continue
+            self._eager_module(component)  # refuses GGUF experts
             for ref in refs:
                 applied = load_lora(self.components[component].module, ref.path, ref.scale, mode)  # type: ignore[arg-type]
                 self._loras.setdefault(component, []).append(applied)
@@ -283,6 +314,10 @@ class WanPipeline(Pipeline):
             raise ValueError(f"{component} runs as a compiled engine with its weights built in: LoRAs go in at build "
                              "time (`wan-rt build --lora PATH[:SCALE]` / `--lora-2`, or from_pretrained(lora=..., "
                              "rebuild=True); engines are re-weighted without recompiling)")
+        if any(isinstance(m, GGUFLinear) for m in module.modules()):
+            raise ValueError(f"{component} is a GGUF expert whose weights stay quantized in eager: LoRAs on it are "
+                             "not supported; build engines with the LoRA (`wan-rt build --lora-2 ...`), which "
+                             "dequantizes first")
         return module
 
     def _text_kv_changed(self, component: str) -> None:

@@ -55,13 +55,13 @@ class MemoryPlan:
 def weight_bytes(resolved: Any, dtype: torch.dtype) -> dict[str, ComponentBytes]:
     """Per component, from the checkpoint's headers (memory-mapped, nothing read): DiTs at
     `dtype`, the VAE in float32 (as it runs), the text encoder at `dtype`."""
-    from wan_rt.models.checkpoint import read_state_dict
+    from wan_rt.models.single_file import read_file  # a folder or one file (safetensors, .pth, GGUF)
 
     files, spec = resolved.files, resolved.spec
     size = torch.tensor([], dtype=dtype).element_size()
     out = {}
     for name in spec.dit_components:
-        sd = read_state_dict(files.dits[name])
+        sd = read_file(files.dits[name])
         per_block: dict[str, int] = {}
         for key, t in sd.items():
             parts = key.split(".")
@@ -70,8 +70,8 @@ def weight_bytes(resolved: Any, dtype: torch.dtype) -> dict[str, ComponentBytes]
                 per_block[index] = per_block.get(index, 0) + t.numel() * size
         total = sum(t.numel() for t in sd.values()) * size
         out[name] = ComponentBytes(total, max(per_block.values(), default=0), len(per_block))
-    out["text_encoder"] = ComponentBytes(sum(t.numel() for t in read_state_dict(files.text_encoder).values()) * size)
-    vae = sum(t.numel() for t in read_state_dict(files.vae).values()) * 4
+    out["text_encoder"] = ComponentBytes(sum(t.numel() for t in read_file(files.text_encoder).values()) * size)
+    vae = sum(t.numel() for t in read_file(files.vae).values()) * 4
     out["vae_encoder"] = out["vae_decoder"] = ComponentBytes(vae)
     return out
 

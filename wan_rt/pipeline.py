@@ -1,9 +1,10 @@
 """The pipeline: encode text -> denoise through the expert stages (CFG) -> decode.
 
 Mirrors the official `wan/text2video.py`, `image2video.py`, `textimage2video.py` and diffusers'
-`WanPipeline` / `WanImageToVideoPipeline` (same keywords, same meaning). The loop talks to
-components only through the named-tensor contract (runtime/component.py), so it is identical
-for every backend.
+`WanPipeline` / `WanImageToVideoPipeline` / `WanVideoToVideoPipeline` (same keywords, same
+meaning; video-to-video's `latents` is the noise the source is mixed with, see __call__). The
+loop talks to components only through the named-tensor contract (runtime/component.py), so it
+is identical for every backend.
 """
 
 from __future__ import annotations
@@ -22,7 +23,42 @@ from wan_rt.runtime.component import Component
 from wan_rt.runtime.residency import ExpertResidency
 from wan_rt.scheduler import (SamplingDefaults, make_scheduler, scheduler_from_diffusers_config,
                               scheduler_from_timesteps)
-from wan_rt.video import ImageInput, image_to_tensor, video_to_output
+from wan_rt.video import (ImageInput, VideoInput, VideoInputError, frames_to_output, image_to_tensor, load_video,
+                          video_to_output, video_to_tensor)
+
+DEFAULT_STRENGTH = 0.8  # diffusers' WanVideoToVideoPipeline default
+
+
+class ExtensionUnsupported(ValueError):
+    """The model cannot continue a clip: extension conditions on the last frame (I2V, TI2V)."""
+
+
+def check_extendable(spec: ModelSpec) -> None:
+    """ExtensionUnsupported (one line) for a model without image conditioning (T2V-A14B)."""
+    if spec.task == "t2v":
+        raise ExtensionUnsupported(f"{spec.name} is a text-to-video model and cannot extend a video: extension "
+                                   "continues from the last frame, which needs an image-conditioned model (i2v, ti2v)")
+
+
+def strength_start(steps: int, strength: float) -> int:
+    """The first step video-to-video runs: diffusers' get_timesteps (the last int(steps * strength)
+    steps run; strength 1 runs them all, from pure noise)."""
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1]; got {strength}")
+    run = min(int(steps * strength), steps)
+    if run == 0:
+        raise ValueError(f"strength {strength} of {steps} steps runs no step; raise strength or the step count")
+    return steps - run
+
+
+def source_frame_count(available: int, num_frames: Optional[int]) -> int:
+    """Frames of a source video that video-to-video uses: num_frames of them (the first), or by
+    default as many as it has, trimmed to 4k+1 (the VAE encodes frame 0, then groups of 4)."""
+    if num_frames is None:
+        return (available - 1) // 4 * 4 + 1
+    if num_frames > available:
+        raise VideoInputError(f"video has {available} frames; num_frames={num_frames} needs at least that many")
+    return num_frames
 
 
 class GenerationInterrupted(Exception):
@@ -106,7 +142,8 @@ class Pipeline:
                  shift: Optional[float] = None, solver: Optional[str] = None,
                  callback_on_step_end: Optional[StepCallback] = None,
                  callback_on_step_end_tensor_inputs: Sequence[str] = CALLBACK_TENSORS,
-                 timesteps: Optional[Sequence[int]] = None, switch_step: Optional[int] = None) -> WanPipelineOutput:
+                 timesteps: Optional[Sequence[int]] = None, switch_step: Optional[int] = None,
+                 video: Optional[VideoInput] = None, strength: Optional[float] = None) -> WanPipelineOutput:
         """`callback_on_step_end` follows diffusers: called after every denoising step with
         (pipe, step_index, timestep, {name: tensor}); it may return {"latents": ...} to replace
         them, and may raise GenerationInterrupted (or set `pipe.interrupt`) to stop the run.
@@ -116,8 +153,24 @@ class Pipeline:
         distill configs; `shift` applies, `solver` must be left out), and `switch_step` hands over
         from the high-noise to the low-noise expert at that step index instead of at the boundary
         timestep (LightX2V's `boundary_step_index`). Guidance 1 runs one pass per step (no
-        negative prompt, no uncond batch)."""
+        negative prompt, no uncond batch).
+
+        Video-to-video (diffusers' WanVideoToVideoPipeline): `video` (frames, an mp4's path or
+        bytes; resized as an image input is) is encoded, noised to the sigma of the first step
+        that runs, and denoised by the last int(steps * strength) steps, each by the expert its
+        timestep belongs to (strength default 0.8). `latents` / `generator` give the noise it is
+        mixed with (diffusers takes `latents` as the already-noised start instead); strength 1
+        is text-to-video from that noise. `num_frames` defaults to the source's length (trimmed
+        to 4k+1). An i2v model without `image` conditions on the source's first frame."""
         spec = self.spec
+        source = None
+        if video is not None:
+            source = load_video(video)
+            num_frames = source_frame_count(len(source), num_frames)
+            if image is None and spec.task == "i2v":
+                image = source[0]
+        elif strength is not None:
+            raise ValueError("strength applies to video-to-video: pass video too")
         unknown = [n for n in callback_on_step_end_tensor_inputs if n not in CALLBACK_TENSORS]
         if unknown:
             raise ValueError(f"callback_on_step_end_tensor_inputs: {unknown[0]!r} is not one of {list(CALLBACK_TENSORS)}")
@@ -134,7 +187,10 @@ class Pipeline:
         steps = spec.sample_steps if num_inference_steps is None else num_inference_steps
         check_request(spec, height, width, num_frames, steps)
         sched = self._scheduler(steps, shift, solver, timesteps)
-        groups = _group_by_stage(spec, sched.timesteps, switch_step)
+        start = 0 if source is None else strength_start(len(sched.timesteps), DEFAULT_STRENGTH if strength is None
+                                                        else strength)
+        groups = _group_by_stage(spec, sched.timesteps, switch_step, start)
+        sched.start_at(start)
         if spec.task == "i2v" and image is None:
             raise ValueError(f"{spec.name} is an image-to-video model: pass an image")
         if output_type not in ("np", "pt", "pil", "latent"):
@@ -165,6 +221,12 @@ class Pipeline:
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {list(shape)}; got {list(latents.shape)}")
         latents = latents.to(self.device, torch.float32)
+        if source is not None and start > 0:  # x = (1 - σ)·x0 + σ·noise at the first step that runs
+            with _timed(timings, "vae_encoder"):
+                pixels = video_to_tensor(source[:num_frames], height, width).to(self.device)
+                z = self.components["vae_encoder"](video=pixels)["latents"].to(self.device, torch.float32)
+            sigma = sched.sigmas[start].to(self.device)
+            latents = (1 - sigma) * z + sigma * latents
         condition = None
         if image is not None:
             with _timed(timings, "vae_encoder"):
@@ -176,11 +238,11 @@ class Pipeline:
         # One tensor for the whole loop, so components can cache per-prompt work on it.
         batched = self.cfg_batch and batch == 1 and context_null is not None
         context_pair = torch.cat([context, context_null]) if batched else None
-        self.num_timesteps = len(sched.timesteps)
+        self.num_timesteps = len(sched.timesteps) - start
         cond = _Conditions(context, context_null, context_pair, condition, first_frame_mask, guide)
         try:
             latents = self._denoise(groups, sched, latents, cond, steps_per_stage, timings,
-                                    callback_on_step_end, callback_on_step_end_tensor_inputs)
+                                    callback_on_step_end, callback_on_step_end_tensor_inputs, start)
         finally:
             self.residency.finish()  # no background load outlives the call, interrupted or not
         if first_frame_mask is not None and condition is not None:  # TI2V: frame 0 is the image latent
@@ -195,10 +257,32 @@ class Pipeline:
             timings["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return WanPipelineOutput(frames, timings, steps_per_stage)
 
+    def extend(self, video: VideoInput, prompt: Union[str, list[str]], num_frames: Optional[int] = None,
+               output_type: str = "np", **kwargs: Any) -> WanPipelineOutput:
+        """Continue a clip: an image-to-video run of `num_frames` (4k+1; default: the model's)
+        conditioned on the source's last frame, appended to the source (resized to the request's
+        size) without repeating that seam frame: len(source) + num_frames - 1 frames. Takes
+        __call__'s keywords (prompt, seed, steps, size...). I2V-A14B and TI2V-5B only
+        (ExtensionUnsupported otherwise)."""
+        check_extendable(self.spec)
+        clash = sorted({"image", "video", "strength"} & set(kwargs))
+        if clash:
+            raise ValueError(f"extend conditions on the source's last frame; {clash[0]} does not apply")
+        if output_type not in ("np", "pt", "pil"):
+            raise ValueError(f"extend returns frames: output_type must be one of np, pt, pil; got {output_type!r}")
+        source = load_video(video)
+        out = self(prompt, image=source[-1], num_frames=num_frames, output_type="pt", **kwargs)
+        new = out.frames  # [B, F, 3, H, W] in [0, 1]
+        height, width = new.shape[-2:]
+        head = video_to_output(video_to_tensor(source, height, width), "pt").to(new.device)
+        frames = torch.cat([head.expand(len(new), -1, -1, -1, -1), new[:, 1:]], dim=1)
+        return WanPipelineOutput(frames_to_output(frames, output_type), out.timings, out.steps_per_stage)
+
     def _denoise(self, groups: list[tuple[Stage, list[int]]], sched, latents: Tensor, cond: _Conditions,
                  steps_per_stage: dict[str, int], timings: dict[str, float], callback: Optional[StepCallback],
-                 callback_tensors: Sequence[str]) -> Tensor:
-        """The stages in order (timesteps decrease), each expert exactly once."""
+                 callback_tensors: Sequence[str], start: int = 0) -> Tensor:
+        """The stages in order (timesteps decrease), each expert exactly once. Steps before
+        `start` (video-to-video) are not in `groups`; callbacks count from the first that runs."""
         for n_stage, (stage, indices) in enumerate(groups):
             upcoming = groups[n_stage + 1][0].component if n_stage + 1 < len(groups) else None
             dit = self.components[stage.component]
@@ -229,10 +313,10 @@ class Pipeline:
                     self.residency.progress(stage.component, len(indices) - k - 1, upcoming)
                     if callback is not None:
                         local = {"latents": latents}
-                        returned = callback(self, i, t, {n: local[n] for n in callback_tensors}) or {}
+                        returned = callback(self, i - start, t, {n: local[n] for n in callback_tensors}) or {}
                         latents = returned.get("latents", latents)
                     if self.interrupt:
-                        raise GenerationInterrupted(f"interrupted after step {i + 1} of {len(sched.timesteps)}")
+                        raise GenerationInterrupted(f"interrupted after step {i - start + 1} of {self.num_timesteps}")
             if hasattr(dit, "stage_report"):
                 timings.update({f"{stage.component}.{k}": v for k, v in dit.stage_report().items()})
             self.residency.leave(stage.component)
@@ -329,17 +413,19 @@ def _expert_budget(device: torch.device, components: Mapping[str, Component]) ->
     return total - max(int(total * 0.15), 24 * 2**30) - others
 
 
-def _group_by_stage(spec: ModelSpec, timesteps: Tensor,
-                    switch_step: Optional[int] = None) -> list[tuple[Stage, list[int]]]:
-    """Consecutive step indices per stage; timesteps decrease, so each stage appears once. With
-    `switch_step` the second stage starts at that step index whatever the timesteps."""
+def _group_by_stage(spec: ModelSpec, timesteps: Tensor, switch_step: Optional[int] = None,
+                    start: int = 0) -> list[tuple[Stage, list[int]]]:
+    """Consecutive step indices per stage from step `start` on (video-to-video skips the first);
+    timesteps decrease, so each stage appears once. With `switch_step` the second stage starts at
+    that step index whatever the timesteps."""
+    n = len(timesteps)
     if switch_step is not None:
-        n = len(timesteps)
         check_switch_step(spec, n, switch_step)
-        split = ((spec.stages[0], list(range(switch_step))), (spec.stages[1], list(range(switch_step, n))))
+        split = ((spec.stages[0], list(range(start, switch_step))),
+                 (spec.stages[1], list(range(max(start, switch_step), n))))
         return [(stage, indices) for stage, indices in split if indices]
     groups: list[tuple[Stage, list[int]]] = []
-    for i, t in enumerate(timesteps.tolist()):
+    for i, t in enumerate(timesteps.tolist()[start:], start):
         stage = spec.stage_for(t)
         if groups and groups[-1][0] == stage:
             groups[-1][1].append(i)

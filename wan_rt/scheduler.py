@@ -148,6 +148,15 @@ class FlowScheduler:
     def reset(self) -> None:
         self._next_step = 0
 
+    def start_at(self, step_index: int) -> None:
+        """A fresh run whose first step is `step_index` (video-to-video skips the noisiest steps):
+        no history, so multistep solvers warm up with a first-order step there, as the diffusers
+        schedulers do when a truncated timestep list starts mid-grid."""
+        if not 0 <= step_index < self.num_steps:
+            raise ValueError(f"start step must be in 0..{self.num_steps - 1}; got {step_index}")
+        self.reset()
+        self._next_step = step_index
+
     def _advance(self, step_index: int) -> int:
         if step_index != self._next_step or step_index >= self.num_steps:
             raise ValueError(f"expected step {self._next_step}, got {step_index}: steps run in order "
@@ -187,7 +196,7 @@ class DPMppScheduler(FlowScheduler):
         h = self.lambdas[i + 1] - self.lambdas[i]
         coef = (1 - sigma_t) * (torch.exp(-h) - 1.0)
         x_next = sigma_t / sigma_s * x - coef * m
-        if 0 < i < self.num_steps - 1:
+        if len(self._x0) == 2 and i < self.num_steps - 1:  # order 2 once there is history
             r = (self.lambdas[i] - self.lambdas[i - 1]) / h
             d = (1.0 / r) * (m - self._x0[0])  # finite-difference derivative of x0 in λ
             x_next = x_next - 0.5 * coef * d

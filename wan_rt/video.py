@@ -1,8 +1,10 @@
-"""Images in, frames out: input-image preprocessing, output postprocessing, mp4 writing."""
+"""Images and videos in, frames out: input preprocessing (images, source videos decoded from
+mp4), output postprocessing, mp4 writing."""
 
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Sequence, Union
 
@@ -12,6 +14,19 @@ from PIL import Image
 from torch import Tensor
 
 ImageInput = Union[Image.Image, np.ndarray, Tensor, str, os.PathLike]
+# Frames (uint8 or [0, 1] floats, [F, H, W, 3]; or PIL images), an mp4's path, or its bytes.
+VideoInput = Union[np.ndarray, Tensor, Sequence[Image.Image], str, os.PathLike, bytes]
+
+# Bounds on a source video (video-to-video, extension), so one request cannot exhaust memory:
+# decoded frames are held whole (at the largest frame, 321 frames are ~2 GB of uint8). 321 frames
+# = 20 s at Wan's 16 fps, e.g. an 81-frame clip extended three times by 81 frames.
+MAX_VIDEO_BYTES = 64 * 2**20
+MAX_VIDEO_FRAMES = 321
+MAX_VIDEO_PIXELS = 1920 * 1088  # per frame
+
+
+class VideoInputError(ValueError):
+    """A source video that cannot be used (unreadable, empty, over a bound): one line."""
 
 
 def load_image(image: ImageInput) -> Image.Image:
@@ -43,7 +58,11 @@ def image_to_tensor(image: ImageInput, height: int, width: int) -> Tensor:
 
 def video_to_output(video: Tensor, output_type: str):
     """video: [B, 3, F, H, W] in [-1, 1] -> np [B, F, H, W, 3] in [0, 1] | pt [B, F, 3, H, W] | pil."""
-    frames = (video.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4)  # [B, F, 3, H, W]
+    return frames_to_output((video.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4), output_type)
+
+
+def frames_to_output(frames: Tensor, output_type: str):
+    """frames: [B, F, 3, H, W] in [0, 1] -> np [B, F, H, W, 3] | pt (as is) | pil."""
     if output_type == "pt":
         return frames
     array = frames.permute(0, 1, 3, 4, 2).cpu().numpy()
@@ -87,3 +106,81 @@ def export_to_video(frames: Union[np.ndarray, Sequence[Image.Image], Tensor], pa
         tmp.unlink(missing_ok=True)
         raise
     return str(out)
+
+
+def load_video(video: VideoInput, max_frames: int = MAX_VIDEO_FRAMES, max_bytes: int = MAX_VIDEO_BYTES,
+               max_pixels: int = MAX_VIDEO_PIXELS) -> np.ndarray:
+    """Any VideoInput -> uint8 [F, H, W, 3] RGB frames, within the bounds (VideoInputError if not).
+    mp4 (any container/codec ffmpeg reads) from a path or bytes is decoded by ffmpeg."""
+    if isinstance(video, (bytes, bytearray, memoryview)):
+        return _decode_bytes(bytes(video), max_frames, max_bytes, max_pixels)
+    if isinstance(video, (str, os.PathLike)):
+        path = Path(video)
+        if not path.is_file():
+            raise FileNotFoundError(f"video not found: {path}")
+        if path.stat().st_size > max_bytes:
+            raise VideoInputError(f"video {path} is {path.stat().st_size} bytes; the limit is {max_bytes}")
+        return _decode_file(path, str(path), max_frames, max_pixels)
+    if isinstance(video, Tensor):
+        video = video.detach().cpu().numpy()
+    if isinstance(video, np.ndarray):
+        if video.ndim != 4 or video.shape[-1] != 3:
+            raise VideoInputError(f"video frames must be [F, H, W, 3], got shape {tuple(video.shape)}")
+        frames = video if video.dtype == np.uint8 else (np.clip(video, 0.0, 1.0) * 255).round().astype(np.uint8)
+    else:
+        images = [load_image(f) for f in video]
+        if len({im.size for im in images}) > 1:
+            raise VideoInputError(f"video frames differ in size: {sorted({im.size for im in images})}")
+        frames = np.stack([np.asarray(im) for im in images]) if images else np.zeros((0, 1, 1, 3), np.uint8)
+    _check_bounds(len(frames), frames.shape[2], frames.shape[1], "video", max_frames, max_pixels)
+    return frames
+
+
+def video_to_tensor(frames: np.ndarray, height: int, width: int) -> Tensor:
+    """uint8 [F, H, W, 3] -> float32 [1, 3, F, height, width] in [-1, 1], each frame resized as
+    an input image is (image_to_tensor: Lanczos, no crop; diffusers' VideoProcessor does the same)."""
+    return torch.stack([image_to_tensor(f, height, width)[0] for f in frames], dim=1)[None]
+
+
+def _check_bounds(count: int, width: int, height: int, name: str, max_frames: int, max_pixels: int) -> None:
+    if count == 0:
+        raise VideoInputError(f"{name} has no frames")
+    if count > max_frames:
+        raise VideoInputError(f"{name} has more than {max_frames} frames (the limit)")
+    if width * height > max_pixels:
+        raise VideoInputError(f"{name} frames are {width}x{height}; the limit is {max_pixels} pixels per frame")
+
+
+def _decode_bytes(data: bytes, max_frames: int, max_bytes: int, max_pixels: int) -> np.ndarray:
+    if len(data) > max_bytes:
+        raise VideoInputError(f"video is {len(data)} bytes; the limit is {max_bytes}")
+    if not data:
+        raise VideoInputError("video is empty (0 bytes)")
+    # ffmpeg needs a seekable input for mp4 (the index may sit at the end): a temporary file.
+    with tempfile.TemporaryDirectory(prefix="wan_rt_video_") as tmp:
+        path = Path(tmp) / "input"
+        path.write_bytes(data)
+        return _decode_file(path, "the uploaded video", max_frames, max_pixels)
+
+
+def _decode_file(path: Path, name: str, max_frames: int, max_pixels: int) -> np.ndarray:
+    """ffmpeg -> RGB frames, stopping as soon as a bound is crossed."""
+    import imageio_ffmpeg
+
+    frames = []
+    reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
+    try:
+        meta = next(reader)
+        width, height = meta["size"]
+        _check_bounds(1, width, height, name, max_frames, max_pixels)
+        for raw in reader:
+            if len(frames) == max_frames:
+                raise VideoInputError(f"{name} has more than {max_frames} frames (the limit)")
+            frames.append(np.frombuffer(raw, dtype=np.uint8).reshape(height, width, 3))
+    except (RuntimeError, OSError, KeyError, StopIteration) as exc:
+        detail = next((line for line in reversed(str(exc).splitlines()) if line.strip()), type(exc).__name__)
+        raise VideoInputError(f"cannot decode {name}: {detail.strip()}") from None
+    finally:
+        reader.close()  # stops ffmpeg when we stopped early
+    _check_bounds(len(frames), width, height, name, max_frames, max_pixels)
+    return np.stack(frames)

@@ -22,8 +22,9 @@ def built_default_engines() -> str | None:
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("build", help="export components and build engines")
-    p.add_argument("--model", default=DEFAULT_SPEC,
-                   help="checkpoint folder (diffusers or official layout) or preset name")
+    p.add_argument("--model", default=None,
+                   help=f"checkpoint folder (diffusers or official layout) or preset name (default: {DEFAULT_SPEC}); "
+                        "with component files also an architecture: t2v-A14B, i2v-A14B, ti2v-5B")
     p.add_argument("--backend", default=None, choices=["ort", "aoti", "trt"],
                    help="engine kind (default: the best this machine has: trt, else ort)")
     p.add_argument("--precision", default=None,
@@ -61,6 +62,30 @@ def add_parser(subparsers) -> None:
                    help="build each DiT step as the graphs a step cache drives (embed, first block, other blocks, "
                         "head), so `wan-rt run --cache` works on these engines")
     add_lora_arguments(p)
+    add_component_file_arguments(p)
+
+
+def add_component_file_arguments(p) -> None:
+    """--dit / --dit-2 / --text-encoder / --vae / --tokenizer, shared by `wan-rt build` and `wan-rt run`."""
+    g = p.add_argument_group("component files", "one file per component, overriding that component of --model "
+                             "(ComfyUI repackaged, fp8_scaled, GGUF, official .pth); README \"Checkpoint files\"")
+    g.add_argument("--dit", metavar="FILE", help="the high-noise expert, or the only DiT (.safetensors or .gguf)")
+    g.add_argument("--dit-2", metavar="FILE", help="the low-noise expert of an A14B model")
+    g.add_argument("--text-encoder", metavar="FILE", help="umT5-XXL encoder (.safetensors or .pth)")
+    g.add_argument("--vae", metavar="FILE", help="Wan 2.1 VAE (A14B models) or Wan 2.2 VAE (TI2V-5B)")
+    g.add_argument("--tokenizer", metavar="DIR", help="umT5 tokenizer folder (tokenizer.json or spiece.model)")
+
+
+def model_with_files(args: argparse.Namespace, model: str | None) -> str | None:
+    """`model` with the component files of the command line (wan_rt.resolve.compose_model)."""
+    from wan_rt.resolve import compose_model
+
+    return compose_model(model, dit=args.dit, dit_2=args.dit_2, text_encoder=args.text_encoder, vae=args.vae,
+                         tokenizer=args.tokenizer)
+
+
+def has_component_files(args: argparse.Namespace) -> bool:
+    return any((args.dit, args.dit_2, args.text_encoder, args.vae, args.tokenizer))
 
 
 def add_lora_arguments(p) -> None:
@@ -82,9 +107,11 @@ def run(args: argparse.Namespace) -> int:
 
     backend = args.backend or best_backend()
     components = [c.strip() for c in args.components.split(",")] if args.components else None
-    loras = lora_plan(resolve_checkpoint(args.model).spec, map(parse_lora_arg, args.lora),
+    model = model_with_files(args, args.model or (None if has_component_files(args) else DEFAULT_SPEC))
+    spec = resolve_checkpoint(model).spec  # a wrong file is one line before anything is written
+    loras = lora_plan(spec, map(parse_lora_arg, args.lora),
                       map(parse_lora_arg, args.lora_2)) if args.lora or args.lora_2 else {}
-    print(f"building {args.model} -> {args.engines_dir} ({backend})")
+    print(f"building {spec.name if model.startswith('{') else model} -> {args.engines_dir} ({backend})")
     start = time.perf_counter()
     quant_config = trt_config = None
     if args.fp8_attention:
@@ -102,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
                                  weight_streaming=args.weight_streaming)
     elif args.trt_targets:
         raise ValueError(f"--trt-targets is a TensorRT option; the {backend} backend has no such mode")
-    manifests = build_engines(args.model, backend, args.engines_dir, precision=args.precision,
+    manifests = build_engines(model, backend, args.engines_dir, precision=args.precision,
                               height=args.height, width=args.width, frames=args.frames, text_len=args.text_len,
                               components=components, force=args.force, device=args.device,
                               quant_config=quant_config, trt_config=trt_config, quick_compile=args.quick_compile,

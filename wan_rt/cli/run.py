@@ -9,8 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from wan_rt.cli.build import add_lora_arguments, built_default_engines
+from wan_rt.cli.build import (add_component_file_arguments, add_lora_arguments, built_default_engines,
+                              has_component_files, model_with_files)
 from wan_rt.cli.plan_flags import add_plan_arguments, plan_from_args
+from wan_rt.cli.video_flags import add_video_arguments, check_video_arguments
 from wan_rt.config import DEFAULT_SPEC
 
 DEFAULT_PROMPT = "a red fox running through fresh snow at sunrise, cinematic, detailed"
@@ -30,6 +32,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="what to generate")
     p.add_argument("--negative-prompt", default=None, help="default: the checkpoint's own default")
     p.add_argument("--image", default=None, help="first frame for image-to-video (i2v, ti2v)")
+    add_video_arguments(p)
     p.add_argument("--height", type=int, default=None, help="default: the model's")
     p.add_argument("--width", type=int, default=None, help="default: the model's")
     p.add_argument("--frames", type=int, default=None, help="4k+1; default: the model's")
@@ -64,6 +67,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--text-encoder-on-cpu", action="store_true", help="run umT5 on the CPU (no GPU memory)")
     p.add_argument("--vae-on-cpu", action="store_true", help="run the VAE on the CPU (no GPU memory)")
     add_lora_arguments(p)
+    add_component_file_arguments(p)
     p.add_argument("--lora-mode", default="fuse", choices=["fuse", "runtime"],
                    help="eager experts: fuse LoRAs into the weights (fastest steps) or apply them at run time "
                         "(weights untouched); engines carry the LoRAs they were built with")
@@ -92,6 +96,7 @@ class _Request:
     loras: dict = field(default_factory=dict)  # {component: [LoraRef]} from --lora / --lora-2
     memory: Any = None                          # wan_rt.offload.MemoryPlan from --memory-budget
     on_cpu: list = field(default_factory=list)  # components --text-encoder-on-cpu / --vae-on-cpu move
+    source: Any = None                          # --video / --extend: the decoded source frames
 
 
 def run(args: argparse.Namespace) -> int:
@@ -119,7 +124,8 @@ def run(args: argparse.Namespace) -> int:
     if frames_out is not None and (frames_out.suffix != ".safetensors" or not frames_out.parent.is_dir()):
         raise UsageError(f"--frames-out must be a .safetensors path in an existing folder; got {args.frames_out}")
     engines_dir = args.engines_dir
-    if engines_dir is None and args.model is None and args.backend in (None, "ort", "aoti", "trt"):
+    files = has_component_files(args)
+    if engines_dir is None and args.model is None and not files and args.backend in (None, "ort", "aoti", "trt"):
         engines_dir = built_default_engines()
     pinned = _parse_backend_for(args.backend_for, UsageError)
     if args.cache_threshold is not None and args.cache is None:
@@ -128,12 +134,13 @@ def run(args: argparse.Namespace) -> int:
         if args.backend not in (None, "eager"):
             raise UsageError(f"--backend {args.backend} runs built engines: run `wan-rt build --backend "
                              f"{args.backend}` first, then pass --engines-dir")
-        model = args.model or DEFAULT_SPEC
+        model = args.model or (None if files else DEFAULT_SPEC)
     else:
         index = read_index(Path(engines_dir))
         if args.backend not in (None, "eager", index["backend"]):
             raise UsageError(f"{engines_dir} holds {index['backend']} engines, not {args.backend}")
         model = args.model or index["model"]
+    model = model_with_files(args, model)
 
     # Everything about the request is checked before anything heavy loads (or any process starts).
     spec = resolve_checkpoint(model).spec
@@ -148,10 +155,11 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError("--timesteps runs the distilled models' Euler sampler; drop --solver")
         steps = len(timesteps)
         timestep_list_sigmas(timesteps, 1.0)  # a bad list is one line now, not after loading
+    source, num_frames = check_video_arguments(args, spec, num_frames, steps)
     check_request(spec, height, width, num_frames, steps)
     if args.switch_step is not None:
         check_switch_step(spec, steps, args.switch_step)
-    if spec.task == "i2v" and not args.image:
+    if spec.task == "i2v" and not (args.image or args.video or args.extend):  # a source video gives the frame
         raise UsageError(f"{spec.name} is an image-to-video model: pass --image")
     if args.image and spec.task == "t2v":
         raise UsageError(f"{spec.name} is a text-to-video model; --image needs an i2v or ti2v model")
@@ -169,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
         memory = memory_plan(resolve_checkpoint(model), args.memory_budget, run_dtype, on_cpu,
                              engines=engines_dir is not None and args.backend != "eager")
     request = _Request(model, engines_dir, pinned, image, height, width, num_frames, steps, output, timesteps, loras,
-                       memory, on_cpu)
+                       memory, on_cpu, source)
     plan = _parallel_plan(args, spec)
     if plan is not None and (args.cache or memory is not None or on_cpu):
         raise UsageError("--cache, --memory-budget and --*-on-cpu run in one process; drop them or the multi-GPU flags")
@@ -206,7 +214,8 @@ def _generate(args: argparse.Namespace, spec, request: _Request, device, plan, r
                                                 device=device, dtype=dtypes[args.dtype] if args.dtype else None,
                                                 backend_for=request.pinned, rebuild=args.rebuild, kernels=args.kernels,
                                                 parallel=plan, loras=lora_pairs(request.loras),
-                                                placement=memory_placement(spec, request.memory, request.on_cpu))
+                                                placement=memory_placement(spec, request.memory, request.on_cpu),
+                                                size=(request.height, request.width, request.num_frames))
     tokenizer = load_tokenizer(resolved.files.tokenizer, spec.text_encoder.vocab_size)  # warns if degenerate
     pipe = WanPipeline(spec, components, tokenizer, resolved.defaults, device)
     pipe.set_progress_bar_config(disable=rank != 0)
@@ -218,11 +227,15 @@ def _generate(args: argparse.Namespace, spec, request: _Request, device, plan, r
         pipe.enable_step_cache(args.cache, args.cache_threshold)
     load_s = time.perf_counter() - start
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
-    result = pipe(args.prompt, negative_prompt=args.negative_prompt, image=request.image, height=request.height,
-                  width=request.width, num_frames=request.num_frames, num_inference_steps=request.steps,
-                  guidance_scale=args.guidance, guidance_scale_2=args.guidance_2, generator=generator,
-                  shift=args.shift, solver=args.solver,
+    kwargs = dict(negative_prompt=args.negative_prompt, height=request.height, width=request.width,
+                  num_frames=request.num_frames, num_inference_steps=request.steps, guidance_scale=args.guidance,
+                  guidance_scale_2=args.guidance_2, generator=generator, shift=args.shift, solver=args.solver,
                   timesteps=request.timesteps, switch_step=args.switch_step)
+    if args.extend:
+        result = pipe.extend(request.source, args.prompt, **kwargs)
+    else:
+        result = pipe(args.prompt, image=request.image, **kwargs,
+                      **(dict(video=request.source, strength=args.strength) if args.video else {}))
     if rank != 0:  # every rank holds the same frames; rank 0 writes them
         return 0
     export_to_video(result.frames[0], request.output, fps=spec.fps)
@@ -230,7 +243,7 @@ def _generate(args: argparse.Namespace, spec, request: _Request, device, plan, r
         from safetensors.torch import save_file
 
         save_file({"frames": torch.from_numpy(result.frames[0]).contiguous()}, args.frames_out)
-    print(f"wrote {request.output} ({request.num_frames} frames, {request.width}x{request.height}, {spec.fps} fps) "
+    print(f"wrote {request.output} ({len(result.frames[0])} frames, {request.width}x{request.height}, {spec.fps} fps) "
           f"from {spec.name} ({how})")
     print(f"  load {load_s:.2f}s", file=sys.stderr)
     for line in timing_lines(result.timings, result.steps_per_stage):

@@ -31,6 +31,19 @@ def add_parser(subparsers) -> None:
                    help="clients must send 'Authorization: Bearer KEY'; default: $WAN_RT_API_KEY, else none")
     p.add_argument("--store", default=None,
                    help="postgresql://... to share one queue between services (default: SQLite in --data-dir)")
+    p.add_argument("--storage", default=None, metavar="s3://BUCKET/PREFIX",
+                   help="keep uploads and videos in this S3-compatible bucket, so services on one --store serve "
+                        "each other's videos (credentials: the usual AWS_* variables; default: --data-dir)")
+    p.add_argument("--s3-endpoint-url", default=None,
+                   help="the S3 API's address for MinIO, R2, GCS... (default: $AWS_ENDPOINT_URL, else AWS)")
+    p.add_argument("--presign", action="store_true",
+                   help="answer a content request with a redirect to a presigned bucket URL instead of streaming it")
+    p.add_argument("--drain-timeout", type=float, default=60.0, metavar="S",
+                   help="on SIGTERM/SIGINT, let a running job finish for this long before handing it back to the "
+                        "queue (a second signal stops at once)")
+    p.add_argument("--lease-timeout", type=float, default=30.0, metavar="S",
+                   help="a running job whose worker has not renewed its lease for this long (its machine died) "
+                        "goes back to the queue")
     p.add_argument("--retention-hours", type=float, default=24.0,
                    help="remove a video's files this long after it finished (0: keep them)")
     p.add_argument("--max-attempts", type=int, default=3,
@@ -62,12 +75,19 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-upload-mb must be > 0; got {args.max_upload_mb:g}")
     if args.group_timeout is not None and args.group_timeout <= 0:
         raise UsageError(f"--group-timeout must be > 0; got {args.group_timeout:g}")
+    if args.drain_timeout < 0:
+        raise UsageError(f"--drain-timeout must be >= 0; got {args.drain_timeout:g}")
+    if args.lease_timeout <= 0:
+        raise UsageError(f"--lease-timeout must be > 0; got {args.lease_timeout:g}")
+    storage = _storage_config(args, UsageError)
 
     import uvicorn
 
     from wan_rt.cli.build import built_default_engines
     from wan_rt.service.http import create_app
+    from wan_rt.service.server import DrainingServer
     from wan_rt.service.service import DataDirBusy, VideoService
+    from wan_rt.service.storage import StorageError
 
     retention = args.retention_hours * 3600 if args.retention_hours > 0 else None
     plan = plan_from_args(args)
@@ -77,14 +97,15 @@ def run(args: argparse.Namespace) -> int:
     # Checks the model and the parallel plan against the devices; starts nothing yet.
     service = VideoService(args.model, engines_dir=engines_dir, devices=devices, data_dir=args.data_dir,
                            store=args.store, max_queue=args.max_queue, retention_s=retention,
-                           max_attempts=args.max_attempts, parallel=plan)
+                           max_attempts=args.max_attempts, lease_s=args.lease_timeout, parallel=plan,
+                           storage=storage)
     try:  # listen before the workers start: a port in use is reported before any model loads
         sock = _listen(args.host, args.port)
     except OSError as exc:
         raise UsageError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
     try:
         service.start()
-    except (DataDirBusy, ConnectionError) as exc:
+    except (DataDirBusy, ConnectionError, StorageError) as exc:
         sock.close()
         raise UsageError(str(exc)) from None
     try:
@@ -93,13 +114,28 @@ def run(args: argparse.Namespace) -> int:
         url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
         workers = (f"{len(devices)} worker(s)" if service.plan is None
                    else f"{len(service.groups)} worker group(s) of {service.plan.describe()}")
+        videos = f"; videos in {args.storage}" if args.storage else ""
         print(f"wan-rt serve: {service.model.id} ({service.model.backend}) on {url} with {workers} on "
-              f"{','.join(devices)}; data in {args.data_dir}", flush=True)
-        server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5))
-        server.run(sockets=[sock])
+              f"{','.join(devices)}; data in {args.data_dir}{videos}", flush=True)
+        config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5)
+        DrainingServer(config, service, args.drain_timeout).run(sockets=[sock])
     finally:
         service.close()
     return 0
+
+
+def _storage_config(args: argparse.Namespace, error):
+    from wan_rt.service.storage import StorageConfig
+
+    if args.storage is None:
+        for flag, given in (("--s3-endpoint-url", args.s3_endpoint_url), ("--presign", args.presign)):
+            if given:
+                raise error(f"{flag} needs --storage s3://bucket/prefix")
+        return None
+    try:
+        return StorageConfig(args.storage, endpoint_url=args.s3_endpoint_url, presign=args.presign)
+    except ValueError as exc:
+        raise error(f"--storage: {exc}") from None
 
 
 def _parse_devices(text: str, error) -> list[str]:

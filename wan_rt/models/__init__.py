@@ -14,8 +14,7 @@ from typing import Optional, Union
 import torch
 
 from wan_rt.models.checkpoint import (CheckpointError, CheckpointFiles, load_into, locate_checkpoint,
-                                      map_keys, meta_parameters, official_dit_to_diffusers,
-                                      official_t5_to_hf, official_vae_to_diffusers, read_state_dict)
+                                      map_keys, meta_parameters, official_dit_to_diffusers, read_state_dict)
 
 Source = Union[str, Path, CheckpointFiles]
 __all__ = ["load_dit", "load_vae", "load_text_encoder", "load_component"]
@@ -43,9 +42,10 @@ def read_config(path: Path) -> dict:
 
 def load_dit(source: Source, component: Optional[str] = None, *, dtype: Optional[torch.dtype] = None,
              device: Optional[Union[str, torch.device]] = None):
-    """A DiT folder (diffusers `transformer/`, official `high_noise_model/`), or a checkpoint root
-    plus `component` ("dit_high_noise", "dit_low_noise" or "dit"; default: the first stage)."""
-    from wan_rt.models import hf_config
+    """A DiT folder (diffusers `transformer/`, official `high_noise_model/`), one DiT file
+    (.safetensors in Wan / ComfyUI / diffusers names, fp8 scaled, or .gguf: dequantized), or a
+    checkpoint root plus `component` ("dit_high_noise", "dit_low_noise" or "dit"; default: the
+    first stage)."""
     from wan_rt.models.dit import WanDiT, cast_dit
 
     files = _files(source)
@@ -56,6 +56,26 @@ def load_dit(source: Source, component: Optional[str] = None, *, dtype: Optional
         folder = files.dits[name]
     else:
         folder = Path(source)
+    if folder.is_file():  # one file: the architecture comes from its shapes
+        from wan_rt.models.single_file import dit_state
+
+        config, sd = dit_state(folder, dtype or torch.float32)
+    else:
+        config, sd = _dit_folder(folder)
+    with meta_parameters():
+        model = WanDiT(config)
+    # Cast on the host before moving: a 57 GB fp32 expert must not land on the GPU uncast. The
+    # cast keeps diffusers' fp32 modules (time embedder, modulation tables, cross-attn norm).
+    model = load_into(model, sd, source=folder)
+    if dtype is not None:
+        cast_dit(model, dtype)
+    return model.to(device) if device is not None else model
+
+
+def _dit_folder(folder: Path):
+    """(config, tensors in our names) of a diffusers or official DiT folder."""
+    from wan_rt.models import hf_config
+
     cfg = read_config(folder / "config.json")
     official = "dim" in cfg and "num_attention_heads" not in cfg
     if official:
@@ -69,22 +89,14 @@ def load_dit(source: Source, component: Optional[str] = None, *, dtype: Optional
 
         config = dataclasses.replace(config, text_dim=infer_dit_text_dim(sd))
         sd = map_keys(sd, official_dit_to_diffusers, source=folder)
-    with meta_parameters():
-        model = WanDiT(config)
-    # Cast on the host before moving: a 57 GB fp32 expert must not land on the GPU uncast. The
-    # cast keeps diffusers' fp32 modules (time embedder, modulation tables, cross-attn norm).
-    model = load_into(model, sd, source=folder)
-    if dtype is not None:
-        cast_dit(model, dtype)
-    return model.to(device) if device is not None else model
+    return config, sd
 
 
 def load_vae(source: Source, *, dtype: Optional[torch.dtype] = torch.float32,
              device: Optional[Union[str, torch.device]] = None):
-    """A diffusers `vae/` folder, an official Wan2.1_VAE.pth / Wan2.2_VAE.pth, or a checkpoint root."""
-    from wan_rt.config import WAN21_VAE, WAN22_VAE
+    """A diffusers `vae/` folder, an official Wan2.1_VAE.pth / Wan2.2_VAE.pth, one VAE file in the
+    Wan names (ComfyUI's wan_2.1_vae / wan2.2_vae.safetensors), or a checkpoint root."""
     from wan_rt.models import hf_config
-    from wan_rt.models.shapes import infer_vae_config
     from wan_rt.models.vae import WanVAE
 
     files = _files(source)
@@ -92,11 +104,10 @@ def load_vae(source: Source, *, dtype: Optional[torch.dtype] = torch.float32,
     if path.is_dir():
         config = hf_config.vae_from_diffusers(read_config(path / "config.json"))
         sd = read_state_dict(path)
-    else:
-        base = WAN22_VAE if "2.2" in path.name else WAN21_VAE
-        raw = read_state_dict(path)
-        config = infer_vae_config(raw, base)
-        sd = map_keys(raw, lambda k: official_vae_to_diffusers(k, config.version, config.num_res_blocks), source=path)
+    else:  # one file: the version and sizes come from its shapes
+        from wan_rt.models.single_file import vae_state
+
+        config, sd = vae_state(path)
     with meta_parameters():
         model = WanVAE(config)
     return load_into(model, sd, source=path, dtype=dtype, device=device)
@@ -104,12 +115,12 @@ def load_vae(source: Source, *, dtype: Optional[torch.dtype] = torch.float32,
 
 def load_text_encoder(source: Source, *, dtype: Optional[torch.dtype] = None,
                       device: Optional[Union[str, torch.device]] = None):
-    """A transformers `text_encoder/` folder, the official umT5 .pth, or a checkpoint root.
+    """A transformers `text_encoder/` folder, the official umT5 .pth, one umT5 file (ComfyUI's
+    umt5_xxl_*.safetensors, fp8 scaled too), or a checkpoint root.
     Returns wan_rt.models.text_encoder.TextEncoder (input_ids, attention_mask -> context)."""
     from transformers import UMT5Config, UMT5EncoderModel
 
     from wan_rt.models import hf_config
-    from wan_rt.models.shapes import infer_text_encoder_config
     from wan_rt.models.text_encoder import TextEncoder
 
     files = _files(source)
@@ -119,9 +130,10 @@ def load_text_encoder(source: Source, *, dtype: Optional[torch.dtype] = None,
         config.dropout_rate = 0.0
         sd = read_state_dict(path)
     else:
-        raw = read_state_dict(path)
-        config = UMT5Config(**hf_config.text_encoder_to_hf(infer_text_encoder_config(raw)))
-        sd = map_keys(raw, official_t5_to_hf, source=path)
+        from wan_rt.models.single_file import text_encoder_state
+
+        te_config, sd = text_encoder_state(path, dtype or torch.float32)
+        config = UMT5Config(**hf_config.text_encoder_to_hf(te_config))
     with meta_parameters():
         encoder = UMT5EncoderModel(config)
     encoder = load_into(encoder, sd, source=path, dtype=dtype, device=device)

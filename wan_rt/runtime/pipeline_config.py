@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from wan_rt.config import spec_hash
+from wan_rt.models.spiece import SPIECE, TOKENIZER_JSON, spiece_model_bytes
 from wan_rt.precision import component_dtype
 from wan_rt.resolve import ResolvedCheckpoint
 from wan_rt.runtime.graphs import components_of
@@ -33,7 +34,8 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.floa
 def pipeline_config(resolved: ResolvedCheckpoint, backend: str, precision: str, device: torch.device) -> dict[str, Any]:
     """The pipeline.json of engines built from `resolved` with this backend, precision and device."""
     spec, defaults = resolved.spec, resolved.defaults
-    has_spiece = (Path(resolved.files.tokenizer) / "spiece.model").is_file()
+    folder = Path(resolved.files.tokenizer)
+    has_spiece = any((folder / f).is_file() for f in (SPIECE, TOKENIZER_JSON))  # written by write_pipeline_config
     # A diffusers folder is sampled by its scheduler_config.json unless the solver is overridden
     # (Pipeline._scheduler): that scheduler's solver, shift and corrector, on the diffusers grid.
     from_config = diffusers_sampling(defaults.scheduler_config) if defaults.scheduler_config else None
@@ -56,7 +58,7 @@ def pipeline_config(resolved: ResolvedCheckpoint, backend: str, precision: str, 
         "vae": {"stride": list(spec.vae.stride), "z_dim": spec.vae.z_dim},
         "dit": {"patch_size": list(spec.dit.patch_size), "text_len": spec.dit.text_len,
                 "per_token_timestep": spec.dit.per_token_timestep},
-        "tokenizer": TOKENIZER_FILE if has_spiece else None,  # None: a tokenizer.json-only checkpoint
+        "tokenizer": TOKENIZER_FILE if has_spiece else None,  # None: a folder with no tokenizer files
         # The dtype each engine takes its "compute" tensors in (the graphs' other inputs say theirs).
         "compute_dtypes": {name: _DTYPE_NAMES[component_dtype(name, precision, backend, device)]
                            for name in components_of(spec)},
@@ -66,12 +68,13 @@ def pipeline_config(resolved: ResolvedCheckpoint, backend: str, precision: str, 
 def write_pipeline_config(engines_dir: Path, resolved: ResolvedCheckpoint, backend: str, precision: str,
                           device: torch.device) -> Path:
     """pipeline.json and tokenizer/spiece.model in `engines_dir`, each replaced atomically and only
-    when its bytes change (a build with nothing to do leaves the engines dir as it was).
-    A checkpoint without spiece.model still builds; the C++ runtime then refuses it in one line."""
+    when its bytes change (a build with nothing to do leaves the engines dir as it was). A
+    tokenizer.json-only folder (transformers 5) gets its spiece.model converted from the Unigram
+    model (wan_rt.models.spiece)."""
     engines_dir = Path(engines_dir)
-    spiece = Path(resolved.files.tokenizer) / "spiece.model"
-    if spiece.is_file():
-        _replace_if_changed(engines_dir / TOKENIZER_FILE, spiece.read_bytes())
+    spiece = spiece_model_bytes(resolved.files.tokenizer)
+    if spiece is not None:
+        _replace_if_changed(engines_dir / TOKENIZER_FILE, spiece)
     path = engines_dir / PIPELINE_CONFIG
     config = pipeline_config(resolved, backend, precision, device)
     _replace_if_changed(path, (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode())

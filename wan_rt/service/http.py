@@ -21,13 +21,14 @@ from typing import Any, AsyncIterator, Callable, Optional
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from wan_rt.service.jobs import InvalidRequest, Job, JobNotFound, QueueFull, VideoRequest
+from wan_rt.service.jobs import InvalidRequest, Job, JobNotFound, ModelUnavailable, QueueFull, VideoRequest
 from wan_rt.service.outputs import VARIANTS
 from wan_rt.service.service import VideoExpired, VideoNotReady, VideoService
+from wan_rt.service.storage import StorageError
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 POLL_AFTER_MS = 250        # what the openai client's poll() waits between retrieves (openai-poll-after-ms)
@@ -95,10 +96,18 @@ def create_app(service: VideoService, api_key: Optional[str] = None,
         return JSONResponse(_video(job, service), headers=headers)
 
     @api.get("/videos/{video_id}/content")
-    async def download_content(video_id: str, variant: str = "video") -> FileResponse:
-        path = await _call(service.content_path, video_id, variant)
+    async def download_content(video_id: str, variant: str = "video") -> Response:
+        """The file from the data dir, streamed from the bucket, or a redirect to a presigned URL."""
+        download = await _call(service.content, video_id, variant)
         suffix, media_type = VARIANTS[variant]
-        return FileResponse(path, media_type=media_type, filename=f"{video_id}{suffix}")
+        if download.url is not None:
+            return RedirectResponse(download.url, status_code=307)
+        if download.path is not None:
+            return FileResponse(download.path, media_type=media_type, filename=f"{video_id}{suffix}")
+        headers = {"Content-Disposition": f'attachment; filename="{video_id}{suffix}"'}
+        if download.size is not None:
+            headers["Content-Length"] = str(download.size)
+        return StreamingResponse(download.chunks, media_type=media_type, headers=headers)
 
     @api.get("/videos/{video_id}/events")
     async def video_events(video_id: str) -> StreamingResponse:
@@ -130,12 +139,16 @@ def create_app(service: VideoService, api_key: Optional[str] = None,
         return HTMLResponse(resources.files("wan_rt.service").joinpath("static/index.html").read_text("utf-8"))
 
     @app.get("/healthz")
-    async def healthz() -> dict:
-        return {"status": "ok"}
+    async def healthz() -> JSONResponse:
+        # Alive unless the model cannot load here: then no restart of a worker will help, say why.
+        if (reason := service.load_error) is not None:
+            return JSONResponse({"status": "failed", "error": reason}, status_code=503)
+        return JSONResponse({"status": "ok"})
 
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
-        body = {"ready": service.ready, "model": service.model.id, "workers": service.workers()}
+        body = {"ready": service.ready, "draining": service.draining, "model": service.model.id,
+                "error": service.load_error, "workers": service.workers()}
         return JSONResponse(body, status_code=200 if service.ready else 503)
 
     @app.get("/metrics", dependencies=[Depends(authorize)])
@@ -344,6 +357,10 @@ async def _call(fn: Callable, *args: Any) -> Any:
         raise APIError(400, str(exc), code="video_not_ready") from None
     except VideoExpired as exc:
         raise APIError(404, str(exc), code="video_expired") from None
+    except StorageError as exc:
+        raise APIError(503, str(exc), type_="server_error", code="storage_unavailable") from None
+    except ModelUnavailable as exc:
+        raise APIError(503, str(exc), type_="server_error", code="model_load_failed") from None
 
 
 def _too_large(limit: int) -> APIError:

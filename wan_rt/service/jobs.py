@@ -35,6 +35,10 @@ class QueueFull(RuntimeError):
         self.retry_after_s = retry_after_s
 
 
+class ModelUnavailable(RuntimeError):
+    """The service's workers could not load its model and are not restarted: one line, why."""
+
+
 class InvalidRequest(ValueError):
     """A request the service refuses, in one line; `param` names the field at fault (or None)."""
 
@@ -227,6 +231,13 @@ class JobStore:
         if not rows:
             raise JobNotFound(job_id)
         return _job(rows[0])
+
+    def fail_queued(self, model: str, error: JobError, now: float) -> int:
+        """Every queued job of `model` fails with `error` (no worker will run them); -> how many."""
+        _, n = self._run("UPDATE wan_rt_jobs SET status = 'failed', error_code = ?, error_message = ?, "
+                         "completed_at = ? WHERE status = 'queued' AND model = ?",
+                         (error.code, error.message, now, model))
+        return n
 
     def mark_expired(self, job_id: str) -> None:
         self._run("UPDATE wan_rt_jobs SET expired = 1 WHERE id = ?", (job_id,))

@@ -25,12 +25,15 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence
 from wan_rt.child_process import child_environment, python_command
 from wan_rt.service.jobs import JobError, JobStore
 from wan_rt.service.served_model import ServedModel
-from wan_rt.service.workers import BOOT, GROUP_LOADED, Seat, WorkerSettings
+from wan_rt.service.workers import BOOT, DRAIN, GROUP_LOADED, Seat, WorkerSettings
 
 if TYPE_CHECKING:
     from wan_rt.parallel import ParallelPlan
 
 MAX_BACKOFF_S = 30.0       # a worker that dies before it is ready is restarted 1, 2, 4 ... 30 s later
+# A worker that fails to load this many times in a row is not restarted again: the model cannot
+# load here (too little memory, a broken checkpoint) and another try would end the same way.
+MAX_LOAD_FAILURES = 3
 
 
 def worker_groups(devices: Sequence[str], plan: Optional["ParallelPlan"], served: ServedModel) -> list[list[str]]:
@@ -71,6 +74,7 @@ class _Rank:
     conn: Optional[Connection] = None
     ready: bool = False
     failure: Optional[JobError] = None   # what it reported before it left its group
+    load_error: Optional[str] = None     # why its pipeline could not load (one line)
 
 
 @dataclass
@@ -87,6 +91,9 @@ class _Group:
     last_exit: Optional[str] = None
     jobs_done: int = 0
     job: Optional[str] = None   # the job it runs now
+    drained: bool = False       # it said it claims no more jobs (the pool drains)
+    load_failures: int = 0      # consecutive ends before it was ready
+    gave_up: Optional[str] = None   # why it is not restarted any more (MAX_LOAD_FAILURES loads failed)
 
     @property
     def device(self) -> str:
@@ -111,17 +118,20 @@ class WorkerPool:
     def __init__(self, settings: WorkerSettings, groups: Sequence[Sequence[str]], store: JobStore,
                  on_job: Callable[[str, dict], None] = lambda device, report: None,
                  on_restart: Callable[[str, str], None] = lambda device, reason: None,
-                 on_tick: Callable[[], None] = lambda: None):
+                 on_tick: Callable[[], None] = lambda: None,
+                 on_give_up: Callable[[str], None] = lambda reason: None):
         self.settings = settings
         self.store = store
         self._groups = [_Group(i, [_Rank(device) for device in devices]) for i, devices in enumerate(groups)]
         self._on_job, self._on_restart, self._on_tick = on_job, on_restart, on_tick
+        self._on_give_up = on_give_up  # called once when every group has given up
         self._stopping = threading.Event()
+        self._draining = threading.Event()
         self._monitor = threading.Thread(target=self._watch, name="wan-rt-workers", daemon=True)
         self._lock = threading.Lock()
         self._node = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
         cpu_processes = sum(1 for devices in groups for device in devices if device == "cpu")
-        self._cpu_threads = max(1, (os.cpu_count() or 1) // cpu_processes) if cpu_processes else 0
+        self._cpu_threads = max(1, _usable_cpus() // cpu_processes) if cpu_processes else 0
         self._generation = 0
 
     # ---------------------------------------------------------------- public
@@ -141,15 +151,40 @@ class WorkerPool:
                 self.store.release("the service stopped", self.settings.max_attempts, time.time(),
                                    worker_id=group.worker_id, charge=False)
 
+    def drain(self, timeout: float) -> bool:
+        """Workers claim no more jobs and none is restarted; wait up to `timeout` s for the jobs
+        they run to end. True once every worker is idle; False at the timeout (stop() then hands
+        the jobs still running back to the queue, uncharged)."""
+        self._draining.set()
+        for group in self._groups:
+            if group.running:
+                _tell_all(group.ranks[:1], DRAIN)
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                # A worker still loading has no job; the flag it will read before claiming stops it.
+                if all(g.drained or not g.ready for g in self._groups):
+                    return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+
     @property
     def ready(self) -> bool:
         return any(group.ready for group in self._groups)
+
+    @property
+    def load_error(self) -> Optional[str]:
+        """Why no worker will run: set once every group failed to load MAX_LOAD_FAILURES times."""
+        with self._lock:
+            reasons = [g.gave_up for g in self._groups]
+        return reasons[0] if reasons and all(reasons) else None
 
     def status(self) -> list[dict]:
         with self._lock:
             return [{"device": g.device, "pid": _pid(g.ranks[0]), "pids": [_pid(r) for r in g.ranks],
                      "ready": g.ready, "job": g.job, "jobs_done": g.jobs_done, "restarts": g.restarts,
-                     "last_exit": g.last_exit}
+                     "last_exit": g.last_exit, "gave_up": g.gave_up}
                     for g in self._groups]
 
     # ---------------------------------------------------------------- monitor
@@ -163,7 +198,7 @@ class WorkerPool:
         with self._lock:
             for rank, (process, conn) in zip(group.ranks, started):
                 rank.process, rank.conn, rank.ready, rank.failure = process, conn, False, None
-            group.worker_id, group.running = worker_id, True
+            group.worker_id, group.running, group.drained = worker_id, True, False
 
     def _start_process(self, seat: Seat, worker_id: str) -> tuple[subprocess.Popen, Connection]:
         threads = self._cpu_threads if seat.device == "cpu" else 0
@@ -194,7 +229,8 @@ class WorkerPool:
                     self._died(group, rank)
             now = time.monotonic()
             for group in self._groups:
-                if not group.running and now >= group.restart_at and not self._stopping.is_set():
+                if not group.running and group.gave_up is None and now >= group.restart_at \
+                        and not self._stopping.is_set() and not self._draining.is_set():
                     self._spawn(group)
             if now >= next_tick:
                 next_tick = now + 1.0
@@ -221,6 +257,11 @@ class WorkerPool:
                     self._on_job(group.device, payload)
                 elif kind == "broken":
                     rank.failure = JobError(*payload)
+                elif kind == "load_failed":
+                    rank.load_error = payload
+                elif kind == "drained":
+                    with self._lock:
+                        group.drained = True
         except (EOFError, OSError):
             return False
         return True
@@ -247,6 +288,8 @@ class WorkerPool:
         code = cause.process.returncode  # type: ignore[union-attr]
         if cause.failure is not None:
             reason, error_code = f"{group.who(cause)} failed: {cause.failure.message}", cause.failure.code
+        elif (load_error := next((r.load_error for r in group.ranks if r.load_error), None)) is not None:
+            reason, error_code = f"{group.who(cause)} could not load the model: {load_error}", "model_load_failed"
         else:
             how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
             reason, error_code = f"{group.who(cause)} {how}", "worker_crashed"
@@ -255,14 +298,23 @@ class WorkerPool:
         was_ready = group.ready
         with self._lock:
             for rank in group.ranks:
-                rank.process, rank.conn, rank.ready, rank.failure = None, None, False, None
+                rank.process, rank.conn, rank.ready, rank.failure, rank.load_error = None, None, False, None, None
             group.running, group.job = False, None
-            group.restarts += 1
             group.last_exit = reason
-            # A worker that never got ready (a load that fails) is retried ever more slowly.
-            group.backoff = 0.0 if was_ready else min(MAX_BACKOFF_S, max(1.0, 2 * group.backoff))
-            group.restart_at = time.monotonic() + group.backoff
-        self._on_restart(group.device, reason)
+            # A worker that never got ready (a load that fails) is retried ever more slowly, and
+            # not at all after MAX_LOAD_FAILURES tries in a row.
+            group.load_failures = 0 if was_ready else group.load_failures + 1
+            if group.load_failures >= MAX_LOAD_FAILURES:
+                group.gave_up = f"{reason} ({group.load_failures} tries; not restarted again)"
+            else:
+                group.restarts += 1
+                group.backoff = 0.0 if was_ready else min(MAX_BACKOFF_S, max(1.0, 2 * group.backoff))
+                group.restart_at = time.monotonic() + group.backoff
+            every_group_gave_up = all(g.gave_up for g in self._groups)
+        if group.gave_up is None:
+            self._on_restart(group.device, reason)
+        elif every_group_gave_up:
+            self._on_give_up(group.gave_up)
 
     @staticmethod
     def _end(ranks: Sequence[_Rank], timeout: float) -> None:
@@ -298,6 +350,14 @@ def _tell_all(ranks: Sequence[_Rank], message: bytes) -> None:
 
 def _pid(rank: _Rank) -> Optional[int]:
     return rank.process.pid if rank.process is not None else None
+
+
+def _usable_cpus() -> int:
+    """The cores this process may run on (a `taskset` or a container's CPU set), not the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
 
 
 def _free_port() -> int:

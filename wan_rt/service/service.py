@@ -4,9 +4,10 @@
         job = service.submit(VideoRequest("a fox in the snow", num_frames=5, seed=0))
         for snapshot in service.events(job.id):        # or: async for ... in service.events_async(...)
             print(snapshot.status, snapshot.progress)
-        path = service.content_path(job.id)             # the mp4
+        path = service.content_path(job.id)             # the mp4 (service.content(): from a bucket too)
 
-It owns the job store, the worker processes (warm pipelines) and the data dir. Every method is
+It owns the job store, the worker processes (warm pipelines), the data dir and the storage of
+uploads and outputs (the data dir, or an S3 bucket that services on several machines share). Every method is
 thread-safe; `wait_async` / `events_async` serve asyncio. Jobs, progress and cancellation live in
 the store, so they survive a restart and are shared by services on one PostgreSQL queue.
 """
@@ -20,16 +21,18 @@ import io
 import math
 import os
 import secrets
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, AsyncIterator, Iterator, Optional, Sequence, Union
 
 from PIL import Image
 
-from wan_rt.service.jobs import InvalidRequest, Job, JobNotFound, QueueFull, VideoRequest, new_job_id
+from wan_rt.service.jobs import InvalidRequest, Job, JobError, JobNotFound, ModelUnavailable, QueueFull, VideoRequest, new_job_id
 from wan_rt.service.metrics import ServiceMetrics
 from wan_rt.service.outputs import VARIANTS, JobFiles
 from wan_rt.service.served_model import ServedModel, describe
+from wan_rt.service.storage import Download, StorageConfig, open_storage
 from wan_rt.service.stores import open_store
 from wan_rt.service.pool import WorkerPool, worker_groups
 from wan_rt.service.workers import WorkerSettings
@@ -62,7 +65,7 @@ class VideoService:
                  devices: Sequence[str] = ("cpu",), data_dir: Union[str, os.PathLike] = "serve-data",
                  store: Optional[str] = None, max_queue: Optional[int] = 64,
                  retention_s: Optional[float] = 24 * 3600.0, max_attempts: int = 3, lease_s: float = 30.0,
-                 parallel: Optional["ParallelPlan"] = None):
+                 parallel: Optional["ParallelPlan"] = None, storage: Optional[StorageConfig] = None):
         """model / engines_dir: as WanPipeline.from_pretrained takes them (neither: the embedded
         tiny preset). devices: one worker each ("cpu", "cuda:0", ...). store: None for SQLite in
         `data_dir`, or a postgresql:// URL. max_queue: waiting jobs before submit raises QueueFull.
@@ -72,7 +75,8 @@ class VideoService:
         parallel: a wan_rt.parallel.ParallelPlan; the devices then make worker groups of its world
         size, each running one job over all its devices (checked here: PlanError, one line). A plan
         without `timeout_s` gets GROUP_TIMEOUT_S: a group's collective that waits longer fails (a
-        hung rank) and the group restarts."""
+        hung rank) and the group restarts. storage: where uploads and outputs are kept (None: the
+        data dir; StorageConfig("s3://bucket/prefix"): a bucket, shared by services on one queue)."""
         if not devices:
             raise ValueError("devices: give at least one (cpu, cuda:0, ...)")
         if max_attempts < 1:
@@ -92,13 +96,17 @@ class VideoService:
         self._exclusive = store is None  # a SQLite store belongs to this service alone
         self._lock_file: Optional[io.TextIOWrapper] = None
         self._pool: Optional[WorkerPool] = None
-        self.files = JobFiles(self.data_dir)
+        self._draining = False
+        self.storage = storage or StorageConfig()
+        self.files = JobFiles(self.data_dir, open_storage(self.storage, self.data_dir))
+        self._unremoved: set[str] = set()   # expired jobs whose files could not be removed (told once)
         self._mean_job_s, self._jobs_seen = 5.0, 0   # seconds per completed job (Retry-After)
 
     # ---------------------------------------------------------------- life cycle
     def start(self) -> "VideoService":
         if self._exclusive:
             self._lock_data_dir()
+        self.files.storage.check()  # StorageError (one line) for a bucket that cannot be reached
         self.store = open_store(self._store_url)
         if self._exclusive:
             # Nothing else runs on this store, so a job still marked running was interrupted by a
@@ -106,11 +114,11 @@ class VideoService:
             self.store.release("the service stopped while it ran", self.max_attempts, time.time(),
                                model=self.model.id)
         settings = WorkerSettings(self.model, self._store_url, str(self.data_dir), self.max_attempts,
-                                  self.retention_s, plan=self.plan)
+                                  self.retention_s, plan=self.plan, storage=self.storage)
         self.metrics = ServiceMetrics(self.store, self.model.id, lambda: sum(w["ready"] for w in self.workers()))
         self._pool = WorkerPool(settings, self.groups, self.store, on_job=self._job_finished,
                                 on_restart=lambda device, reason: self.metrics.worker_restarts.labels(device).inc(),
-                                on_tick=self._housekeeping)
+                                on_tick=self._housekeeping, on_give_up=self._workers_gave_up)
         self._pool.start()
         return self
 
@@ -131,8 +139,32 @@ class VideoService:
 
     @property
     def ready(self) -> bool:
-        """At least one worker (or worker group) has its pipeline loaded."""
-        return self._pool is not None and self._pool.ready
+        """At least one worker (or worker group) has its pipeline loaded, and the service is not draining."""
+        return self._pool is not None and self._pool.ready and not self._draining
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def drain(self, timeout: float) -> bool:
+        """Before a shutdown: `ready` turns False at once (a load balancer stops sending traffic),
+        the workers claim no more jobs, and the jobs they run may finish for up to `timeout` s.
+        True when none is left running; False otherwise: close() hands those back to the queue
+        without charging them an attempt. The API keeps answering meanwhile."""
+        self._draining = True
+        return self._pool is None or self._pool.drain(timeout)
+
+    @property
+    def load_error(self) -> Optional[str]:
+        """Why no worker will ever run a job: every worker failed to load the model a few times
+        in a row and is not restarted (wan_rt.service.pool.MAX_LOAD_FAILURES); None otherwise."""
+        return self._pool.load_error if self._pool is not None else None
+
+    def _workers_gave_up(self, reason: str) -> None:
+        """Jobs waiting for this service's workers fail with the reason instead of waiting forever;
+        on a shared store other services may still run them, so they are left queued there."""
+        if self._exclusive:
+            self.store.fail_queued(self.model.id, JobError("model_load_failed", reason), time.time())
 
     def workers(self) -> list[dict]:
         return self._pool.status() if self._pool is not None else []
@@ -141,6 +173,8 @@ class VideoService:
     def submit(self, request: VideoRequest, image: Union[bytes, Image.Image, None] = None) -> Job:
         """Queue a generation; InvalidRequest (one line) for what this model cannot run,
         QueueFull when max_queue jobs wait."""
+        if (reason := self.load_error) is not None:
+            raise ModelUnavailable(reason)
         request = self._complete(request)
         picture = _read_image(image) if image is not None else None
         task, name = self.model.spec.task, self.model.spec.name
@@ -182,20 +216,30 @@ class VideoService:
     def delete(self, job_id: str) -> Job:
         """Cancel the job if it runs, remove it and its files; its id is unknown afterwards."""
         job = self.store.delete(job_id)
-        self.files.remove(job_id)
+        if (error := self.files.remove_quietly(job_id)) is not None:  # the job is gone; say what is left over
+            print(f"wan-rt serve: video {job_id} was deleted but its files were not: {error}", file=sys.stderr)
         return job
 
     def content_path(self, job_id: str, variant: str = "video") -> Path:
+        """The output's file in the data dir (local storage; content() serves any storage)."""
+        download = self.content(job_id, variant)
+        if download.path is None:
+            raise TypeError("the outputs are in a bucket, not in the data dir: use content()")
+        return download.path
+
+    def content(self, job_id: str, variant: str = "video") -> Download:
+        """How to hand a completed job's output to a client: a local file, a stream from the
+        bucket, or a presigned URL (StorageConfig.presign). StorageError when the store fails."""
         if variant not in VARIANTS:
             raise InvalidRequest(f"variant must be one of {', '.join(VARIANTS)}; got {variant!r}", "variant")
         job = self.get(job_id)
         if job.status != "completed":
             reason = f": {job.error.message}" if job.error else ""
             raise VideoNotReady(f"video {job_id} is {job.status}, not completed{reason}")
-        path = self.files.output(job_id, variant)
-        if job.expired or not path.is_file():
+        download = None if job.expired else self.files.storage.download(self.files.output_key(job_id, variant))
+        if download is None:
             raise VideoExpired(f"the files of video {job_id} were removed when they expired")
-        return path
+        return download
 
     # ---------------------------------------------------------------- waiting
     def wait(self, job_id: str, timeout: Optional[float] = None) -> Job:
@@ -276,8 +320,13 @@ class VideoService:
         self.store.release(f"its worker stopped renewing its lease for {self.lease_s:g} s", self.max_attempts, now,
                            model=self.model.id, stale_before=now - self.lease_s)
         for job in self.store.expired_now(now):
-            self.files.remove(job.id)
-            self.store.mark_expired(job.id)
+            error = self.files.remove_quietly(job.id)
+            if error is None:
+                self.store.mark_expired(job.id)
+            elif job.id not in self._unremoved:  # tried again each tick, told once
+                self._unremoved.add(job.id)
+                print(f"wan-rt serve: cannot remove the expired files of video {job.id} (will retry): {error}",
+                      file=sys.stderr)
 
     def _lock_data_dir(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)

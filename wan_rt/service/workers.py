@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from wan_rt.service.jobs import Job, JobError, JobStore
 from wan_rt.service.outputs import JobFiles
 from wan_rt.service.served_model import ServedModel
+from wan_rt.service.storage import StorageConfig, StorageError, open_storage
 from wan_rt.service.stores import open_store
 
 if TYPE_CHECKING:
@@ -58,6 +59,7 @@ class WorkerSettings:
     poll_s: float = 0.2                   # an idle worker looks for a job this often
     heartbeat_s: float = 0.5              # lease renewal and cancel check while a job runs
     plan: Optional["ParallelPlan"] = None  # what each worker group runs (its size: the plan's world size)
+    storage: StorageConfig = StorageConfig()  # where uploads and outputs are kept (default: data_dir)
 
 
 @dataclass(frozen=True)
@@ -105,9 +107,10 @@ class _GroupBroken(Exception):
 
 # ----------------------------------------------------------------------------- the worker process
 def worker_main(settings: WorkerSettings, seat: Seat, worker_id: str, conn: Connection, threads: int,
-                group_loaded: threading.Event) -> None:
+                group_loaded: threading.Event, draining: Optional[threading.Event] = None) -> None:
     """Load the pipeline once, then run jobs (lead them, or follow the leader) until stopped.
-    group_loaded: set by the pool once every rank of the group has loaded."""
+    group_loaded: set by the pool once every rank of the group has loaded. draining: set by the
+    pool when the service drains: the leader claims no more jobs."""
     import torch
 
     import wan_rt
@@ -115,14 +118,18 @@ def worker_main(settings: WorkerSettings, seat: Seat, worker_id: str, conn: Conn
     if threads:
         torch.set_num_threads(threads)
     store = open_store(settings.store_url) if seat.rank == 0 else None  # only the leader talks to the store
-    files = JobFiles(settings.data_dir)
+    files = JobFiles(settings.data_dir, open_storage(settings.storage, settings.data_dir))
     served = settings.served
     try:
         if seat.grouped:
             _join_group(seat, settings.plan.timeout_s if settings.plan is not None else None)
-        pipe = wan_rt.WanPipeline.from_pretrained(served.model, backend=served.backend, device=seat.device,
-                                                  engines_dir=served.engines_dir,
-                                                  parallel=settings.plan if seat.grouped else None)
+        try:
+            pipe = wan_rt.WanPipeline.from_pretrained(served.model, backend=served.backend, device=seat.device,
+                                                      engines_dir=served.engines_dir,
+                                                      parallel=settings.plan if seat.grouped else None)
+        except Exception as exc:  # the pool counts failed loads and gives up after a few
+            conn.send(("load_failed", _failure(exc, seat.device).message))
+            raise
         pipe.set_progress_bar_config(disable=True)
         conn.send(("ready", {}))
         if seat.grouped:
@@ -132,7 +139,7 @@ def worker_main(settings: WorkerSettings, seat: Seat, worker_id: str, conn: Conn
         if store is None:
             _follow(pipe, seat)
         else:
-            _lead(pipe, store, files, worker_id, settings, seat, conn)
+            _lead(pipe, store, files, worker_id, settings, seat, conn, draining or threading.Event())
     except Exception as exc:  # noqa: BLE001 - alone, it escapes (the pool restarts the worker)
         if not seat.grouped:
             raise
@@ -140,10 +147,16 @@ def worker_main(settings: WorkerSettings, seat: Seat, worker_id: str, conn: Conn
 
 
 def _lead(pipe, store: JobStore, files: JobFiles, worker_id: str, settings: WorkerSettings, seat: Seat,
-          conn: Connection) -> None:
-    """A worker alone, or a group's rank 0: claim jobs and run them."""
+          conn: Connection, draining: threading.Event) -> None:
+    """A worker alone, or a group's rank 0: claim jobs and run them. Once `draining` is set it
+    finishes the job it runs, tells the pool "drained" and claims nothing more (idling, so the
+    other ranks of its group are not left waiting in a collective) until the pool stops it."""
+    drained = False
     while True:
-        job = store.claim(settings.served.id, worker_id, time.time())
+        if draining.is_set() and not drained:
+            conn.send(("drained", None))
+            drained = True
+        job = None if drained else store.claim(settings.served.id, worker_id, time.time())
         if job is None:
             seat.share(None)  # the others wait in this broadcast: never longer than poll_s when idle
             time.sleep(settings.poll_s)
@@ -231,8 +244,8 @@ def run_job(pipe, job: Job, store: JobStore, files: JobFiles, worker_id: str, se
         report["outcome"] = "out_of_memory"
     except Exception as exc:  # noqa: BLE001 - the job fails with the reason; the worker goes on
         failure = _failure(exc, pipe.device)
-        files.remove(job.id, inputs=False)  # no partial output (a thumbnail before a failed mp4 write)
         store.fail(job.id, worker_id, failure, time.time())
+        files.remove_quietly(job.id, inputs=False)  # no partial output (a thumbnail before a failed mp4 write)
         report["outcome"] = "failed"
         if failure.code == "generation_failed":
             traceback.print_exc()
@@ -273,11 +286,9 @@ def _generate(pipe, job: Job, store: JobStore, files: JobFiles, worker_id: str, 
 
 def _pipeline_args(job: Job, files: JobFiles) -> dict[str, Any]:
     """The pipeline's arguments for a job (picklable: a group's leader broadcasts them)."""
-    from wan_rt.video import load_image
-
     req = job.request
     assert req.seed is not None, "the service sets every job's seed at submit"
-    image = load_image(files.input_image(job.id)) if job.has_image else None
+    image = files.load_input(job.id) if job.has_image else None
     return dict(prompt=req.prompt, negative_prompt=req.negative_prompt, image=image, height=req.height,
                 width=req.width, num_frames=req.num_frames, num_inference_steps=req.num_inference_steps,
                 guidance_scale=req.guidance_scale, guidance_scale_2=req.guidance_scale_2, shift=req.shift,
@@ -300,6 +311,8 @@ def _failure(exc: BaseException, device) -> JobError:
 
     if isinstance(exc, torch.OutOfMemoryError):
         return JobError("out_of_memory", f"out of memory on {device}: {_one_line(exc)}")
+    if isinstance(exc, StorageError):  # the outputs could not be kept (a bucket that refuses writes)
+        return JobError("storage_failed", str(exc))
     return JobError("invalid_request" if isinstance(exc, ValueError) else "generation_failed", _one_line(exc))
 
 
@@ -307,10 +320,10 @@ def _settle_unowned(store: JobStore, files: JobFiles, job: Job, worker_id: str) 
     """The job stopped being this worker's to finish: a cancel fails it as cancelled, a delete
     leaves nothing behind, a job handed to another worker (lease lost) is left to that one."""
     if store.fail(job.id, worker_id, JobError("cancelled", "cancelled by request"), time.time()):
-        files.remove(job.id, inputs=False)
+        files.remove_quietly(job.id, inputs=False)
         return "cancelled"
     if store.get(job.id) is None:
-        files.remove(job.id)
+        files.remove_quietly(job.id)
         return "deleted"
     return "lost"
 
@@ -348,12 +361,14 @@ class _LeaseKeeper:
 # does not re-import the service's __main__ (a script without a main guard would start services
 # in its workers). Its settings arrive on stdin, which the service keeps open: end of file means
 # the service is gone (even by kill -9) and the worker leaves, so no orphan keeps generating.
-# GROUP_LOADED, sent on stdin later, tells a rank that every rank of its group has loaded.
+# GROUP_LOADED, sent on stdin later, tells a rank that every rank of its group has loaded; DRAIN
+# tells a leader to claim no more jobs (the service is draining).
 # Its messages go back on the pipe FD. The working directory is dropped from sys.path, so a
 # checkout's top-level folders (kernels/) never shadow installed packages.
 BOOT = ("import sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; "
         "from wan_rt.service.workers import worker_process; worker_process(int(sys.argv[1]))")
 GROUP_LOADED = b"L"
+DRAIN = b"D"
 
 
 def worker_process(fd: int) -> None:
@@ -362,16 +377,18 @@ def worker_process(fd: int) -> None:
     size = struct.unpack("<Q", _read_exactly(sys.stdin.buffer, 8))[0]
     settings, seat, worker_id, threads = pickle.loads(_read_exactly(sys.stdin.buffer, size))
 
-    group_loaded = threading.Event()
+    group_loaded, draining = threading.Event(), threading.Event()
 
     def watch_service() -> None:
         while byte := sys.stdin.buffer.read(1):
             if byte == GROUP_LOADED:
                 group_loaded.set()
+            elif byte == DRAIN:
+                draining.set()
         os._exit(1)
 
     threading.Thread(target=watch_service, name="wan-rt-service-watch", daemon=True).start()
-    worker_main(settings, seat, worker_id, Connection(fd, readable=False), threads, group_loaded)
+    worker_main(settings, seat, worker_id, Connection(fd, readable=False), threads, group_loaded, draining)
 
 
 def _read_exactly(stream, n: int) -> bytes:

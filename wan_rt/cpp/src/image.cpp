@@ -127,10 +127,15 @@ RgbImage resize_lanczos(const RgbImage& image, int64_t width, int64_t height) {
   return resample_vertical(resample_horizontal(image, width, first, last - first, horiz), height, vert, first);
 }
 
-RgbImage read_image(const std::string& path) {
-  if (!std::filesystem::is_regular_file(path)) throw UsageError("image not found: " + path);
+namespace {
+
+// Decode up to `max_frames` + 1 frames of the best video stream of `path` to RGB (one past the
+// limit tells the caller it was crossed). `fail(why)` makes the caller's error; `check(w, h)`
+// sees each frame's size before it is converted (and may throw).
+template <typename Fail, typename Check>
+std::vector<RgbImage> decode_frames(const std::string& path, int64_t max_frames, const Fail& fail,
+                                    const Check& check) {
   detail::quiet_ffmpeg();
-  auto fail = [&](const std::string& why) { return UsageError("cannot read image " + path + ": " + why); };
   AVFormatContext* raw = nullptr;
   int rc = avformat_open_input(&raw, path.c_str(), nullptr, nullptr);
   if (rc < 0) throw fail(av_error(rc));
@@ -138,34 +143,65 @@ RgbImage read_image(const std::string& path) {
   if ((rc = avformat_find_stream_info(fmt.get(), nullptr)) < 0) throw fail(av_error(rc));
   const AVCodec* codec = nullptr;
   const int stream = av_find_best_stream(fmt.get(), AVMEDIA_TYPE_VIDEO, -1, -1, &codec, 0);
-  if (stream < 0 || codec == nullptr) throw fail("not an image");
+  if (stream < 0 || codec == nullptr) throw fail("no picture stream");
   std::unique_ptr<AVCodecContext, AvFree<AVCodecContext, avcodec_free_context>> dec(avcodec_alloc_context3(codec));
   avcodec_parameters_to_context(dec.get(), fmt->streams[stream]->codecpar);
   if ((rc = avcodec_open2(dec.get(), codec, nullptr)) < 0) throw fail(av_error(rc));
   std::unique_ptr<AVPacket, AvFree<AVPacket, av_packet_free>> packet(av_packet_alloc());
   std::unique_ptr<AVFrame, AvFree<AVFrame, av_frame_free>> frame(av_frame_alloc());
-  bool got = false;
-  while (!got && av_read_frame(fmt.get(), packet.get()) >= 0) {
-    if (packet->stream_index == stream && avcodec_send_packet(dec.get(), packet.get()) >= 0)
-      got = avcodec_receive_frame(dec.get(), frame.get()) >= 0;
+  std::vector<RgbImage> out;
+  auto take = [&] {  // every frame the decoder has ready
+    while (static_cast<int64_t>(out.size()) <= max_frames && avcodec_receive_frame(dec.get(), frame.get()) >= 0) {
+      if (frame->width <= 0 || frame->height <= 0) throw fail("no picture decoded");
+      check(int64_t{frame->width}, int64_t{frame->height});
+      RgbImage rgb{frame->width, frame->height, std::vector<uint8_t>(size_t(frame->width) * frame->height * 3)};
+      // Pixel-format conversion only (same size): alpha dropped as PIL's convert("RGB") does.
+      SwsContext* sws = sws_getContext(frame->width, frame->height, static_cast<AVPixelFormat>(frame->format),
+                                       frame->width, frame->height, AV_PIX_FMT_RGB24,
+                                       SWS_BICUBIC | SWS_ACCURATE_RND | SWS_FULL_CHR_H_INT, nullptr, nullptr, nullptr);
+      if (sws == nullptr) throw fail("unsupported pixel format");
+      uint8_t* dst[4] = {rgb.pixels.data(), nullptr, nullptr, nullptr};
+      int dst_stride[4] = {static_cast<int>(rgb.width * 3), 0, 0, 0};
+      sws_scale(sws, frame->data, frame->linesize, 0, frame->height, dst, dst_stride);
+      sws_freeContext(sws);
+      out.push_back(std::move(rgb));
+    }
+  };
+  while (static_cast<int64_t>(out.size()) <= max_frames && av_read_frame(fmt.get(), packet.get()) >= 0) {
+    if (packet->stream_index == stream && avcodec_send_packet(dec.get(), packet.get()) >= 0) take();
     av_packet_unref(packet.get());
   }
-  if (!got) {  // decoders that hold the frame until flushed
-    avcodec_send_packet(dec.get(), nullptr);
-    got = avcodec_receive_frame(dec.get(), frame.get()) >= 0;
-  }
-  if (!got || frame->width <= 0 || frame->height <= 0) throw fail("no picture decoded");
-  RgbImage out{frame->width, frame->height, std::vector<uint8_t>(size_t(frame->width) * frame->height * 3)};
-  // Pixel-format conversion only (same size): alpha dropped as PIL's convert("RGB") does.
-  SwsContext* sws = sws_getContext(frame->width, frame->height, static_cast<AVPixelFormat>(frame->format),
-                                   frame->width, frame->height, AV_PIX_FMT_RGB24,
-                                   SWS_BICUBIC | SWS_ACCURATE_RND | SWS_FULL_CHR_H_INT, nullptr, nullptr, nullptr);
-  if (sws == nullptr) throw fail("unsupported pixel format");
-  uint8_t* dst[4] = {out.pixels.data(), nullptr, nullptr, nullptr};
-  int dst_stride[4] = {static_cast<int>(out.width * 3), 0, 0, 0};
-  sws_scale(sws, frame->data, frame->linesize, 0, frame->height, dst, dst_stride);
-  sws_freeContext(sws);
+  avcodec_send_packet(dec.get(), nullptr);  // decoders that hold frames until flushed
+  take();
   return out;
+}
+
+}  // namespace
+
+RgbImage read_image(const std::string& path) {
+  if (!std::filesystem::is_regular_file(path)) throw UsageError("image not found: " + path);
+  auto fail = [&](const std::string& why) { return UsageError("cannot read image " + path + ": " + why); };
+  auto frames = decode_frames(path, 0, fail, [](int64_t, int64_t) {});
+  if (frames.empty()) throw fail("no picture decoded");
+  return std::move(frames.front());
+}
+
+std::vector<RgbImage> read_video(const std::string& path, const VideoLimits& limits) {
+  if (!std::filesystem::is_regular_file(path)) throw UsageError("video not found: " + path);
+  const auto bytes = static_cast<int64_t>(std::filesystem::file_size(path));
+  if (bytes > limits.max_bytes)
+    throw UsageError("video " + path + " is " + std::to_string(bytes) + " bytes; the limit is " +
+                     std::to_string(limits.max_bytes));
+  auto fail = [&](const std::string& why) { return UsageError("cannot decode " + path + ": " + why); };
+  auto frames = decode_frames(path, limits.max_frames, fail, [&](int64_t width, int64_t height) {
+    if (width * height > limits.max_pixels)
+      throw UsageError(path + " frames are " + std::to_string(width) + "x" + std::to_string(height) +
+                       "; the limit is " + std::to_string(limits.max_pixels) + " pixels per frame");
+  });
+  if (frames.empty()) throw fail("no picture decoded");
+  if (static_cast<int64_t>(frames.size()) > limits.max_frames)
+    throw UsageError(path + " has more than " + std::to_string(limits.max_frames) + " frames (the limit)");
+  return frames;
 }
 
 }  // namespace wan_rt

@@ -37,6 +37,9 @@ int run(int argc, char** argv) {
   app.add_option("--prompt", r.prompt, "what the video shows")->required();
   app.add_option("--negative-prompt", r.negative_prompt, "default: the checkpoint's own default");
   app.add_option("--image", r.image, "first frame for image-to-video (i2v, ti2v)");
+  app.add_option("--video", r.video, "video-to-video: re-generate this clip with --prompt (--frames default: its "
+                                     "length, trimmed to 4k+1)");
+  app.add_option("--strength", r.strength, "with --video: how much to change it, in (0, 1]; default 0.8");
   app.add_option("--height", r.height, "default: the model's");
   app.add_option("--width", r.width, "default: the model's");
   app.add_option("--frames", r.num_frames, "4k+1; default: the model's");
@@ -78,9 +81,11 @@ int run(int argc, char** argv) {
   // The checks `wan-rt run` makes before it loads anything, in its order.
   const wan_rt::EnginesDir engines(engines_dir);
   const auto& c = engines.config();
+  wan_rt::check_strength(engines, r);
+  if (r.video) r.video_rgb = wan_rt::read_video(*r.video);
   wan_rt::check_request(engines, r, "--image");
   if (r.image) r.image_rgb = wan_rt::read_image(*r.image);
-  engines.check_fits(r.height.value_or(c.height), r.width.value_or(c.width), r.num_frames.value_or(c.num_frames));
+  engines.check_fits(r.height.value_or(c.height), r.width.value_or(c.width), wan_rt::num_frames_of(c, r));
 
   const auto start = std::chrono::steady_clock::now();
   wan_rt::Pipeline pipe(engines_dir, dev);

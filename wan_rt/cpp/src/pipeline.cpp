@@ -26,15 +26,31 @@ std::string py_float(double v) {
   return s.find_first_of(".eni") == std::string::npos ? s + ".0" : s;
 }
 
-// The request with the model's defaults filled in.
+constexpr double kDefaultStrength = 0.8;  // wan_rt.pipeline.DEFAULT_STRENGTH
+
+// The request with the model's defaults filled in; video-to-video's frame count defaults to the
+// source's, trimmed to 4k+1 (pipeline.source_frame_count).
 struct Settings {
   int64_t height, width, num_frames, steps;
   std::string solver;
 };
 
 Settings settings(const PipelineConfig& c, const Request& r) {
-  return {r.height.value_or(c.height), r.width.value_or(c.width), r.num_frames.value_or(c.num_frames),
+  int64_t frames = c.num_frames;
+  if (r.video_rgb) frames = (static_cast<int64_t>(r.video_rgb->size()) - 1) / 4 * 4 + 1;
+  return {r.height.value_or(c.height), r.width.value_or(c.width), r.num_frames.value_or(frames),
           r.steps.value_or(c.steps), r.solver.value_or(c.sampling.solver)};
+}
+
+// The first step video-to-video runs (pipeline.strength_start: the last int(steps * strength)).
+int64_t strength_start(int64_t steps, double strength) {
+  if (!(0.0 < strength && strength <= 1.0))
+    throw UsageError("strength must be in (0, 1]; got " + py_float(strength));
+  const int64_t run = std::min(static_cast<int64_t>(static_cast<double>(steps) * strength), steps);
+  if (run == 0)
+    throw UsageError("strength " + py_float(strength) + " of " + std::to_string(steps) +
+                     " steps runs no step; raise strength or the step count");
+  return steps - run;
 }
 
 // guidance drives the first (high-noise) stage, guidance_2 the second, as in diffusers; with
@@ -58,11 +74,12 @@ std::unique_ptr<FlowScheduler> scheduler(const PipelineConfig& c, const Request&
                         c.sampling.grid);
 }
 
-// Consecutive step indices per stage; timesteps decrease, so each stage appears once.
+// Consecutive step indices per stage from step `start` on; timesteps decrease, so each stage
+// appears once.
 std::vector<std::pair<const Stage*, std::vector<int64_t>>> group_by_stage(const PipelineConfig& c,
-                                                                          const at::Tensor& timesteps) {
+                                                                          const at::Tensor& timesteps, int64_t start) {
   std::vector<std::pair<const Stage*, std::vector<int64_t>>> groups;
-  for (int64_t i = 0; i < timesteps.size(0); ++i) {
+  for (int64_t i = start; i < timesteps.size(0); ++i) {
     const Stage* stage = &c.stage_for(static_cast<double>(timesteps[i].item<int64_t>()));
     if (groups.empty() || groups.back().first != stage) groups.push_back({stage, {}});
     groups.back().second.push_back(i);
@@ -107,9 +124,20 @@ std::string Video::save_mp4(const std::string& path) const {
   return write_mp4(path, bytes.data_ptr<uint8_t>(), bytes.size(0), bytes.size(1), bytes.size(2), static_cast<int>(fps));
 }
 
+int64_t num_frames_of(const PipelineConfig& c, const Request& r) { return settings(c, r).num_frames; }
+
+void check_strength(const EnginesDir& engines, const Request& r) {
+  if (r.strength && !r.video && !r.video_rgb) throw UsageError("--strength applies to --video");
+  if (r.video || r.video_rgb) strength_start(settings(engines.config(), r).steps, r.strength.value_or(kDefaultStrength));
+}
+
 void check_request(const EnginesDir& engines, const Request& r, const std::string& image_arg) {
   const PipelineConfig& c = engines.config();
+  check_strength(engines, r);
   const Settings s = settings(c, r);
+  if (r.video_rgb && r.num_frames && *r.num_frames > static_cast<int64_t>(r.video_rgb->size()))
+    throw UsageError("video has " + std::to_string(r.video_rgb->size()) + " frames; num_frames=" +
+                     std::to_string(*r.num_frames) + " needs at least that many");
   const int64_t m = c.spatial_multiple();
   if (s.height <= 0 || s.width <= 0 || s.height % m || s.width % m)
     throw UsageError("width and height must be positive multiples of " + std::to_string(m) + " for " + c.spec_name +
@@ -123,7 +151,8 @@ void check_request(const EnginesDir& engines, const Request& r, const std::strin
     throw UsageError("need steps >= 1 and shift > 0, got steps=" + std::to_string(s.steps) +
                      ", shift=" + py_float(*r.shift));
   const bool has_image = r.image || r.image_rgb;
-  if (c.task == "i2v" && !has_image) throw UsageError(c.spec_name + " is an image-to-video model: pass " + image_arg);
+  // An i2v model without an image conditions video-to-video on the source's first frame.
+  if (c.task == "i2v" && !has_image && !r.video_rgb) throw UsageError(c.spec_name + " is an image-to-video model: pass " + image_arg);
   if (c.task == "t2v" && has_image)
     throw UsageError(c.spec_name + " is a text-to-video model; --image needs an i2v or ti2v model");
 }
@@ -210,10 +239,14 @@ Pipeline::~Pipeline() = default;
 const EnginesDir& Pipeline::engines() const { return impl_->engines; }
 const PipelineConfig& Pipeline::config() const { return impl_->engines.config(); }
 
-Video Pipeline::generate(const Request& r, const StepCallback& on_step) {
+Video Pipeline::generate(const Request& request, const StepCallback& on_step) {
   Impl& p = *impl_;
   const PipelineConfig& c = p.engines.config();
+  Request r = request;
+  check_strength(p.engines, r);
+  if (r.video && !r.video_rgb) r.video_rgb = read_video(*r.video);
   check_request(p.engines, r);
+  if (r.video_rgb && c.task == "i2v" && !r.image && !r.image_rgb) r.image_rgb = r.video_rgb->front();
   const Settings s = settings(c, r);
   p.engines.check_fits(s.height, s.width, s.num_frames);
   c10::InferenceMode guard;
@@ -248,11 +281,24 @@ Video Pipeline::generate(const Request& r, const StepCallback& on_step) {
     if (condition.defined()) first_frame_mask.select(2, 0).fill_(0);
   }
 
-  // 3. Denoise: the stages in order, each expert once; CFG's cond and uncond as one batch of two.
+  // Video-to-video: the source's latents noised to the sigma of the first step that runs,
+  // x = (1 - sigma) * x0 + sigma * noise; strength 1 (start 0) is text-to-video from that noise.
   auto sched = scheduler(c, r, s.steps);
+  const int64_t start = r.video_rgb ? strength_start(s.steps, r.strength.value_or(kDefaultStrength)) : 0;
+  sched->start_at(start);
+  if (r.video_rgb && start > 0) {
+    Timed t(timings, "vae_encoder");
+    std::vector<at::Tensor> frames;
+    for (int64_t f = 0; f < s.num_frames; ++f) frames.push_back(image_to_tensor((*r.video_rgb)[f], s.height, s.width)[0]);
+    const at::Tensor z = p.encoder().encode(at::stack(frames, 1).unsqueeze(0).to(p.device)).to(p.device, at::kFloat);
+    const at::Tensor sigma = sched->sigmas()[start].to(p.device);
+    latents = (1 - sigma) * z + sigma * latents;
+  }
+
+  // 3. Denoise: the stages in order, each expert once; CFG's cond and uncond as one batch of two.
   const at::Tensor context_pair = context_null.defined() ? at::cat({context, context_null}) : at::Tensor();
-  const auto groups = group_by_stage(c, sched->timesteps());
-  const int64_t total = sched->num_steps();
+  const auto groups = group_by_stage(c, sched->timesteps(), start);
+  const int64_t total = sched->num_steps() - start;
   std::map<std::string, std::future<void>> loading;  // experts being loaded ahead of their stage
   for (size_t n = 0; n < groups.size(); ++n) {
     const std::string& name = groups[n].first->component;
@@ -291,8 +337,9 @@ Video Pipeline::generate(const Request& r, const StepCallback& on_step) {
         detail::DiT* next = p.dits.at(upcoming).get();
         loading[upcoming] = std::async(std::launch::async, [next] { next->load(); });
       }
-      if (on_step && !on_step({i, total, step_t.item<int64_t>(), name}))
-        throw GenerationInterrupted("interrupted after step " + std::to_string(i + 1) + " of " + std::to_string(total));
+      if (on_step && !on_step({i - start, total, step_t.item<int64_t>(), name}))
+        throw GenerationInterrupted("interrupted after step " + std::to_string(i - start + 1) + " of " +
+                                    std::to_string(total));
     }
   }
   if (first_frame_mask.defined() && condition.defined())  // TI2V: frame 0 is the image latent

@@ -115,7 +115,7 @@ class DPMppScheduler : public FlowScheduler {
     const at::Tensor h = lambdas_[i + 1] - lambdas_[i];
     const at::Tensor coef = (1 - sigma_t) * (at::exp(-h) - 1.0);
     at::Tensor x_next = sigma_t / sigma_s * x - coef * m;
-    if (0 < i && i < num_steps() - 1) {
+    if (x0_.size() == 2 && i < num_steps() - 1) {  // order 2 once there is history
       const at::Tensor r = (lambdas_[i] - lambdas_[i - 1]) / h;
       const at::Tensor d = (r.reciprocal() * 1.0) * (m - x0_.front());  // Python's 1.0 / r
       x_next = x_next - 0.5 * coef * d;
@@ -199,6 +199,13 @@ FlowScheduler::FlowScheduler(at::Tensor sigmas, at::Tensor timesteps)
     lambdas.push_back(at::log(1 - s) - at::log(s));
   }
   lambdas_ = at::stack(lambdas);
+}
+
+void FlowScheduler::start_at(int64_t step_index) {
+  if (step_index < 0 || step_index >= num_steps())
+    throw UsageError("start step must be in 0.." + std::to_string(num_steps() - 1) + "; got " +
+                     std::to_string(step_index));
+  next_step_ = step_index;
 }
 
 int64_t FlowScheduler::advance(int64_t step_index) {

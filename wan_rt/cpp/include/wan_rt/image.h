@@ -1,4 +1,4 @@
-// First frames for image-to-video: decoded with FFmpeg (PNG, JPEG, WebP, BMP, ...) and resized as
+// First frames for image-to-video and source videos for video-to-video: decoded with FFmpeg (PNG, JPEG, WebP, BMP, ...) and resized as
 // wan_rt's Python runtime does (wan_rt/video.py: PIL's Image.resize with LANCZOS, which diffusers'
 // VideoProcessor uses). The resize repeats Pillow's fixed-point separable Lanczos exactly (Pillow
 // >= 13's order of the two passes; older Pillow can differ by one level where the height shrinks
@@ -20,6 +20,17 @@ struct RgbImage {
 
 // UsageError "image not found: PATH" or "cannot read image PATH: why".
 RgbImage read_image(const std::string& path);
+
+// A source video's bounds: wan_rt/video.py's MAX_VIDEO_BYTES, MAX_VIDEO_FRAMES, MAX_VIDEO_PIXELS.
+struct VideoLimits {
+  int64_t max_bytes = int64_t{64} << 20;
+  int64_t max_frames = 321;
+  int64_t max_pixels = 1920 * 1088;  // per frame
+};
+
+// Every frame of a video file (mp4 or anything FFmpeg reads), RGB; the one-line UsageErrors of
+// wan_rt.video.load_video ("video not found: PATH", over a bound, "cannot decode PATH: why").
+std::vector<RgbImage> read_video(const std::string& path, const VideoLimits& limits = {});
 
 // Pillow's Image.resize((width, height), Image.LANCZOS) on an RGB image (a copy when the size is
 // already that).

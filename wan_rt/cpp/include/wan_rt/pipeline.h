@@ -1,6 +1,7 @@
 // The whole generation from an engines dir, equal to wan_rt's Python pipeline (wan_rt/pipeline.py)
 // on the same engines and seed: umT5 tokens -> text encoder -> noise from torch's CPU generator ->
-// (I2V / TI2V: the first frame encoded as the condition) -> the denoising stages with CFG as one
+// (I2V / TI2V: the first frame encoded as the condition; video-to-video: the source encoded and
+// noised to the first step `strength` leaves) -> the denoising stages with CFG as one
 // batch of two and the expert switch at the boundary (the next expert loaded ahead) -> the VAE
 // decoded chunk by chunk with its cache -> frames.
 //
@@ -40,6 +41,9 @@ struct Request {
   std::optional<std::string> negative_prompt;  // default: the checkpoint's own
   std::optional<std::string> image;            // first frame (i2v, ti2v): a file ...
   std::optional<RgbImage> image_rgb;           // ... or its pixels
+  std::optional<std::string> video;            // video-to-video source: a file (read_video) ...
+  std::optional<std::vector<RgbImage>> video_rgb;  // ... or its frames
+  std::optional<double> strength;              // video-to-video: in (0, 1], default 0.8
   std::optional<int64_t> height, width, num_frames, steps;
   std::optional<double> guidance;              // CFG of the high-noise expert (or the only DiT)
   std::optional<double> guidance_2;            // CFG of the low-noise expert
@@ -49,7 +53,7 @@ struct Request {
 };
 
 struct StepInfo {
-  int64_t step, num_steps;  // step index in [0, num_steps)
+  int64_t step, num_steps;  // step index in [0, num_steps): the steps that run (video-to-video: the last ones)
   int64_t timestep;
   std::string component;    // the expert that ran it
 };
@@ -66,9 +70,17 @@ struct Video {
 };
 
 // The request's one-line errors, as `wan-rt run` words them (sizes, frames, steps, solver, shift,
-// the image the task needs or refuses; `image_arg` names the missing image). The size the engines
-// were built for is EnginesDir::check_fits. generate() runs both.
+// the image the task needs or refuses; `image_arg` names the missing image; a video's frame count,
+// so its frames must be read: video_rgb). The size the engines were built for is
+// EnginesDir::check_fits. generate() runs both.
 void check_request(const EnginesDir& engines, const Request& request, const std::string& image_arg = "an image");
+
+// The video-to-video flags' errors that need no frames (strength without a video, out of (0, 1],
+// running no step), in `wan-rt run`'s words; check_request runs it too.
+void check_strength(const EnginesDir& engines, const Request& request);
+
+// The frames generate() makes: num_frames, else the source video's count trimmed to 4k+1, else the model's.
+int64_t num_frames_of(const PipelineConfig& config, const Request& request);
 
 class Pipeline {
  public:

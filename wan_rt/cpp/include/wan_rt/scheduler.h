@@ -25,6 +25,10 @@ class FlowScheduler {
   // The (CFG-combined) velocity at step i -> the sample at step i+1, float32. Steps run in order.
   virtual at::Tensor step(const at::Tensor& model_output, int64_t step_index, const at::Tensor& sample) = 0;
 
+  // On a fresh scheduler: the first step is `step_index` (video-to-video skips the noisiest ones),
+  // taken without history, as scheduler.py's start_at.
+  void start_at(int64_t step_index);
+
  protected:
   at::Tensor sigmas_, timesteps_, lambdas_;  // lambda = ln(1 - sigma) - ln(sigma), per element
   int64_t next_step_ = 0;

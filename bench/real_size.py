@@ -1,0 +1,244 @@
+"""Real size on this machine: write real-size random-weight checkpoints, run wan-rt on them, and
+record what each command owns.
+
+    python bench/real_size.py --root /data/real --models ti2v-5B --commands run-bf16,run-auto
+
+1. Checkpoints: TI2V-5B, T2V-A14B, I2V-A14B in the diffusers layout, built with diffusers' and
+   transformers' own classes on the meta device and written shard by shard (a shard's random
+   tensors are the only weights ever in RAM), bf16 or fp32. An A14B checkpoint hard-links one
+   expert as both, and every checkpoint hard-links one umT5 (same shapes for all three), so the
+   three take ~51 GB at bf16. The tokenizer is the tiny preset's (its ids are valid for umT5).
+2. Each command runs in a subprocess while /proc is sampled every 50 ms over the whole process
+   tree: peak anonymous RSS (RssAnon: memory the processes own) and peak file-mapped RSS
+   (RssFile: memory-mapped weights, page cache the kernel can drop), wall time, output bytes.
+
+Random weights: memory, time and sizes are those of the real models; quality is not measured.
+Prints a table and writes JSON (--json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+GIB = 2**30
+SHARD_BYTES = 5 * 10**9  # diffusers' default max_shard_size
+
+
+def _random_like(name: str, shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """Weights that keep activations finite: unit norms, small matrices, zero biases."""
+    if len(shape) == 1 and ("norm" in name or name.endswith(".scale") or name.endswith("gamma")):
+        return torch.ones(shape, dtype=dtype)
+    if name.endswith("bias"):
+        return torch.zeros(shape, dtype=dtype)
+    fan_in = math.prod(shape[1:]) if len(shape) > 1 else shape[0]
+    out = torch.empty(shape, dtype=torch.float32)
+    out.normal_(0.0, 1.0 / math.sqrt(max(fan_in, 1)), generator=gen)
+    return out.to(dtype)
+
+
+def write_sharded(module: torch.nn.Module, folder: Path, stem: str, dtype: torch.dtype, skip=()) -> int:
+    """`module` (on the meta device) as random safetensors shards + index; returns bytes written."""
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(0)
+    entries = [(k, tuple(v.shape)) for k, v in module.state_dict().items() if k not in skip]
+    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for key, shape in entries:
+        nbytes = math.prod(shape) * dtype.itemsize
+        if shards[-1] and size + nbytes > SHARD_BYTES:
+            shards.append([])
+            size = 0
+        shards[-1].append((key, shape))
+        size += nbytes
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        name = f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors" if len(shards) > 1 else f"{stem}.safetensors"
+        tensors = {k: _random_like(k, s, dtype, gen) for k, s in shard}
+        save_file(tensors, folder / name, metadata={"format": "pt"})
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        weight_map.update({k: name for k in tensors})
+        del tensors
+    if len(shards) > 1:
+        (folder / f"{stem}.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    return total
+
+
+def write_checkpoint(name: str, root: Path, dtype: torch.dtype) -> Path:
+    """A real-size diffusers-layout checkpoint of preset `name` under root; reuses what exists."""
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from wan_rt.config import get_spec
+    from wan_rt.models import hf_config
+    from wan_rt.resolve import resolve_checkpoint
+
+    spec = get_spec(name)
+    tag = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+    folder = root / f"{name}-{tag}"
+    if (folder / "model_index.json").is_file():
+        return folder
+    tmp = root / f".{folder.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tiny = resolve_checkpoint(f"tiny-{name}").files.root
+    shutil.copytree(tiny / "tokenizer", tmp / "tokenizer")
+    shutil.copytree(tiny / "scheduler", tmp / "scheduler")
+    index = json.loads((tiny / "model_index.json").read_text())
+    index.pop("wan_rt_preset", None)
+    (tmp / "model_index.json").write_text(json.dumps(index, indent=1))
+
+    shared_te = root / f"umt5-{tag}"  # one umT5 for every checkpoint, hard-linked
+    if not (shared_te / "config.json").is_file():
+        te_tmp = root / f".umt5-{tag}.partial"
+        shutil.rmtree(te_tmp, ignore_errors=True)
+        te_tmp.mkdir()
+        config = UMT5Config(**hf_config.text_encoder_to_hf(spec.text_encoder))
+        with torch.device("meta"):
+            encoder = UMT5EncoderModel(config)
+        write_sharded(encoder, te_tmp, "model", dtype, skip={"encoder.embed_tokens.weight"})
+        config.save_pretrained(te_tmp)
+        os.replace(te_tmp, shared_te)
+    _link_tree(shared_te, tmp / "text_encoder")
+
+    dit_cfg = hf_config.dit_to_diffusers(spec.dit)
+    with torch.device("meta"):
+        dit = WanTransformer3DModel.from_config(dit_cfg)
+    (tmp / "transformer").mkdir()
+    write_sharded(dit, tmp / "transformer", "diffusion_pytorch_model", dtype)
+    (tmp / "transformer" / "config.json").write_text(json.dumps(dit_cfg, indent=1))
+    if len(spec.stages) > 1:  # the second expert: same shapes, hard-linked (disk, not RAM, is short)
+        _link_tree(tmp / "transformer", tmp / "transformer_2")
+
+    vae_cfg = hf_config.vae_to_diffusers(spec.vae)
+    with torch.device("meta"):
+        vae = AutoencoderKLWan.from_config(vae_cfg)
+    (tmp / "vae").mkdir()
+    write_sharded(vae, tmp / "vae", "diffusion_pytorch_model", torch.float32)  # published VAEs are fp32
+    (tmp / "vae" / "config.json").write_text(json.dumps(vae_cfg, indent=1))
+    os.replace(tmp, folder)
+    return folder
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    dst.mkdir()
+    for f in src.iterdir():
+        os.link(f, dst / f.name)
+
+
+# ------------------------------------------------------------------------------------------ measuring
+
+def _tree(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return out
+
+
+def _rss(pid: int) -> tuple[int, int]:
+    anon = file = 0
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                anon = int(line.split()[1]) * 1024
+            elif line.startswith("RssFile:"):
+                file = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return anon, file
+
+
+def measure(cmd: list[str], outputs: list[Path], timeout: float, env: dict | None = None,
+            cwd: Path | None = None) -> dict:
+    """Run `cmd`, sampling the process tree's RssAnon / RssFile; -> figures."""
+    for p in outputs:
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **(env or {})}, cwd=cwd)
+    peak_anon = peak_file = 0
+    while proc.poll() is None and time.perf_counter() - start < timeout:
+        anon = file = 0
+        for p in _tree(proc.pid):
+            a, f = _rss(p)
+            anon, file = anon + a, file + f
+        peak_anon, peak_file = max(peak_anon, anon), max(peak_file, file)
+        time.sleep(0.05)
+    if proc.poll() is None:
+        proc.kill()
+    out = proc.communicate()[0]
+    size = sum(f.stat().st_size for p in outputs if p.exists()
+               for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file())
+    return {"cmd": " ".join(cmd), "rc": proc.returncode, "wall_s": round(time.perf_counter() - start, 1),
+            "peak_anon_gb": round(peak_anon / GIB, 2), "peak_file_gb": round(peak_file / GIB, 2),
+            "output_gb": round(size / GIB, 3), "last_line": out.strip().splitlines()[-1] if out.strip() else ""}
+
+
+def commands(folder: Path, work: Path) -> dict[str, tuple[list[str], list[Path]]]:
+    wan = [sys.executable, "-P", "-m", "wan_rt.cli"]
+    small = ["--height", "64", "--width", "64", "--frames", "5", "--steps", "2"]
+    mp4 = work / "out.mp4"
+    return {
+        "run-bf16": ([*wan, "run", "--model", str(folder), *small, "--dtype", "bf16", "--output", str(mp4)], [mp4]),
+        "run-auto": ([*wan, "run", "--model", str(folder), *small, "--output", str(mp4)], [mp4]),
+        "run-fp32": ([*wan, "run", "--model", str(folder), *small, "--dtype", "fp32", "--output", str(mp4)], [mp4]),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--root", type=Path, required=True, help="where the checkpoints are written (~51 GB at bf16)")
+    ap.add_argument("--models", default="ti2v-5B,t2v-A14B,i2v-A14B")
+    ap.add_argument("--weights-dtype", default="bf16", choices=["bf16", "fp32"])
+    ap.add_argument("--commands", default="run-bf16,run-auto,run-fp32")
+    ap.add_argument("--timeout", type=float, default=3600)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.weights_dtype]
+    args.root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in args.models.split(","):
+        t0 = time.perf_counter()
+        folder = write_checkpoint(name, args.root, dtype)
+        written = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        print(f"{folder}: {written / GIB:.1f} GiB ({time.perf_counter() - t0:.0f} s to write or find)", flush=True)
+        work = args.root / "work"
+        work.mkdir(exist_ok=True)
+        table = commands(folder, work)
+        for cmd_name in args.commands.split(","):
+            cmd, outputs = table[cmd_name]
+            row = {"model": name, "weights": args.weights_dtype, "command": cmd_name,
+                   **measure(cmd, outputs, args.timeout)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print(f"\n| model | weights | command | rc | wall s | peak owned GiB (RssAnon) | peak mapped GiB (RssFile) | output GiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['weights']} | {r['command']} | {r['rc']} | {r['wall_s']} | {r['peak_anon_gb']} "
+              f"| {r['peak_file_gb']} | {r['output_gb']} |")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""Host RAM is checked before anything loads (wan_rt/host_memory.py): a run that cannot fit is
+refused in one line naming what would fit, and a dtype left open on the CPU becomes one that fits.
+
+The budget is set through $WAN_RT_HOST_MEMORY_GB, the same knob a service sharing its box uses;
+the thresholds come from the module's own accounting of the checkpoint on disk, so the tests
+check both the decision and that the CLI acts on it.
+"""
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from wan_rt.cli import main
+from wan_rt.host_memory import BASE_BYTES, HostMemoryError, choose_host_dtype, host_need
+from wan_rt.resolve import resolve_checkpoint
+
+GIB = 2**30
+SIZE = (32, 32, 5)
+
+
+@pytest.fixture(scope="module")
+def bf16_checkpoint(tmp_path_factory):
+    """The tiny T2V with every floating tensor stored in bf16 (as published checkpoints are)."""
+    folder = tmp_path_factory.mktemp("bf16") / "tiny-t2v-bf16"
+    shutil.copytree(resolve_checkpoint("tiny-t2v-A14B").files.root, folder)
+    for f in folder.rglob("*.safetensors"):
+        sd = load_file(f)
+        save_file({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in sd.items()}, f)
+    return folder
+
+
+def _names(spec):
+    return ["text_encoder", *spec.dit_components, "vae_encoder", "vae_decoder"]
+
+
+def test_weights_used_as_stored_stay_mapped_converted_ones_are_owned(bf16_checkpoint):
+    r = resolve_checkpoint(str(bf16_checkpoint))
+    dits = list(r.spec.dit_components)
+    as_stored = host_need(r.spec, r.files, dits, torch.bfloat16)
+    converted = host_need(r.spec, r.files, dits, torch.float32)
+    numel = sum(t.numel() for d in dits for t in load_file(r.files.dits[d] / "diffusion_pytorch_model.safetensors").values())
+    assert as_stored.converted_weights == 0 and as_stored.mapped_weights == 2 * numel
+    assert converted.converted_weights == 4 * numel and converted.mapped_weights == 0
+    assert as_stored.activations == 0  # no size: weights only
+    assert host_need(r.spec, r.files, dits, torch.bfloat16, SIZE).activations > 0
+
+
+def test_open_dtype_picks_bf16_only_when_fp32_does_not_fit(bf16_checkpoint):
+    r = resolve_checkpoint(str(bf16_checkpoint))
+    names = _names(r.spec)
+    fp32 = host_need(r.spec, r.files, names, torch.float32, SIZE).owned
+    bf16 = host_need(r.spec, r.files, names, torch.bfloat16, SIZE).owned
+    assert bf16 < fp32
+    assert choose_host_dtype(r.spec, r.files, names, None, SIZE, budget=fp32) == (torch.float32, None)
+    dtype, note = choose_host_dtype(r.spec, r.files, names, None, SIZE, budget=(fp32 + bf16) // 2)
+    assert dtype == torch.bfloat16 and "running bf16" in note
+    with pytest.raises(HostMemoryError, match="--dtype bf16 needs"):
+        choose_host_dtype(r.spec, r.files, names, torch.float32, SIZE, budget=(fp32 + bf16) // 2)
+    with pytest.raises(HostMemoryError, match="available"):
+        choose_host_dtype(r.spec, r.files, names, None, SIZE, budget=bf16 - 1)
+
+
+def test_cli_refuses_what_cannot_fit_in_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WAN_RT_HOST_MEMORY_GB", str(BASE_BYTES / GIB / 2))
+    out = tmp_path / "never.mp4"
+    assert main(["run", "--model", "tiny-t2v-A14B", "--steps", "1", "--dtype", "fp32", "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "needs" in err and "GiB available" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_runs_bf16_when_only_bf16_fits_and_says_so(bf16_checkpoint, tmp_path, capsys, monkeypatch):
+    r = resolve_checkpoint(str(bf16_checkpoint))
+    names = _names(r.spec)
+    size = (r.spec.height, r.spec.width, 5)
+    fp32 = host_need(r.spec, r.files, names, torch.float32, size).owned
+    bf16 = host_need(r.spec, r.files, names, torch.bfloat16, size).owned
+    monkeypatch.setenv("WAN_RT_HOST_MEMORY_GB", repr((fp32 + bf16) / 2 / GIB))
+    out = tmp_path / "auto.mp4"
+    assert main(["run", "--model", str(bf16_checkpoint), "--steps", "1", "--frames", "5", "--output", str(out)]) == 0
+    assert "running bf16" in capsys.readouterr().err
+    assert out.is_file()
+
+
+def test_bad_budget_variable_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WAN_RT_HOST_MEMORY_GB", "lots")
+    assert main(["run", "--steps", "1", "--model", "tiny-t2v-A14B", "--output", str(tmp_path / "x.mp4")]) == 2
+    assert "WAN_RT_HOST_MEMORY_GB must be a number" in capsys.readouterr().err

@@ -1,0 +1,68 @@
+"""Memory regression at a size CI affords: an eager run must not copy weights it can map.
+
+A checkpoint with ~1.2 GB of bf16 DiT weights (the tiny T2V's text encoder and VAE, its two
+experts replaced by a 16-layer x 1536 DiT, hard-linked as both) is written on the spot with
+bench/real_size.py's shard writer, then `wan-rt run --dtype bf16` runs on it and on the tiny
+model while the process tree's RssAnon is sampled. The weights are used as stored, so they
+must stay file pages: the big run may own at most a quarter of their bytes more than the tiny
+one. A regression that copies the weights once (a `.to()` that allocates, a state-dict clone)
+adds all of them and fails here.
+"""
+
+import dataclasses
+import json
+import importlib.util
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from wan_rt.models import hf_config
+from wan_rt.resolve import resolve_checkpoint
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "real_size.py"
+
+
+def _real_size():
+    spec = importlib.util.spec_from_file_location("wan_rt_bench_real_size", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_eager_run_maps_bf16_weights_instead_of_owning_them(tmp_path):
+    from diffusers import WanTransformer3DModel
+
+    bench = _real_size()
+    tiny = resolve_checkpoint("tiny-t2v-A14B")
+    folder = tmp_path / "big-t2v"
+    shutil.copytree(tiny.files.root, folder)
+    big = dataclasses.replace(tiny.spec.dit, dim=1536, ffn_dim=6144, num_heads=12, num_layers=16)
+    config = hf_config.dit_to_diffusers(big)
+    with torch.device("meta"):
+        dit = WanTransformer3DModel.from_config(config)
+    for sub in ("transformer", "transformer_2"):
+        shutil.rmtree(folder / sub)
+    (folder / "transformer").mkdir()
+    weight_bytes = bench.write_sharded(dit, folder / "transformer", "diffusion_pytorch_model", torch.bfloat16)
+    (folder / "transformer" / "config.json").write_text(json.dumps(config))
+    bench._link_tree(folder / "transformer", folder / "transformer_2")
+    assert weight_bytes > 1.0e9
+
+    def owned(model: str) -> float:
+        out = tmp_path / "out.mp4"
+        row = bench.measure([sys.executable, "-m", "wan_rt.cli", "run", "--model", model, "--dtype", "bf16",
+                             "--steps", "2", "--frames", "5", "--height", "32", "--width", "32", "--output", str(out)], [out], timeout=600,
+                             cwd=tmp_path)  # not the repo root: its kernels/ must not shadow the hub package
+        assert row["rc"] == 0, row["last_line"]
+        assert out.is_file()
+        return row["peak_anon_gb"] * 2**30
+
+    baseline = owned("tiny-t2v-A14B")
+    big_run = owned(str(folder))
+    assert big_run - baseline < 0.25 * weight_bytes, (
+        f"the 1.2 GB-weight run owned {(big_run - baseline) / 2**30:.2f} GiB more than the tiny one: "
+        "weights are being copied instead of memory-mapped")

@@ -1,0 +1,188 @@
+"""Host RAM: what an eager run owns, worked out before anything loads, and whether it fits.
+
+Weights read from safetensors (and `.pth` through `torch.load(mmap=True)`) stay memory-mapped
+when they are used in the dtype they are stored in: they are file pages, which the kernel drops
+and re-reads under pressure, not memory the process owns. Every tensor the run converts (bf16
+files run in fp32, say) becomes anonymous memory, and so do activations. A run whose anonymous
+memory exceeds what the machine has is killed by the kernel with no message, so `load_components`
+asks here first: an explicit dtype that cannot fit is refused in one line naming what would fit,
+and a dtype left open becomes the first of fp32 / bf16 that fits (said on stderr).
+
+Activations are estimated from the model's dimensions at the requested size (the largest live
+tensors of one DiT block at CFG batch 2, every block's cross-attention K/V, the text encoder at
+its padded length, one VAE decode chunk at full resolution); the factors are upper bounds
+checked against measured peaks by bench/real_size.py. GPU runs are planned by wan_rt.offload
+(`--memory-budget`); this module counts only what lives in host memory.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from wan_rt.config import ModelSpec, latent_shape
+from wan_rt.models.gguf_file import QuantizedWeight
+from wan_rt.models.single_file import read_file
+
+_GIB = 2**30
+BUDGET_ENV = "WAN_RT_HOST_MEMORY_GB"  # the RAM wan_rt may plan for (default: what the machine has free)
+# Process memory besides weights and activations: the interpreter, torch, tokenizer, allocator
+# slack. A real-size TI2V-5B bf16 run at 64x64x5 owned 1.3-2.4 GiB at its peak (bench/RESULTS.md).
+BASE_BYTES = int(2.0 * _GIB)
+# Live copies of a VAE decode chunk's full-resolution feature map (input, conv output, norm,
+# residual, causal cache), and of a DiT block's token activations.
+VAE_LIVE_COPIES = 4
+DIT_LIVE_FACTOR = 1.5
+NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+class HostMemoryError(ValueError):
+    """The run cannot fit in host RAM: one line naming what it needs and what would fit."""
+
+
+@dataclass(frozen=True)
+class HostNeed:
+    """Bytes one eager run owns in host memory (anonymous), and what it maps from files."""
+
+    converted_weights: int   # weights cast away from their stored dtype: owned memory
+    mapped_weights: int      # weights used as stored: file pages, not owned
+    activations: int
+
+    @property
+    def owned(self) -> int:
+        return BASE_BYTES + self.converted_weights + self.activations
+
+    def describe(self) -> str:
+        return (f"{self.owned / _GIB:.1f} GiB (weights converted in memory {self.converted_weights / _GIB:.1f}, "
+                f"activations {self.activations / _GIB:.1f}, runtime {BASE_BYTES / _GIB:.1f}; "
+                f"{self.mapped_weights / _GIB:.1f} GiB more stay memory-mapped from the checkpoint)")
+
+
+def available_bytes() -> int:
+    """What the machine can give this process: MemAvailable, capped by the cgroup's limit;
+    $WAN_RT_HOST_MEMORY_GB overrides both (a service sharing its box, or a test)."""
+    if os.environ.get(BUDGET_ENV):
+        try:
+            return int(float(os.environ[BUDGET_ENV]) * _GIB)
+        except ValueError:
+            raise HostMemoryError(f"{BUDGET_ENV} must be a number of GiB; got {os.environ[BUDGET_ENV]!r}") from None
+    available = _meminfo_available()
+    limit = _cgroup_room()
+    return min(available, limit) if limit is not None else available
+
+
+def _meminfo_available() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62  # not Linux: nothing to check against
+
+
+def _cgroup_room() -> Optional[int]:
+    root = Path("/sys/fs/cgroup")
+    try:
+        limit = (root / "memory.max").read_text().strip()
+        if limit == "max":
+            return None
+        return int(limit) - int((root / "memory.current").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _weights(path: Path, dtype: torch.dtype) -> tuple[int, int]:
+    """(converted, mapped) bytes of one component's weights run at `dtype`: a folder or one file
+    (GGUF blocks stay quantized and mapped, dequantized a layer at a time; fp8 scaled weights
+    are dequantized on load, so they count as converted)."""
+    converted = mapped = 0
+    for t in read_file(path).values():
+        if isinstance(t, QuantizedWeight):
+            mapped += t.data.numel() * t.data.element_size()
+        elif t.is_floating_point() and t.dtype != dtype:
+            converted += t.numel() * dtype.itemsize
+        else:
+            mapped += t.numel() * t.element_size()
+    return converted, mapped
+
+
+def host_need(spec: ModelSpec, files, names: Sequence[str], dtype: torch.dtype,
+              size: Optional[tuple[int, int, int]] = None) -> HostNeed:
+    """What running `names` eagerly on the CPU owns: DiTs at `dtype`, the text encoder at `dtype`
+    (fp32 for fp16: umT5 overflows in fp16), the VAE in fp32 (wan_rt.eager's choices).
+    size: (height, width, num_frames) of the largest request; None counts weights only (a
+    service loading before it knows its requests)."""
+    converted = mapped = 0
+    for name in names:
+        if name in spec.dit_components:
+            c, m = _weights(files.dits[name], dtype)
+        elif name == "text_encoder":
+            c, m = _weights(files.text_encoder, torch.float32 if dtype == torch.float16 else dtype)
+        else:
+            continue
+        converted, mapped = converted + c, mapped + m
+    if any(n in names for n in ("vae_encoder", "vae_decoder")):
+        c, m = _weights(files.vae, torch.float32)
+        converted, mapped = converted + c, mapped + m
+    return HostNeed(converted, mapped, activation_bytes(spec, names, dtype, *size) if size else 0)
+
+
+def activation_bytes(spec: ModelSpec, names: Sequence[str], dtype: torch.dtype,
+                     height: int, width: int, num_frames: int) -> int:
+    """Upper bound of the activations alive at once (components run one after another)."""
+    act = dtype.itemsize
+    peaks = [0]
+    if any(n in spec.dit_components for n in names):
+        d = spec.dit
+        lat_f, lat_h, lat_w = latent_shape(spec, height, width, num_frames)[1:]
+        tokens = lat_f * (lat_h // d.patch_size[1]) * (lat_w // d.patch_size[2])
+        # batch 2 (CFG): the fp32 residual stream and its norm, q/k/v/attention out, the FFN's
+        # hidden layer before and after GELU
+        block = 2 * tokens * (2 * d.dim * 4 + (4 * d.dim + 2 * d.ffn_dim) * act) * DIT_LIVE_FACTOR
+        text_kv = 2 * d.num_layers * 2 * d.text_len * d.dim * act  # cond + uncond K and V per block
+        latents = 8 * tokens * d.out_channels * 4 * max(d.patch_size[1] * d.patch_size[2], 1)
+        peaks.append(int(block + text_kv + latents))
+    if "text_encoder" in names:
+        t = spec.text_encoder
+        peaks.append(2 * spec.dit.text_len * (t.d_ff + 6 * t.d_model) * act
+                     + 2 * t.num_heads * spec.dit.text_len ** 2 * 4)
+    if "vae_decoder" in names or "vae_encoder" in names:
+        v = spec.vae
+        full_h, full_w = height // v.patch_size, width // v.patch_size
+        chunk = v.stride[0] * max(v.decoder_base_dim, v.base_dim) * full_h * full_w * 4
+        video = num_frames * 3 * height * width * 4 * 2  # decoded frames and their uint8/float copies
+        peaks.append(VAE_LIVE_COPIES * chunk + video)
+    return max(peaks)
+
+
+def choose_host_dtype(spec: ModelSpec, files, names: Sequence[str], dtype: Optional[torch.dtype],
+                      size: Optional[tuple[int, int, int]] = None,
+                      budget: Optional[int] = None) -> tuple[torch.dtype, Optional[str]]:
+    """-> (dtype to run at, a note to print when wan_rt chose it). `dtype` None: fp32 (the
+    CPU default) if it fits, else bf16. Raises HostMemoryError when nothing asked for fits."""
+    budget = available_bytes() if budget is None else budget
+    wanted = [dtype] if dtype is not None else [torch.float32, torch.bfloat16]
+    needs = {d: host_need(spec, files, names, d, size) for d in dict.fromkeys([*wanted, torch.bfloat16])}
+    for d in wanted:
+        if needs[d].owned <= budget:
+            if dtype is None and d != wanted[0]:
+                first = needs[wanted[0]]
+                return d, (f"{spec.name} at {NAMES[wanted[0]]} needs {first.owned / _GIB:.1f} GiB of RAM and "
+                           f"{budget / _GIB:.1f} GiB is available: running {NAMES[d]} "
+                           f"({needs[d].owned / _GIB:.1f} GiB); pass --dtype to choose")
+            return d, None
+    asked = wanted[0]
+    hint = []
+    if asked != torch.bfloat16 and needs[torch.bfloat16].owned <= budget:
+        hint.append(f"--dtype bf16 needs {needs[torch.bfloat16].owned / _GIB:.1f} GiB")
+    if needs[asked].activations > needs[asked].converted_weights:
+        hint.append("a smaller --height/--width/--frames")
+    hint.append("a machine with more RAM, or a GPU")
+    raise HostMemoryError(f"{spec.name} at {NAMES[asked]} on the CPU needs {needs[asked].describe()}; "
+                          f"this machine has {budget / _GIB:.1f} GiB available. What would fit: "
+                          + "; ".join(hint))
