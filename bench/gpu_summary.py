@@ -162,6 +162,7 @@ def _note_dit(data: dict, smoke: bool) -> str:
         replays = f", {best['replays']} graph replays" if best.get("replays") is not None else ""
         notes.append(f"{sc['name']} {sc['tokens']} tok: {best['variant']} {_num(best['est_ms'], 0)} ms est.{versus}"
                      f"{replays}")
+    notes += [f"{variant} skipped: {why}" for variant, why in data.get("skipped", {}).items()]
     return ("; ".join(notes) or "no rows") + _cpu(smoke)
 
 

@@ -53,7 +53,7 @@ def _import(module: str) -> Any:
     except ImportError as e:
         if e.name is not None and e.name.split(".")[0] == "triton":
             raise ImportError(
-                "wan_rt.kernels needs Triton: `pip install wan-rt[triton]` (or `pip install triton`)"
+                "wan_rt.kernels needs Triton: pip install 'wan-rt[triton]'"
             ) from e
         raise
 

@@ -24,6 +24,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._jit import dot_f32, dot_precision, mma
+from .targets import Variant, element_size, pruner, runtime_signature
 from ._util import check_device, interpreting, on_device
 
 # ---------------------------------------------------------------------------------------------
@@ -150,16 +151,63 @@ def _causal_conv3d_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
+# The GPU configs autotuning chooses among ((BLOCK_M, BLOCK_N, BLOCK_K), num_warps, num_stages): a
+# standard implicit-GEMM starting point, and smaller tiles for the GPUs where those spill
+# (kernels/aot_targets.json: sm86 / sm89 spill kilobytes on the bigger ones). kernels/targets.py
+# drops the configs that do not fit the launch's GPU; of the rest, those whose N / K tiles suit
+# its channels (_suits) are preferred.
+GPU_CONFIGS = [((128, 64, 32), 4, 3), ((128, 32, 16), 4, 3), ((64, 64, 32), 4, 2), ((64, 32, 16), 4, 2),
+               ((32, 64, 32), 4, 2), ((32, 32, 16), 4, 2)]
+
+
 def _conv_config(c_in: int, c_out: int) -> dict[str, int]:
-    """Block sizes and K layout: not autotuned; GPU values are a standard implicit-GEMM starting
-    point, not measured here. C_in below 16 takes the flattened-K path (on the GPU it would pad
-    3 or 12 channels to a 16-wide dot per tap otherwise). The interpreter uses small tiles so CPU
-    tests cross tile and channel tails, and a wide flattened-K chunk (few interpreted steps)."""
+    """K layout, and the interpreter's tiles. C_in below 16 takes the flattened-K path (on the
+    GPU it would pad 3 or 12 channels to a 16-wide dot per tap otherwise). The interpreter uses
+    small tiles so CPU tests cross tile and channel tails, and a wide flattened-K chunk (few
+    interpreted steps); the GPU's tiles are autotuned (GPU_CONFIGS)."""
     flat = c_in < 16
     if interpreting():
         return dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=64 if flat else 16, FLAT_K=flat, num_warps=4, num_stages=1)
-    return dict(BLOCK_M=128, BLOCK_N=64 if c_out >= 64 else 32, BLOCK_K=32 if c_in >= 32 else 16,
-                FLAT_K=flat, num_warps=4, num_stages=3)
+    return dict(FLAT_K=flat)
+
+
+def _suits(configs: list, args: dict) -> list:
+    """64-wide output-channel tiles for 64+ channels, 32-wide K chunks for 32+ input channels
+    (a preference: when none of those fits the GPU, the others run)."""
+    n, k = (64 if args["C_out"] >= 64 else 32), (32 if args["C_in"] >= 32 else 16)
+    return [c for c in configs if c.kwargs["BLOCK_N"] == n and c.kwargs["BLOCK_K"] == k]
+
+
+def _measured_variant(args: dict) -> tuple[str, float]:
+    """The variant in kernels/aot_targets.json (bf16, 3x3x3 taps) and the tiles' size relative to it."""
+    return "causal_conv3d[bf16]", element_size(args["X"].dtype) / 2
+
+
+_causal_conv3d_tuned = triton.autotune(
+    configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
+             for (m, n, k), w, st in GPU_CONFIGS],
+    key=["C_in", "C_out", "H", "W", "KT", "KH", "KW", "FLAT_K"],
+    prune_configs_by={"early_config_prune": pruner(_measured_variant, _suits)},
+)(_causal_conv3d_kernel)
+
+
+def aot_variants(full: bool = False) -> list[Variant]:
+    """What tests/kernels/test_aot_targets.py and bench/aot_targets.py compile for every target:
+    the VAE's 3x3x3 conv in bf16 with a cache and a bias (+ fp32 and the flattened-K input conv
+    when `full`)."""
+    def conv(name: str, dtype: str, flat: bool) -> Variant:
+        sig = runtime_signature(_causal_conv3d_kernel, X=f"*{dtype}", Cache=f"*{dtype}", Wt=f"*{dtype}",
+                                Bias=f"*{dtype}", Y=f"*{dtype}")
+        consts = dict(KT=3, KH=3, KW=3, HAS_CACHE=True, HAS_BIAS=True, FLAT_K=flat,
+                      DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", DOT_F32=False)
+        configs = [({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, w, st) for (m, n, k), w, st in GPU_CONFIGS
+                   if not flat or k == 16]
+        return Variant(name, _causal_conv3d_kernel, sig, consts, configs)
+
+    variants = [conv("causal_conv3d[bf16]", "bf16", False)]
+    if full:
+        variants += [conv("causal_conv3d[fp32]", "fp32", False), conv("causal_conv3d[bf16,flat]", "bf16", True)]
+    return variants
 
 
 def _new_cache(x: Tensor, cache: Tensor | None, n: int) -> Tensor:
@@ -189,9 +237,14 @@ def _launch_causal_conv3d(x: Tensor, weight: Tensor, bias: Tensor | None, cache:
     cfg = _conv_config(C_in, C_out)
     c = cache if cache is not None else x  # never read when HAS_CACHE is False
     bias_arg = bias if bias is not None else w_t
-    grid = (triton.cdiv(H * W, cfg["BLOCK_M"]), triton.cdiv(C_out, cfg["BLOCK_N"]), B * T)
+    if interpreting():
+        kernel, tiles = _causal_conv3d_kernel, {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps",
+                                                                       "num_stages")}
+    else:
+        kernel, tiles = _causal_conv3d_tuned, {}
+    grid = lambda meta: (triton.cdiv(H * W, meta["BLOCK_M"]), triton.cdiv(C_out, meta["BLOCK_N"]), B * T)  # noqa: E731
     with on_device(x):
-        _causal_conv3d_kernel[grid](
+        kernel[grid](
             x, c, w_t, bias_arg, y,
             x.stride(0), x.stride(1), x.stride(2), x.stride(3),
             c.stride(0), c.stride(1), c.stride(2), c.stride(3),
@@ -199,9 +252,7 @@ def _launch_causal_conv3d(x: Tensor, weight: Tensor, bias: Tensor | None, cache:
             C_in, C_out, T, H, W,
             KT=KT, KH=KH, KW=KW, HAS_CACHE=cache is not None, HAS_BIAS=bias is not None,
             FLAT_K=cfg["FLAT_K"],
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-            DOT_PRECISION=dot_precision(x.dtype), DOT_F32=dot_f32(x.dtype),
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            DOT_PRECISION=dot_precision(x.dtype), DOT_F32=dot_f32(x.dtype), **tiles,
         )
     return y, _new_cache(x, cache, KT - 1)
 

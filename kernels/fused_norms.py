@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .targets import Variant, runtime_signature
 from ._util import check_device, interpreting, next_pow2, on_device
 
 # ---------------------------------------------------------------------------------------------
@@ -112,14 +113,26 @@ def _layernorm_modulate_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
-def _row_config(width: int) -> dict[str, int]:
+def _row_config(width: int, interpreter: bool | None = None) -> dict[str, int]:
     """One row per program on the GPU (warps from the row width, as the Triton LayerNorm
     tutorial); several rows per program in the interpreter, where each op costs the same
     whatever its size."""
     block_c = next_pow2(width)
-    if interpreting():
+    if interpreting() if interpreter is None else interpreter:
         return dict(BLOCK_R=16, BLOCK_C=block_c, num_warps=4)
     return dict(BLOCK_R=1, BLOCK_C=block_c, num_warps=min(max(block_c // 256, 1), 8))
+
+
+def aot_variants(full: bool = False) -> list[Variant]:
+    """What tests/kernels/test_aot_targets.py and bench/aot_targets.py compile for every target:
+    both kernels at the A14B width (5120 = 40 heads x 128), bf16, in their one GPU config."""
+    cfg = _row_config(5120, interpreter=False)
+    tiles = dict(BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"])
+    rms = runtime_signature(_rmsnorm_rope_kernel, X="*bf16", Wt="*bf16", Cos="*fp32", Sin="*fp32", Y="*bf16", eps="fp32")
+    ln = runtime_signature(_layernorm_modulate_kernel, X="*bf16", Shift="*bf16", Scale="*bf16", Y="*bf16", eps="fp32")
+    return [Variant("rmsnorm_rope", _rmsnorm_rope_kernel, rms, dict(N=5120, HALF_D=64, ROUND_AFTER_WEIGHT=True),
+                    [(tiles, cfg["num_warps"], 3)]),
+            Variant("layernorm_modulate", _layernorm_modulate_kernel, ln, dict(C=5120), [(tiles, cfg["num_warps"], 3)])]
 
 
 def _launch_rmsnorm_rope(x: Tensor, weight: Tensor, cos: Tensor, sin: Tensor, eps: float) -> Tensor:

@@ -48,6 +48,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._jit import dot_f32, dot_precision, mma
+from .targets import Variant, element_size, pruner, runtime_signature
 from ._util import check_device, interpreting, next_pow2, on_device
 
 _LOG2E = 1.4426950408889634
@@ -256,15 +257,57 @@ def _rope3d_attn_fwd_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
+# The GPU configs autotuning chooses among, the Triton fused-attention tutorial's Hopper choice
+# first; kernels/targets.py prunes those that do not fit the launch's GPU (shared memory, spills as
+# measured ahead of time for every claimed target: kernels/aot_targets.json).
+GPU_CONFIGS = [((128, 64), 8, 3), ((128, 32), 8, 2), ((64, 64), 4, 3), ((64, 32), 4, 2)]
+KQ_BLOCK = 64  # rows per k quantization block on the GPU (the prepass and the int8 scores)
+
+
 def _attn_config(head_dim: int, quant: str) -> dict[str, int]:
-    """Block sizes. Not autotuned: the GPU numbers follow the Triton fused-attention tutorial's
-    Hopper choice for hd 64/128 and have not been measured on this project's GPU yet
-    (bench/bench_kernels.py is where to tune them). The interpreter uses small, unequal tiles so
-    the CPU tests cross several q and k tiles and their tails."""
+    """The interpreter's tiles: small, unequal, so the CPU tests cross several q and k tiles
+    and their tails. On the GPU the tiles are autotuned (GPU_CONFIGS) and only KQ_BLOCK is fixed."""
     if interpreting():
         return dict(BLOCK_M=16, BLOCK_N=32, KQ_BLOCK=16, num_warps=4, num_stages=1)
-    big = head_dim > 64
-    return dict(BLOCK_M=128, BLOCK_N=64, KQ_BLOCK=64, num_warps=8 if big else 4, num_stages=3)
+    return dict(KQ_BLOCK=KQ_BLOCK)
+
+
+def _measured_variant(args: dict) -> tuple[str, float]:
+    """The variant in kernels/aot_targets.json a launch stands for (bf16 or int8 scores at head
+    dim 128) and its tiles' size relative to it (fp32: x2, head dim 64: x0.5)."""
+    if args["QUANT_INT8"]:
+        return "rope3d_attention[int8]", args["BLOCK_D"] / 128 * element_size(args["V"].dtype) / 2
+    return "rope3d_attention[bf16]", args["BLOCK_D"] / 128 * element_size(args["Q"].dtype) / 2
+
+
+_rope3d_attn_fwd_tuned = triton.autotune(
+    configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for (m, n), w, st in GPU_CONFIGS],
+    key=["Lq", "Lk", "HEAD_DIM", "QUANT_INT8", "ROPE_K", "STORE_LSE"],
+    prune_configs_by={"early_config_prune": pruner(_measured_variant)},
+)(_rope3d_attn_fwd_kernel)
+
+
+def aot_variants(full: bool = False) -> list[Variant]:
+    """What tests/kernels/test_aot_targets.py and bench/aot_targets.py compile for every target:
+    Wan's head dim 128 with bf16 scores and with int8 scores (+ fp32 inputs when `full`), and
+    the int8 prepass."""
+    def attention(name: str, q: str, k: str, quant: bool, precision: str) -> Variant:
+        sig = runtime_signature(_rope3d_attn_fwd_kernel, Q=f"*{q}", K=f"*{k}", V=f"*{q}", Out=f"*{q}", Cos="*fp32",
+                                Sin="*fp32", KScale="*fp32", Lse="*fp32", sm_scale="fp32")
+        consts = dict(HEAD_DIM=128, BLOCK_D=128, KQ_BLOCK=KQ_BLOCK, ROPE_Q=True, ROPE_K=not quant, QUANT_INT8=quant,
+                      DOT_PRECISION=precision, DOT_F32=False, STORE_LSE=False)
+        configs = [({"BLOCK_M": m, "BLOCK_N": n}, w, st) for (m, n), w, st in GPU_CONFIGS]
+        return Variant(name, _rope3d_attn_fwd_kernel, sig, consts, configs)
+
+    prepass_sig = runtime_signature(_rope_smooth_quant_k_kernel, K="*bf16", Cos="*fp32", Sin="*fp32", Mean="*fp32",
+                                    KSum="*fp32", KOut="*i8", KScale="*fp32")
+    variants = [attention("rope3d_attention[bf16]", "bf16", "bf16", False, "tf32"),
+                attention("rope3d_attention[int8]", "bf16", "i8", True, "tf32"),
+                Variant("rope_smooth_quant_k", _rope_smooth_quant_k_kernel, prepass_sig,
+                        dict(HEAD_DIM=128, BLOCK_D=128, KQ_BLOCK=KQ_BLOCK, ROPE=True, SUM_PASS=False), [({}, 4, 3)])]
+    if full:
+        variants.append(attention("rope3d_attention[fp32]", "fp32", "fp32", False, "ieee"))
+    return variants
 
 
 def _quantize_k(k: Tensor, cos: Tensor, sin: Tensor, rope: bool, cfg: dict[str, int]) -> tuple[Tensor, Tensor]:
@@ -328,8 +371,13 @@ def _launch_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor | None, sin: 
             k, k_scale = _quantize_k(k, cos, sin, rope, cfg)
         else:
             k_scale = torch.empty(1, 1, device=q.device, dtype=torch.float32)
-        grid = (triton.cdiv(Lq, cfg["BLOCK_M"]), B * H)
-        _rope3d_attn_fwd_kernel[grid](
+        if interpreting():
+            kernel, tiles = _rope3d_attn_fwd_kernel, dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                                                          num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        else:
+            kernel, tiles = _rope3d_attn_fwd_tuned, {}
+        grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
+        kernel[grid](
             q, k, v, cos, sin, k_scale, out, lse,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
@@ -339,11 +387,9 @@ def _launch_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor | None, sin: 
             k_scale.stride(0), k_scale.stride(1),
             lse.stride(0), lse.stride(1),
             H, Lq, Lk, scale,
-            HEAD_DIM=D, BLOCK_D=next_pow2(D),
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], KQ_BLOCK=cfg["KQ_BLOCK"],
+            HEAD_DIM=D, BLOCK_D=next_pow2(D), KQ_BLOCK=cfg["KQ_BLOCK"],
             ROPE_Q=rope, ROPE_K=rope and not quant_int8, QUANT_INT8=quant_int8,
-            DOT_PRECISION=dot_precision(q.dtype), DOT_F32=dot_f32(q.dtype), STORE_LSE=store_lse,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            DOT_PRECISION=dot_precision(q.dtype), DOT_F32=dot_f32(q.dtype), STORE_LSE=store_lse, **tiles,
         )
     return out
 

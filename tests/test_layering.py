@@ -20,6 +20,7 @@ PACKAGES = {"wan_rt": ROOT / "wan_rt", "wan_rt.kernels": ROOT / "kernels", "wan_
 LAYERS = {
     # 1. facts
     "wan_rt.config": 1, "wan_rt.precision": 1, "wan_rt.flops": 1, "wan_rt.video": 1, "wan_rt.metrics": 1,
+    "wan_rt.child_process": 1,  # how wan_rt starts Python children (stdlib only)
     # 2. the oracle and its ops: pure models, schedulers, the Triton kernels as custom ops
     "wan_rt.models": 2, "wan_rt.scheduler": 2, "wan_rt.kernels": 2,
     # 3. checkpoint resolution and the embedded presets

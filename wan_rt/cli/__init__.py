@@ -68,9 +68,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("wan-rt: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - every failure the user can cause becomes one line
-        if not _is_user_error(exc) or os.environ.get("WAN_RT_DEBUG"):
+        if os.environ.get("WAN_RT_DEBUG"):
             raise
-        if os.environ.get("RANK", "0") == "0":  # in a multi-process run every rank fails alike
+        user_error = _is_user_error(exc)
+        if "RANK" in os.environ:  # a rank of wan-rt's launcher: it prints the first rank's failure once
+            from wan_rt.parallel.launch import record_failure
+
+            if record_failure(exc, user_error):
+                return 2 if user_error else 1
+        if not user_error:
+            raise
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike
             print(f"wan-rt {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
@@ -79,6 +87,8 @@ def _is_user_error(exc: Exception) -> bool:
     from wan_rt.models.checkpoint import CheckpointError
     from wan_rt.runtime.engines_dir import StaleEngineError
 
+    if isinstance(exc, ImportError) and "pip install" in str(exc):  # an optional package: it names the extra
+        return True
     return isinstance(exc, (UsageError, ValueError, FileNotFoundError, CheckpointError, StaleEngineError))
 
 

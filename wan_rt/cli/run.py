@@ -186,13 +186,17 @@ def run(args: argparse.Namespace) -> int:
     job = from_environment()
     if job is None:
         if plan is not None:  # start the processes: each runs this same command as one rank
-            return launch(["-m", "wan_rt.cli", *args.argv], args.nproc_per_node or plan.world_size)
+            return launch(["-m", "wan_rt.cli", *args.argv], args.nproc_per_node or plan.world_size,
+                          prog="wan-rt run")
         device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return _generate(args, spec, request, device, None, rank=0)
     device = torch.device(args.device) if args.device else local_device()
     init_process_group(device)
     try:
-        return _generate(args, spec, request, device, plan or ParallelPlan(), rank=job[0])
+        code = _generate(args, spec, request, device, plan or ParallelPlan(), rank=job[0])
+        # No rank tears its process group down while another may still be in a collective with it.
+        torch.distributed.barrier()
+        return code
     finally:
         torch.distributed.destroy_process_group()
 

@@ -17,10 +17,17 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional
 
+from wan_rt.child_process import child_environment
+
 SOURCE_DIR = Path(__file__).resolve().parent
 EXECUTABLE = "wan-rt-cpp"
 _SOURCE_SUFFIXES = (".h", ".cpp", ".inc", ".txt")
 _STAMP = "wan_rt_build.ok"
+# The libraries CMakeLists.txt finds, by their pkg-config module, and the Debian package of each.
+DEBIAN_PACKAGES = {"nlohmann_json": "nlohmann-json3-dev", "CLI11": "libcli11-dev", "sentencepiece": "libsentencepiece-dev",
+                   "libavformat": "libavformat-dev", "libavcodec": "libavcodec-dev", "libswscale": "libswscale-dev",
+                   "libavutil": "libavutil-dev"}
+_HEADER_ONLY = {"nlohmann_json": "nlohmann/json.hpp", "CLI11": "CLI/CLI.hpp"}
 
 
 class CppBuildError(RuntimeError):
@@ -59,9 +66,7 @@ def build(jobs: Optional[int] = None, log: Callable[[str], None] = lambda s: pri
     path of `wan-rt-cpp`. Its siblings: `run_graph` (example) and `wan-rt-cpp-probe` (tests)."""
     cmake = shutil.which("cmake")
     if cmake is None:
-        raise CppBuildError("cmake not found: install cmake >= 3.18 and the C++ dependencies (Debian: cmake "
-                            "nlohmann-json3-dev libcli11-dev libsentencepiece-dev libavformat-dev libavcodec-dev "
-                            "libswscale-dev libavutil-dev)")
+        raise CppBuildError(install_line(missing_packages()))
     folder = build_dir()
     exe = folder / EXECUTABLE
     if (folder / _STAMP).is_file() and exe.is_file():
@@ -82,11 +87,37 @@ def build(jobs: Optional[int] = None, log: Callable[[str], None] = lambda s: pri
             for what, cmd in steps:
                 out.write(f"$ {' '.join(cmd)}\n")
                 out.flush()
-                proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, text=True)
+                proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, text=True, env=child_environment())
                 if proc.returncode != 0:
-                    raise CppBuildError(f"C++ {what} failed: {_first_error(log_path)} (full log: {log_path})")
+                    missing = missing_packages() if what == "configure" else []
+                    cause = install_line(missing) if missing else _first_error(log_path)
+                    raise CppBuildError(f"C++ {what} failed: {cause} (full log: {log_path})")
         (folder / _STAMP).write_text("\n".join(str(p) for p in sources()) + "\n")
     return exe
+
+
+def missing_packages() -> list[str]:
+    """The Debian packages of the build's tools and libraries this machine lacks: each library
+    as pkg-config finds it (Debian's -dev packages ship the .pc files CMake's checks use too)."""
+    missing = [deb for tool, deb in (("cmake", "cmake"), ("pkg-config", "pkg-config")) if not shutil.which(tool)]
+    if not any(shutil.which(cxx) for cxx in (os.environ.get("CXX", ""), "c++", "g++", "clang++") if cxx):
+        missing.append("g++")
+    pkg_config = shutil.which("pkg-config")
+    for module, deb in DEBIAN_PACKAGES.items():
+        if pkg_config is not None and subprocess.run([pkg_config, "--exists", module]).returncode == 0:
+            continue
+        header = _HEADER_ONLY.get(module)  # CMake finds these by their config files, not pkg-config
+        if header is None or not any((Path(root) / header).is_file() for root in ("/usr/include", "/usr/local/include")):
+            missing.append(deb)
+    return missing
+
+
+def install_line(packages: list[str]) -> str:
+    """What to run for `packages` (Debian / Ubuntu)."""
+    if not packages:
+        return "install the C++ dependencies (README: C++ services)"
+    return (f"missing {', '.join(packages)}; on Debian/Ubuntu: sudo apt-get install -y "
+            f"{' '.join(packages)}")
 
 
 def _first_error(log_path: Path) -> str:

@@ -7,8 +7,11 @@ tables      regenerate src/text_tables.inc (prompt cleaning tables) from Python'
 
 import sys
 
+from wan_rt.child_process import drop_current_folder
+
 
 def main() -> int:
+    drop_current_folder()  # from a clone's root, its top-level folders would shadow installed packages
     command = sys.argv[1] if len(sys.argv) > 1 else ""
     if command == "build":
         from wan_rt.cpp import CppBuildError, build

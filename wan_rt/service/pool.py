@@ -15,7 +15,6 @@ import pickle
 import socket
 import struct
 import subprocess
-import sys
 import threading
 import time
 import traceback
@@ -23,6 +22,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
+from wan_rt.child_process import child_environment, python_command
 from wan_rt.service.jobs import JobError, JobStore
 from wan_rt.service.served_model import ServedModel
 from wan_rt.service.workers import BOOT, DRAIN, GROUP_LOADED, Seat, WorkerSettings
@@ -204,8 +204,10 @@ class WorkerPool:
         threads = self._cpu_threads if seat.device == "cpu" else 0
         read_fd, write_fd = os.pipe()
         try:
-            process = subprocess.Popen([sys.executable, "-c", BOOT, str(write_fd)], stdin=subprocess.PIPE,
-                                       pass_fds=(write_fd,))
+            # Safe-path mode, inherited by the worker's own children: the service's folder
+            # (a clone's root) must not shadow installed packages in them.
+            process = subprocess.Popen(python_command("-c", BOOT, str(write_fd)), stdin=subprocess.PIPE,
+                                       pass_fds=(write_fd,), env=child_environment())
         finally:
             os.close(write_fd)
         assert process.stdin is not None

@@ -43,7 +43,7 @@ def unavailable_reason() -> str:
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
     except ImportError as exc:
-        return f"{exc.name} is not installed (pip install 'wan-rt[onnx]')"
+        return f"{exc.name} is not installed (a dependency of wan-rt: pip install {exc.name})"
     return ""
 
 
