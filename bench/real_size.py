@@ -195,7 +195,9 @@ def measure(cmd: list[str], outputs: list[Path], timeout: float, env: dict | Non
 
 
 def commands(folder: Path, work: Path) -> dict[str, tuple[list[str], list[Path]]]:
-    wan = [sys.executable, "-P", "-m", "wan_rt.cli"]
+    from wan_rt.child_process import python_command
+
+    wan = python_command("-m", "wan_rt.cli")  # the current folder (a clone's root) stays off sys.path
     small = ["--height", "64", "--width", "64", "--frames", "5", "--steps", "2"]
     mp4 = work / "out.mp4"
     return {
