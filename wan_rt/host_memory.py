@@ -96,38 +96,51 @@ def _cgroup_room() -> Optional[int]:
         return None
 
 
-def _weights(path: Path, dtype: torch.dtype) -> tuple[int, int]:
-    """(converted, mapped) bytes of one component's weights run at `dtype`: a folder or one file
-    (GGUF blocks stay quantized and mapped, dequantized a layer at a time; fp8 scaled weights
+# One stored tensor, as far as memory goes: its dtype (None: GGUF blocks, kept quantized and
+# mapped, dequantized a layer at a time), its element count and its bytes on disk.
+_Stored = tuple[Optional[torch.dtype], int, int]
+
+
+def stored_tensors(spec: ModelSpec, files, names: Sequence[str]) -> dict[str, list[_Stored]]:
+    """The headers of the weights `names` load ("vae" once for both VAE halves), read once:
+    nothing but the headers is touched (memory-mapped)."""
+    paths = {name: files.dits[name] for name in names if name in spec.dit_components}
+    if "text_encoder" in names:
+        paths["text_encoder"] = files.text_encoder
+    if any(n in names for n in ("vae_encoder", "vae_decoder")):
+        paths["vae"] = files.vae
+    out = {}
+    for name, path in paths.items():
+        out[name] = [(None, t.numel(), t.data.numel() * t.data.element_size()) if isinstance(t, QuantizedWeight)
+                     else (t.dtype, t.numel(), t.numel() * t.element_size()) for t in read_file(path).values()]
+    return out
+
+
+def _weights(tensors: list[_Stored], dtype: torch.dtype) -> tuple[int, int]:
+    """(converted, mapped) bytes of one component's weights run at `dtype` (fp8 scaled weights
     are dequantized on load, so they count as converted)."""
     converted = mapped = 0
-    for t in read_file(path).values():
-        if isinstance(t, QuantizedWeight):
-            mapped += t.data.numel() * t.data.element_size()
-        elif t.is_floating_point() and t.dtype != dtype:
-            converted += t.numel() * dtype.itemsize
+    for stored, numel, nbytes in tensors:
+        if stored is not None and stored.is_floating_point and stored != dtype:
+            converted += numel * dtype.itemsize
         else:
-            mapped += t.numel() * t.element_size()
+            mapped += nbytes
     return converted, mapped
 
 
 def host_need(spec: ModelSpec, files, names: Sequence[str], dtype: torch.dtype,
-              size: Optional[tuple[int, int, int]] = None) -> HostNeed:
+              size: Optional[tuple[int, int, int]] = None,
+              stored: Optional[dict[str, list[_Stored]]] = None) -> HostNeed:
     """What running `names` eagerly on the CPU owns: DiTs at `dtype`, the text encoder at `dtype`
     (fp32 for fp16: umT5 overflows in fp16), the VAE in fp32 (wan_rt.eager's choices).
     size: (height, width, num_frames) of the largest request; None counts weights only (a
-    service loading before it knows its requests)."""
+    service loading before it knows its requests). stored: stored_tensors(...), when the
+    caller weighs several dtypes."""
+    stored = stored_tensors(spec, files, names) if stored is None else stored
+    run = {"text_encoder": torch.float32 if dtype == torch.float16 else dtype, "vae": torch.float32}
     converted = mapped = 0
-    for name in names:
-        if name in spec.dit_components:
-            c, m = _weights(files.dits[name], dtype)
-        elif name == "text_encoder":
-            c, m = _weights(files.text_encoder, torch.float32 if dtype == torch.float16 else dtype)
-        else:
-            continue
-        converted, mapped = converted + c, mapped + m
-    if any(n in names for n in ("vae_encoder", "vae_decoder")):
-        c, m = _weights(files.vae, torch.float32)
+    for name, tensors in stored.items():
+        c, m = _weights(tensors, run.get(name, dtype))
         converted, mapped = converted + c, mapped + m
     return HostNeed(converted, mapped, activation_bytes(spec, names, dtype, *size) if size else 0)
 
@@ -167,7 +180,8 @@ def choose_host_dtype(spec: ModelSpec, files, names: Sequence[str], dtype: Optio
     CPU default) if it fits, else bf16. Raises HostMemoryError when nothing asked for fits."""
     budget = available_bytes() if budget is None else budget
     wanted = [dtype] if dtype is not None else [torch.float32, torch.bfloat16]
-    needs = {d: host_need(spec, files, names, d, size) for d in dict.fromkeys([*wanted, torch.bfloat16])}
+    stored = stored_tensors(spec, files, names)  # the headers, once for every dtype weighed
+    needs = {d: host_need(spec, files, names, d, size, stored) for d in dict.fromkeys([*wanted, torch.bfloat16])}
     for d in wanted:
         if needs[d].owned <= budget:
             if dtype is None and d != wanted[0]:
