@@ -78,31 +78,40 @@ def test_child_environment_drops_the_folder_from_pythonpath(tmp_path, monkeypatc
 
 # ------------------------------------------------------------------ one line per failed launch
 # Each rank of these launches records its failure the way `wan-rt run`'s ranks do
-# (record_failure), after `delay` seconds.
+# (record_failure). The cause fails first and then leaves a flag; an "echo" rank (a collective
+# whose peer vanished) fails only once it sees the flag, as in a real job. Without the flag the
+# order would hang on how fast each rank imported torch, which is seconds apart on a loaded CI box.
 RANK_SCRIPT = """
 import os, sys, time
+from pathlib import Path
 from wan_rt.parallel.launch import record_failure
 rank = int(os.environ["RANK"])
-what, delay = {plan}[rank]
-time.sleep(delay)
+what = {plan}[rank]
+flag = Path({flag!r})
+if what == "echo":
+    deadline = time.time() + 60
+    while not flag.exists() and time.time() < deadline:
+        time.sleep(0.02)
 if what == "kill":
+    flag.touch()
     os.kill(os.getpid(), 9)
 try:
     raise {{"user": ValueError, "bug": RuntimeError, "echo": ConnectionError}}[what](f"{{what}} on rank {{rank}}")
 except Exception as exc:
     record_failure(exc, what == "user")
+    flag.touch()
     sys.exit(2 if what == "user" else 1)
 """
 
 
 @pytest.mark.parametrize("plan,code,line", [
-    ([("echo", 1.0), ("bug", 0.0)], 1,
-     "wan-rt: error: rank 1 failed: RuntimeError: bug on rank 1 (WAN_RT_DEBUG=1 shows the tracebacks)"),
-    ([("user", 0.0), ("echo", 1.0)], 2, "wan-rt: error: user on rank 0"),
-    ([("echo", 0.0), ("kill", 0.5)], 1, "wan-rt: error: rank 1 was killed by SIGKILL"),
+    (["echo", "bug"], 1, "wan-rt: error: rank 1 failed: RuntimeError: bug on rank 1 (WAN_RT_DEBUG=1 shows the tracebacks)"),
+    (["user", "echo"], 2, "wan-rt: error: user on rank 0"),
+    (["echo", "kill"], 1, "wan-rt: error: rank 1 was killed by SIGKILL"),
 ])
-def test_a_failed_launch_is_one_line_about_the_first_failure(capfd, plan, code, line):
-    assert launch(["-c", RANK_SCRIPT.format(plan=plan)], 2) == code
+def test_a_failed_launch_is_one_line_about_the_first_failure(capfd, tmp_path, plan, code, line):
+    script = RANK_SCRIPT.format(plan=plan, flag=str(tmp_path / "cause_failed"))
+    assert launch(["-c", script], 2) == code
     err = capfd.readouterr().err.strip()
     assert err == line
 
