@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
+import numpy as np
 import torch
 
 from wan_rt.runtime.backends import trt_lib
@@ -141,8 +142,10 @@ def build_graph(module: torch.nn.Module, gspec: GraphSpec, profile: ShapeProfile
     onnx_dir = out / "onnx" if config.keep_onnx else Path(tempfile.mkdtemp(prefix=".onnx-", dir=out))
     try:
         onnx_path = onnx_dir / "model.onnx"
+        # Weights always in external data, whatever their size: the parser then takes them from a
+        # memory map (_parse) instead of from a protobuf the process owns.
         files = export_onnx(module, gspec, profile, onnx_path, compute_dtype=compute_dtype, device=device,
-                            opset=QDQ_OPSET if quant is not None else DEFAULT_OPSET)
+                            opset=QDQ_OPSET if quant is not None else DEFAULT_OPSET, external_data_threshold=0)
         kept = [PLAN_FILE, LAYER_REPORT]
         modules: dict[str, str] = {}
         if quant is not None:
@@ -159,20 +162,53 @@ def build_graph(module: torch.nn.Module, gspec: GraphSpec, profile: ShapeProfile
 
 
 def _parse(builder: "trt.Builder", onnx_path: Path, gspec: GraphSpec,
-           logger: "trt.ILogger") -> tuple["trt.INetworkDefinition", "trt.OnnxParser"]:
+           logger: "trt.ILogger") -> tuple["trt.INetworkDefinition", "trt.OnnxParser", list]:
+    """The strongly typed network of `onnx_path`. Weights in external data are handed to the
+    parser as pointers into a read-only memory map of the data file (`load_initializer`), so the
+    build holds them as file pages, not as a copy it owns: parse_from_file would read all of them
+    into anonymous memory. Returns the network, the parser and the maps, which must outlive it."""
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
-    # parse_from_file, not parse(bytes): it finds model.onnx.data beside the file itself.
-    if not parser.parse_from_file(str(onnx_path)):
+    where = f"{gspec.component}/{gspec.graph}"
+
+    def fail(what: str) -> TrtBuildError:
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise TrtBuildError(f"{gspec.component}/{gspec.graph}: TensorRT could not parse {onnx_path}:\n  "
-                            + "\n  ".join(errors[:20]))
+        return TrtBuildError(f"{where}: TensorRT could not {what} {onnx_path}:\n  " + "\n  ".join(errors[:20]))
+
+    # `path` lets the parser find any external data it is not handed here.
+    if not parser.load_model_proto(onnx_path.read_bytes(), str(onnx_path)):
+        raise fail("load")
+    maps = []
+    for name, (data_file, offset, length) in external_initializers(onnx_path).items():
+        if not maps or maps[-1][0] != data_file:
+            maps.append((data_file, np.memmap(data_file, dtype=np.uint8, mode="r")))
+        mapped = maps[-1][1]
+        if offset + length > mapped.size or not parser.load_initializer(name, mapped.ctypes.data + offset, length):
+            raise fail(f"take initializer {name} ({length} bytes at {offset} of {data_file.name}) for")
+    if not parser.parse_model_proto():
+        raise fail("parse")
     names = [network.get_input(i).name for i in range(network.num_inputs)]
     if names != gspec.input_names:
-        raise TrtBuildError(f"{gspec.component}/{gspec.graph}: network inputs {names} are not the contract's "
-                            f"{gspec.input_names}")
-    return network, parser  # the parser owns weights the network points to: keep it alive
+        raise TrtBuildError(f"{where}: network inputs {names} are not the contract's {gspec.input_names}")
+    return network, parser, [m for _, m in maps]  # the parser points into the maps: keep all alive
+
+
+def external_initializers(onnx_path: Path) -> dict[str, tuple[Path, int, int]]:
+    """{initializer: (data file, offset, length)} for the weights `onnx_path` keeps in external
+    data (the graph is read without them)."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    out = {}
+    for t in model.graph.initializer:
+        if uses_external_data(t):
+            info = ExternalDataInfo(t)
+            data_file = onnx_path.parent / info.location
+            length = info.length if info.length else data_file.stat().st_size - (info.offset or 0)
+            out[t.name] = (data_file, int(info.offset or 0), int(length))
+    return out
 
 
 def _load_timing_cache(config: "trt.IBuilderConfig", path: Optional[Path],
@@ -202,7 +238,7 @@ def build_engine(onnx_path: Path, gspec: GraphSpec, profile: ShapeProfile, plan_
     lib = trt_lib.require()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network, _parser = _parse(builder, Path(onnx_path), gspec, logger)
+    network, _parser, _weights = _parse(builder, Path(onnx_path), gspec, logger)
     bconfig = builder.create_builder_config()
     bconfig.builder_optimization_level = config.opt_level
     lib.set_targets(bconfig, config.targets)
@@ -226,17 +262,52 @@ def build_engine(onnx_path: Path, gspec: GraphSpec, profile: ShapeProfile, plan_
     report = layer_report(network, modules or {})
     report.update(library=f"{lib.name} {lib.version}", targets=list(config.targets))
     write_layer_report(report, plan_path.parent / LAYER_REPORT)
-    serialized = builder.build_serialized_network(network, bconfig)
-    if serialized is None:
+    if not _serialize_to(plan_path, builder, network, bconfig):
         raise TrtBuildError(f"{gspec.component}/{gspec.graph}: {lib.title} failed to build {onnx_path} for "
                             f"{','.join(config.targets)} (its log above says why)")
-    plan_path.write_bytes(host_bytes(serialized))
     if timing_cache is not None and cache is not None:
         _save_atomically(host_bytes(cache.serialize()), Path(timing_cache))
     builder_said = {"opt_level": bconfig.builder_optimization_level, "refit": bconfig.get_flag(trt.BuilderFlag.REFIT),
                     "weight_streaming": bconfig.get_flag(trt.BuilderFlag.WEIGHT_STREAMING)}
     return {"plan_bytes": plan_path.stat().st_size, "library": lib.name, "version": lib.version,
             "builder": builder_said}
+
+
+def _plan_writer(file) -> "trt.IStreamWriter":
+    """A stream writer putting the plan into `file` as the builder serializes it (the class is
+    made here: `trt` is the library chosen at run time)."""
+
+    class PlanWriter(trt.IStreamWriter):
+        def __init__(self) -> None:
+            trt.IStreamWriter.__init__(self)
+
+        def write(self, data) -> int:
+            return file.write(memoryview(data))
+
+    return PlanWriter()
+
+
+def _serialize_to(plan_path: Path, builder: "trt.Builder", network: "trt.INetworkDefinition",
+                  bconfig: "trt.IBuilderConfig") -> bool:
+    """Build and write the plan; False if the build failed (nothing left at plan_path). The plan
+    streams to disk where the library can: holding it in host memory (IHostMemory, plus a copy as
+    bytes) would add twice its size, about the weights' own, to the build's peak."""
+    tmp = plan_path.with_name(f".{plan_path.name}.{os.getpid()}.tmp")
+    try:
+        if hasattr(builder, "build_serialized_network_to_stream"):
+            with open(tmp, "wb") as f:
+                built = builder.build_serialized_network_to_stream(network, bconfig, _plan_writer(f))
+        else:  # TensorRT before 10.x's stream writer
+            serialized = builder.build_serialized_network(network, bconfig)
+            built = serialized is not None
+            if built:
+                with open(tmp, "wb") as f:
+                    f.write(memoryview(serialized))
+        if built:
+            os.replace(tmp, plan_path)
+        return bool(built)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------ layer report
