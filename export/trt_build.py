@@ -39,7 +39,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Mapping, Optional, Sequence, cast
 
 import numpy as np
 import torch
@@ -179,7 +179,7 @@ def _parse(builder: "trt.Builder", onnx_path: Path, gspec: GraphSpec,
     # `path` lets the parser find any external data it is not handed here.
     if not parser.load_model_proto(onnx_path.read_bytes(), str(onnx_path)):
         raise fail("load")
-    maps = []
+    maps: list[tuple[Path, np.memmap]] = []
     for name, (data_file, offset, length) in external_initializers(onnx_path).items():
         if not maps or maps[-1][0] != data_file:
             maps.append((data_file, np.memmap(data_file, dtype=np.uint8, mode="r")))
@@ -273,7 +273,7 @@ def build_engine(onnx_path: Path, gspec: GraphSpec, profile: ShapeProfile, plan_
             "builder": builder_said}
 
 
-def _plan_writer(file) -> "trt.IStreamWriter":
+def _plan_writer(file: BinaryIO) -> "trt.IStreamWriter":
     """A stream writer putting the plan into `file` as the builder serializes it (the class is
     made here: `trt` is the library chosen at run time)."""
 
@@ -281,7 +281,7 @@ def _plan_writer(file) -> "trt.IStreamWriter":
         def __init__(self) -> None:
             trt.IStreamWriter.__init__(self)
 
-        def write(self, data) -> int:
+        def write(self, data: Any, size: Any = None) -> int:  # the bindings pass the chunk only
             return file.write(memoryview(data))
 
     return PlanWriter()
@@ -302,7 +302,7 @@ def _serialize_to(plan_path: Path, builder: "trt.Builder", network: "trt.INetwor
             built = serialized is not None
             if built:
                 with open(tmp, "wb") as f:
-                    f.write(memoryview(serialized))
+                    f.write(memoryview(cast(Any, serialized)))  # IHostMemory has the buffer protocol
         if built:
             os.replace(tmp, plan_path)
         return bool(built)

@@ -12,8 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from wan_rt.build import _fit_build
 from wan_rt.cli import main
-from wan_rt.host_memory import BASE_BYTES, HostMemoryError, choose_host_dtype, host_need
+from wan_rt.host_memory import (BASE_BYTES, EXPORT_INLINE_FACTOR, HostMemoryError, build_need, choose_host_dtype,
+                                host_need)
+from wan_rt.precision import component_dtype
 from wan_rt.resolve import resolve_checkpoint
 
 GIB = 2**30
@@ -88,3 +91,50 @@ def test_bad_budget_variable_is_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WAN_RT_HOST_MEMORY_GB", "lots")
     assert main(["run", "--steps", "1", "--model", "tiny-t2v-A14B", "--output", str(tmp_path / "x.mp4")]) == 2
     assert "WAN_RT_HOST_MEMORY_GB must be a number" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ builds
+def _build_needs(r, backend, component):
+    dtypes = {p: {component: component_dtype(component, p, backend, torch.device("cpu"))} for p in ("fp32", "bf16")}
+    return {p: build_need(r.spec, r.files, d, backend) for p, d in dtypes.items()}
+
+
+def test_build_need_counts_conversions_export_and_the_trt_builder(bf16_checkpoint):
+    r = resolve_checkpoint(str(bf16_checkpoint))
+    numel = sum(t.numel() for t in load_file(r.files.dits["dit_high_noise"] / "diffusion_pytorch_model.safetensors").values())
+    ort, trt = _build_needs(r, "ort", "dit_high_noise"), _build_needs(r, "trt", "dit_high_noise")
+    # bf16 files built in fp32 own the converted copy; a graph under 2 GiB is exported twice over.
+    assert ort["bf16"].owned == BASE_BYTES + EXPORT_INLINE_FACTOR * 2 * numel
+    assert ort["fp32"].owned == BASE_BYTES + 4 * numel + EXPORT_INLINE_FACTOR * 4 * numel
+    assert trt["bf16"].disk == 2 * (2 * numel)  # the staged ONNX beside the plan
+    fp8 = build_need(r.spec, r.files, {"dit_high_noise": torch.bfloat16}, "trt", quantized=["dit_high_noise"])
+    assert fp8.disk == 2 * numel + numel + numel  # ONNX, its Q/DQ rewrite, then a one-byte-per-weight plan
+
+
+def test_build_that_cannot_fit_is_one_line_and_leaves_no_engines_dir(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WAN_RT_HOST_MEMORY_GB", str(BASE_BYTES / GIB / 2))
+    engines = tmp_path / "engines"
+    assert main(["build", "--backend", "ort", "--model", "tiny-t2v-A14B", "--components", "dit_high_noise",
+                 "--engines-dir", str(engines)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs" in err[0] and "GiB of RAM available" in err[0], err
+    assert not engines.exists()
+
+
+def test_build_with_precision_left_open_picks_bf16_when_only_bf16_fits(bf16_checkpoint, tmp_path, monkeypatch):
+    """aoti on a CPU defaults to fp32 (an AOTInductor compile takes minutes, so the decision is
+    checked at the function the CLI calls); ort has no bf16, so nothing is chosen for it."""
+    r = resolve_checkpoint(str(bf16_checkpoint))
+    needs = _build_needs(r, "aoti", "dit_high_noise")
+    monkeypatch.setenv("WAN_RT_HOST_MEMORY_GB", repr((needs["fp32"].owned + needs["bf16"].owned) / 2 / GIB))
+    said = []
+    cpu = torch.device("cpu")
+    assert _fit_build(r, ["dit_high_noise"], "aoti", "fp32", cpu, tmp_path, False, said.append) == "bf16"
+    assert "building bf16" in said[0]
+    with pytest.raises(HostMemoryError, match="--precision bf16 needs"):  # asked for: refused, not changed
+        _fit_build(r, ["dit_high_noise"], "aoti", "fp32", cpu, tmp_path, True, said.append)
+    ort = _build_needs(r, "ort", "dit_high_noise")["fp32"]
+    monkeypatch.setenv("WAN_RT_HOST_MEMORY_GB", repr((ort.owned - 1) / GIB))
+    with pytest.raises(HostMemoryError) as refused:
+        _fit_build(r, ["dit_high_noise"], "ort", "fp32", cpu, tmp_path, False, said.append)
+    assert "--precision bf16" not in str(refused.value)

@@ -19,6 +19,7 @@ import torch
 
 from wan_rt.config import ModelSpec, check_request
 from wan_rt.export.builders import get_builder
+from wan_rt.host_memory import BuildNeed, HostMemoryError, available_bytes, build_need, free_disk_bytes
 from wan_rt.models import load_component
 from wan_rt.precision import PRECISIONS, QUALITY_TOLERANCE, QUANTIZED_PRECISIONS, component_dtype
 from wan_rt.resolve import ResolvedCheckpoint, resolve_checkpoint
@@ -77,6 +78,7 @@ def build_engines(model: str, backend: str, engines_dir: Path, *, precision: Opt
                       getattr(backend_mod, "unavailable_reason", lambda: "its libraries are not installed"))()
         raise ValueError(f"backend {backend!r} cannot build on this machine: {why}")
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    chosen_by_user = precision is not None
     precision = precision or default_precision(backend, dev)
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} is not supported yet; choose from {', '.join(PRECISIONS)}")
@@ -113,6 +115,8 @@ def build_engines(model: str, backend: str, engines_dir: Path, *, precision: Opt
     if step_cache and precision in QUANTIZED_PRECISIONS and backend != "aoti":
         raise ValueError(f"--step-cache with {precision} Q/DQ engines is not supported (the Q/DQ plan is made for the "
                          "one-graph step); use fp32/bf16, or --backend aoti --precision fp8")
+    # Before anything is written: the build must fit this machine's RAM and disk.
+    precision = _fit_build(resolved, wanted, backend, precision, dev, Path(engines_dir), chosen_by_user, log)
     if backend == "trt":  # targets resolved and checked against the precision before anything is written
         from wan_rt.export.trt_build import BuildConfig
 
@@ -183,6 +187,48 @@ def build_engines(model: str, backend: str, engines_dir: Path, *, precision: Opt
     # What a runtime without Python needs beyond the manifests (wan_rt/cpp): pipeline.json + tokenizer.
     write_pipeline_config(engines_dir, resolved, backend, precision, dev)
     return built
+
+
+def _fit_build(resolved: ResolvedCheckpoint, wanted: list[str], backend: str, precision: str, device: torch.device,
+               engines_dir: Path, chosen_by_user: bool, log: Callable[[str], None]) -> str:
+    """The precision to build at: `precision` if its build fits this machine's RAM and disk
+    (wan_rt.host_memory.build_need), else, when the user left it open, bf16 if that fits (said in
+    the log); otherwise HostMemoryError naming what it needs, what there is and what would fit."""
+    spec = resolved.spec
+
+    def need(p: str) -> BuildNeed:
+        quantized = [c for c in wanted if c in spec.dit_components and p in QUANTIZED_PRECISIONS]
+        return build_need(spec, resolved.files, {c: component_dtype(c, p, backend, device) for c in wanted},
+                          backend, quantized)
+
+    ram, disk = available_bytes(), free_disk_bytes(engines_dir)
+
+    def fits(n: BuildNeed) -> bool:
+        return n.owned <= ram and n.disk <= disk
+
+    asked = need(precision)
+    if fits(asked):
+        return precision
+    def supported(p: str) -> bool:  # by the backend, on this device (ort has no bf16, say)
+        if p in QUANTIZED_PRECISIONS and backend not in ("ort", "trt"):
+            return False
+        try:
+            for c in wanted:
+                getattr(get_backend(backend), "check_precision", lambda *_: None)(
+                    component_dtype(c, p, backend, device), device)
+        except ValueError:
+            return False
+        return True
+
+    others = [p for p in ("bf16", "fp8") if p != precision and supported(p)]
+    if not chosen_by_user and "bf16" in others and fits(bf16 := need("bf16")):
+        log(f"  a {precision} build needs {asked.describe()}; building bf16 ({bf16.describe()}): "
+            "pass --precision to choose")
+        return "bf16"
+    hint = [f"--precision {p} needs {n.describe()}" for p in others if fits(n := need(p))]
+    raise HostMemoryError(f"building {spec.name} ({backend}, {precision}) needs {asked.describe()}; this machine has "
+                          f"{ram / 2**30:.1f} GiB of RAM available and {disk / 2**30:.1f} GiB free under {engines_dir}. "
+                          "What would fit: " + "; ".join([*hint, "fewer --components at a time, or a bigger machine"]))
 
 
 def _up_to_date(folder: Path, want: EngineManifest, backend_mod) -> bool:

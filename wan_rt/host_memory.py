@@ -200,3 +200,72 @@ def choose_host_dtype(spec: ModelSpec, files, names: Sequence[str], dtype: Optio
     raise HostMemoryError(f"{spec.name} at {NAMES[asked]} on the CPU needs {needs[asked].describe()}; "
                           f"this machine has {budget / _GIB:.1f} GiB available. What would fit: "
                           + "; ".join(hint))
+
+
+# ------------------------------------------------------------------------------------ builds
+# What `wan-rt build` owns per component (components build one after another), measured with
+# bench/real_size.py and /proc RssAnon sampling:
+# * the component loaded at its compute dtype: the weights it converts (a bf16 checkpoint built
+#   in fp32 converts all of them);
+# * the ONNX export: the TorchScript exporter holds a graph whose weights stay under protobuf's
+#   2 GiB twice (folded weights and the serialized proto: 1.9x measured on a 1.25 GB DiT) and
+#   streams larger ones to files (0.8 GiB peak for the 10 GB TI2V-5B DiT);
+# * TensorRT's builder, with the weights mapped from the ONNX external data and the plan streamed
+#   to disk (export/trt_build.py), still holds the engine it serializes: 1.17x the engine's
+#   weights for the TI2V-5B bf16 DiT (11.7 GiB). The factor below keeps headroom.
+# ONNX Runtime builds only export; AOTInductor's compile is not measured at real size and is
+# counted as an export.
+EXPORT_INLINE_LIMIT = 2**31 - 2**26
+EXPORT_INLINE_FACTOR = 2.0
+TRT_BUILD_FACTOR = 1.25
+
+
+@dataclass(frozen=True)
+class BuildNeed:
+    """The largest host memory one component's build owns, and the disk the build writes."""
+
+    component: str
+    owned: int
+    disk: int
+
+    def describe(self) -> str:
+        return f"{self.owned / _GIB:.1f} GiB of RAM (for {self.component}) and {self.disk / _GIB:.1f} GiB of disk"
+
+
+def _engine_weight_bytes(tensors: list[_Stored], dtype: torch.dtype, quantized: bool) -> int:
+    """An engine's weights: one byte per element in a Q/DQ (fp8/int8) DiT (its GEMM weights, the
+    bulk; the rest is a rounding error here), else `dtype`'s size."""
+    numel = sum(n for _, n, _ in tensors)
+    return numel if quantized else numel * dtype.itemsize
+
+
+def build_need(spec: ModelSpec, files, dtypes: dict[str, torch.dtype], backend: str,
+               quantized: Sequence[str] = ()) -> BuildNeed:
+    """What building the components in `dtypes` ({component: compute dtype}) with `backend` needs
+    (see the figures above). `quantized`: components built as fp8/int8 Q/DQ graphs."""
+    stored = stored_tensors(spec, files, list(dtypes))
+    worst, disk, staging = ("", 0), 0, 0
+    for name, dtype in dtypes.items():
+        tensors = stored["vae" if name.startswith("vae") else name]
+        converted, _ = _weights(tensors, dtype)
+        graph_bytes = _engine_weight_bytes(tensors, dtype, False)
+        engine = _engine_weight_bytes(tensors, dtype, name in quantized)
+        export = EXPORT_INLINE_FACTOR * graph_bytes if graph_bytes < EXPORT_INLINE_LIMIT else 0
+        build = TRT_BUILD_FACTOR * engine if backend == "trt" else 0
+        owned = int(BASE_BYTES + converted + max(export, build))
+        worst = max(worst, (name, owned), key=lambda w: w[1])
+        # Kept: the engine (a plan, or the ONNX itself). Staged while one builds: its exported
+        # ONNX (and the quantized rewrite of it) beside the plan being written.
+        disk += engine
+        staging = max(staging, graph_bytes + (engine if name in quantized else 0) if backend == "trt" else 0)
+    return BuildNeed(worst[0], worst[1], disk + staging)
+
+
+def free_disk_bytes(folder: Path) -> int:
+    """Free space on the disk `folder` is (or would be created) on."""
+    import shutil
+
+    folder = Path(folder).absolute()
+    while not folder.exists():
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
