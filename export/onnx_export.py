@@ -34,12 +34,12 @@ and the points above are its to-do list.
 
 from __future__ import annotations
 
+import contextlib
 import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -94,11 +94,14 @@ def export_onnx(module: nn.Module, gspec: GraphSpec, profile: ShapeProfile, path
     shapes: list[tuple[int, ...]] = []
     hook = _record_output_shapes(module, shapes)
 
-    # The trace writes into a scratch folder beside `path` (same disk): a model over 2 GB comes
-    # out of torch as one file per tensor, which `_write_external` gathers into one data file.
-    scratch = Path(tempfile.mkdtemp(prefix=".onnx-export-", dir=path.parent))
+    # The trace exports the graph without its weights (export_params=False: they become inputs
+    # named after the parameters) and without constant folding (which would compute folded
+    # copies of them): the TorchScript exporter otherwise holds every weight two or three times
+    # over in memory (2.6x measured for a 1.25 GB DiT). The weights are then written from the
+    # module tensor by tensor (_attach_weights), folding the transposes and casts the exporter
+    # would have folded, so the file holds the same initializers as a folded export.
+    raw = path.with_name(f".{path.name}.{os.getpid()}.graph")
     try:
-        raw = scratch / "traced.onnx"
         with warnings.catch_warnings():
             # Expected: the TorchScript exporter's deprecation notice, and tracer warnings about
             # Python-level shape checks (static by design: chunk lengths, first_chunk).
@@ -106,22 +109,19 @@ def export_onnx(module: nn.Module, gspec: GraphSpec, profile: ShapeProfile, path
             with torch.no_grad():
                 torch.onnx.export(module, args, str(raw), dynamo=False, opset_version=opset,
                                   input_names=gspec.input_names, output_names=gspec.output_names,
-                                  dynamic_axes=_dynamic_axes(gspec), do_constant_folding=True)
+                                  dynamic_axes=_dynamic_axes(gspec), export_params=False, do_constant_folding=False)
         _check_traced_shapes(gspec, sizes, shapes)
-        model = onnx.load(str(raw), load_external_data=False)
-        _conform_io(model, gspec, compute_dtype)
-        external = _weight_bytes(model, scratch) > external_data_threshold
+        model = onnx.load(str(raw))
         for stale in (path, data_path):
             stale.unlink(missing_ok=True)
-        if external:
-            _write_external(model, scratch, data_path)
-        else:
-            onnx.external_data_helper.load_external_data_for_model(model, str(scratch))
+        external = _attach_weights(model, module, gspec, data_path, external_data_threshold)
+        _fold_constants(model.graph)
+        _conform_io(model, gspec, compute_dtype)
         onnx.save_model(model, str(path))
         del model
     finally:
         hook.remove()
-        shutil.rmtree(scratch, ignore_errors=True)
+        raw.unlink(missing_ok=True)
 
     onnx.shape_inference.infer_shapes_path(str(path), str(path), check_type=True, strict_mode=True)
     onnx.checker.check_model(str(path))
@@ -204,27 +204,134 @@ def _conform_io(model, gspec: GraphSpec, compute_dtype: torch.dtype) -> None:
     del graph.value_info[:]
 
 
-# ------------------------------------------------------------------------------- external data
-def _tensors(model):
-    """Initializers, then tensors held by Constant nodes (top-level graph: there are no subgraphs)."""
-    yield from model.graph.initializer
-    for node in model.graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
+# ------------------------------------------------------------------------------- weights
+_ONNX_TO_TORCH = {1: torch.float32, 10: torch.float16, 16: torch.bfloat16, 7: torch.int64, 6: torch.int32,
+                  9: torch.bool, 3: torch.int8, 2: torch.uint8}
+_TORCH_TO_ONNX = {t: k for k, t in _ONNX_TO_TORCH.items()}
 
 
-def _weight_bytes(model, folder: Path) -> int:
-    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+def _attach_weights(model, module: nn.Module, gspec: GraphSpec, data_path: Path, threshold: int) -> bool:
+    """Turn the weight inputs of a graph exported with export_params=False into initializers
+    holding `module`'s tensors, written one at a time: inline, or into `data_path` (page-aligned,
+    as onnx.save_model would) when they total over `threshold` bytes. A weight read only by a
+    Transpose or a Cast is stored transposed / cast and that node dropped, as constant folding
+    would have done. Returns whether external data was written."""
+    from onnx import TensorProto, helper
 
-    total = 0
-    for t in _tensors(model):
-        if uses_external_data(t):
-            info = ExternalDataInfo(t)
-            total += info.length if info.length else (folder / info.location).stat().st_size
+    graph = model.graph
+    tensors = {**dict(module.named_parameters(remove_duplicate=False)),
+               **dict(module.named_buffers(remove_duplicate=False))}
+    weights = [i.name for i in graph.input if i.name not in gspec.input_names]
+    missing = [w for w in weights if w not in tensors]
+    if missing:
+        raise OnnxExportError(f"{gspec.component}/{gspec.graph}: graph inputs {missing[:5]} are neither contract "
+                              "inputs nor module weights")
+    consumers: dict[str, list[int]] = {}  # node indices (protobuf hands out a new wrapper per access)
+    for index, node in enumerate(graph.node):
+        for name in node.input:
+            consumers.setdefault(name, []).append(index)
+
+    folded, plan = set(), []  # plan: (initializer name, weight name, how to fold it)
+    for w in weights:
+        users = consumers.get(w, [])
+        node = graph.node[users[0]] if len(users) == 1 else None
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute} if node is not None else {}
+        if node is not None and node.op_type == "Transpose" and "perm" in attrs:
+            fold = ("transpose", tuple(attrs["perm"]))
+        elif node is not None and node.op_type == "Cast" and attrs.get("to") in _ONNX_TO_TORCH:
+            fold = ("cast", _ONNX_TO_TORCH[attrs["to"]])
         else:
-            total += len(t.raw_data)
-    return total
+            plan.append((w, w, None))
+            continue
+        folded.add(users[0])
+        out = node.output[0]
+        for user in consumers.get(out, []):  # read the weight's name where the node's output was read
+            reader = graph.node[user]
+            reader.input[:] = [w if x == out else x for x in reader.input]
+        plan.append((w, w, fold))
+
+    def value(weight: str, fold) -> torch.Tensor:
+        t = tensors[weight].detach()
+        if fold is not None and fold[0] == "transpose":
+            t = t.permute(*fold[1])
+        elif fold is not None:
+            t = t.to(fold[1])
+        return t.contiguous()
+
+    total = sum(tensors[w].numel() * (fold[1].itemsize if fold and fold[0] == "cast" else tensors[w].element_size())
+                for _, w, fold in plan)
+    external = total > threshold
+    kept_nodes = [n for k, n in enumerate(graph.node) if k not in folded]
+    del graph.node[:]
+    graph.node.extend(kept_nodes)
+    contract_inputs = [i for i in graph.input if i.name in gspec.input_names]
+    del graph.input[:]
+    graph.input.extend(contract_inputs)
+    align = 4096
+    with open(data_path, "wb") if external else contextlib.nullcontext() as out:
+        for name, weight, fold in plan:
+            t = value(weight, fold)
+            proto = TensorProto(name=name, data_type=_TORCH_TO_ONNX[t.dtype], dims=list(t.shape))
+            data = t.reshape(-1).view(torch.uint8).numpy()  # raw little-endian bytes, no copy
+            if not external or t.nbytes < _INLINE_BYTES:
+                proto.raw_data = bytes(data)
+            else:
+                offset = out.tell()
+                if offset % align:
+                    out.write(b"\0" * (align - offset % align))
+                    offset = out.tell()
+                out.write(memoryview(data))
+                for key, val in (("location", data_path.name), ("offset", str(offset)), ("length", str(t.nbytes))):
+                    entry = proto.external_data.add()
+                    entry.key, entry.value = key, val
+                proto.data_location = TensorProto.EXTERNAL
+            graph.initializer.append(proto)
+            del t, data
+    return external
+
+
+# Ops whose value is not a function of their inputs alone, or that are never worth folding.
+_NOT_FOLDED = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
+                         "Bernoulli", "If", "Loop", "Scan"})
+_FOLD_LIMIT = 1 << 20  # bytes: small constants only (the weights were folded by _attach_weights)
+
+
+def _fold_constants(graph) -> None:
+    """Evaluate the nodes whose inputs are all constants (Constant nodes, or outputs folded
+    before them) with ONNX's reference evaluator, and put one Constant in place of each folded
+    value still read: what the exporter's own constant folding does for everything but the
+    weights (a float64 epsilon cast to float32, shape arithmetic on static dims)."""
+    from onnx import helper, numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    known: dict = {}
+    folded: set[int] = set()  # node indices (protobuf hands out a new wrapper per access: no id())
+    for index, node in enumerate(graph.node):
+        if node.op_type in _NOT_FOLDED or node.domain not in ("", "ai.onnx") or \
+                any(a.g.node or a.graphs for a in node.attribute):
+            continue
+        if node.op_type != "Constant" and not (node.input and all(i == "" or i in known for i in node.input)):
+            continue
+        try:
+            values = ReferenceEvaluator(node).run(None, {i: known[i] for i in node.input if i})
+        except Exception:  # an op the reference evaluator lacks: leave it to the runtime
+            continue
+        if len(values) != len(node.output) or any(np.asarray(v).nbytes > _FOLD_LIMIT for v in values):
+            continue
+        known.update(zip(node.output, values))
+        folded.add(index)
+    read = {i for k, n in enumerate(graph.node) if k not in folded for i in n.input} | {o.name for o in graph.output}
+    nodes = []
+    for index, node in enumerate(graph.node):
+        if index not in folded:
+            nodes.append(node)
+            continue
+        for out in node.output:
+            if out in read:  # (numpy scalars from the evaluator become 0-d arrays)
+                nodes.append(helper.make_node("Constant", [], [out], name=f"{node.name or out}/folded",
+                                              value=numpy_helper.from_array(np.asarray(known[out]), out)))
+    del graph.node[:]
+    graph.node.extend(nodes)
 
 
 def _tensor_bytes(t, folder: Path) -> bytes | None:
@@ -238,35 +345,6 @@ def _tensor_bytes(t, folder: Path) -> bytes | None:
             f.seek(info.offset or 0)
             return f.read(info.length) if info.length else f.read()
     return t.raw_data if t.HasField("raw_data") else None
-
-
-def _write_external(model, folder: Path, data_path: Path) -> None:
-    """Move every tensor over _INLINE_BYTES into `data_path`, one at a time (a 14B expert never
-    sits in memory twice), page-aligned as onnx.save_model would."""
-    from onnx import TensorProto
-
-    align = 4096
-    with open(data_path, "wb") as out:
-        for t in _tensors(model):
-            data = _tensor_bytes(t, folder)
-            if data is None:
-                continue
-            del t.external_data[:]
-            if len(data) < _INLINE_BYTES:
-                t.data_location = TensorProto.DEFAULT
-                t.raw_data = data
-                continue
-            offset = out.tell()
-            if offset % align:
-                out.write(b"\0" * (align - offset % align))
-                offset = out.tell()
-            out.write(data)
-            t.ClearField("raw_data")
-            # (onnx's set_external_data insists on raw_data being present; write the entries directly)
-            for key, value in (("location", data_path.name), ("offset", str(offset)), ("length", str(len(data)))):
-                entry = t.external_data.add()
-                entry.key, entry.value = key, value
-            t.data_location = TensorProto.EXTERNAL
 
 
 # ------------------------------------------------------------------------------- checks

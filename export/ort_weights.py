@@ -1,9 +1,10 @@
 """New weights into an exported ONNX graph without exporting it again (LoRAs on ONNX Runtime engines).
 
-The TorchScript exporter renames what it constant-folds: a Linear's weight reaches the file
-transposed, as `onnx::MatMul_1799`. So at export time `write_weights_map` matches every float
-initializer to the module parameter it holds, by value (as stored, or transposed for 2-D
-weights; a reshape has the same bytes), and records the map beside the graph. `reweight` then
+An initializer need not hold its parameter as stored: a Linear's weight reaches the file
+transposed (export_onnx folds the transpose the exporter traced). So at export time
+`write_weights_map` matches every float initializer to the module parameter it holds, by value
+(as stored, or transposed for 2-D weights; a reshape has the same bytes), and records the map
+beside the graph. `reweight` then
 writes a copy of the graph whose mapped initializers hold a module's new parameters: the
 protobuf's raw data for a small graph, the bytes in place in the external data file for a large
 one. It declines (returns None: export again) when an initializer matched nothing (a value the

@@ -204,19 +204,18 @@ def choose_host_dtype(spec: ModelSpec, files, names: Sequence[str], dtype: Optio
 
 # ------------------------------------------------------------------------------------ builds
 # What `wan-rt build` owns per component (components build one after another), measured with
-# bench/real_size.py and /proc RssAnon sampling:
+# bench/real_size.py's sampling of the process tree's RssAnon:
 # * the component loaded at its compute dtype: the weights it converts (a bf16 checkpoint built
 #   in fp32 converts all of them);
-# * the ONNX export: the TorchScript exporter holds a graph whose weights stay under protobuf's
-#   2 GiB twice (folded weights and the serialized proto: 1.9x measured on a 1.25 GB DiT) and
-#   streams larger ones to files (0.8 GiB peak for the 10 GB TI2V-5B DiT);
+# * the ONNX export holds no weights: the graph is traced without them and they are written
+#   from the module one tensor at a time (export/onnx_export.py; 0.6 GiB over the process's
+#   base for a 1.25 GB DiT, whose weights the TorchScript exporter used to hold 2.6 times);
 # * TensorRT's builder, with the weights mapped from the ONNX external data and the plan streamed
 #   to disk (export/trt_build.py), still holds the engine it serializes: 1.17x the engine's
-#   weights for the TI2V-5B bf16 DiT (11.7 GiB). The factor below keeps headroom.
-# ONNX Runtime builds only export; AOTInductor's compile is not measured at real size and is
-# counted as an export.
-EXPORT_INLINE_LIMIT = 2**31 - 2**26
-EXPORT_INLINE_FACTOR = 2.0
+#   weights for the real-size TI2V-5B bf16 DiT (11.7 GiB owned for 10.0 GB), 1.6x for a
+#   1.25 GB one (BASE_BYTES covers a small model's extra). The factor is the large-model figure
+#   with headroom.
+# ONNX Runtime builds only export; AOTInductor's compile is not measured at real size.
 TRT_BUILD_FACTOR = 1.25
 
 
@@ -250,9 +249,8 @@ def build_need(spec: ModelSpec, files, dtypes: dict[str, torch.dtype], backend: 
         converted, _ = _weights(tensors, dtype)
         graph_bytes = _engine_weight_bytes(tensors, dtype, False)
         engine = _engine_weight_bytes(tensors, dtype, name in quantized)
-        export = EXPORT_INLINE_FACTOR * graph_bytes if graph_bytes < EXPORT_INLINE_LIMIT else 0
         build = TRT_BUILD_FACTOR * engine if backend == "trt" else 0
-        owned = int(BASE_BYTES + converted + max(export, build))
+        owned = int(BASE_BYTES + converted + build)
         worst = max(worst, (name, owned), key=lambda w: w[1])
         # Kept: the engine (a plan, or the ONNX itself). Staged while one builds: its exported
         # ONNX (and the quantized rewrite of it) beside the plan being written.
