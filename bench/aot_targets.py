@@ -2,8 +2,8 @@
 target (kernels/targets.py: TARGETS), with no GPU: shared memory (Triton's metadata), registers
 and spills (ptxas -v, the run Triton makes itself).
 
-    python bench/aot_targets.py --write [--full]   # compile all (minutes on 2 cores), write
-                                                   # kernels/aot_targets.json + the table in bench/RESULTS.md
+    python bench/aot_targets.py --write   # compile all (minutes on 2 cores; results cached), write
+                                          # kernels/aot_targets.json + the table in bench/RESULTS.md
 
 kernels/aot_targets.json is what the kernels' autotuners prune by at run time (a config that
 does not fit the GPU's shared memory or spills past MAX_SPILL_BYTES is dropped for that GPU);
@@ -26,17 +26,18 @@ RESULTS = REPO / "bench" / "RESULTS.md"
 BEGIN, END = "<!-- aot_targets: begin -->", "<!-- aot_targets: end -->"
 
 
-def variants(full: bool) -> list:
+def variants() -> list:
+    """Every kernel in every dtype and layout it launches with (each module's aot_variants)."""
     from wan_rt.kernels import causal_conv, fused_norms, rope3d_attn
 
-    return [v for module in (rope3d_attn, causal_conv, fused_norms) for v in module.aot_variants(full)]
+    return [v for module in (rope3d_attn, causal_conv, fused_norms) for v in module.aot_variants()]
 
 
-def jobs(full: bool) -> list[tuple]:
+def jobs() -> list[tuple]:
     """(variant name, config name, target) for everything to compile."""
     from wan_rt.kernels.targets import TARGETS, config_name
 
-    return [(v.name, config_name(*c), cc) for v in variants(full) for cc in TARGETS for c in v.configs]
+    return [(v.name, config_name(*c), cc) for v in variants() for cc in TARGETS for c in v.configs]
 
 
 def _cache_dir() -> Path:
@@ -52,14 +53,14 @@ def _key(variant, config: tuple, target: int) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-def compile_one(job: tuple, full: bool, use_cache: bool = True) -> dict:
+def compile_one(job: tuple, use_cache: bool = True) -> dict:
     """Compile one (variant, config, target), through the result cache unless `use_cache` is off."""
     import dataclasses
 
     from wan_rt.kernels.targets import compile_for, config_name
 
     name, cfg_name, target = job
-    variant = next(v for v in variants(full) if v.name == name)
+    variant = next(v for v in variants() if v.name == name)
     config = next(c for c in variant.configs if config_name(*c) == cfg_name)
     path = _cache_dir() / f"{_key(variant, config, target)}.json"
     if use_cache and path.is_file():
@@ -74,12 +75,12 @@ def compile_one(job: tuple, full: bool, use_cache: bool = True) -> dict:
     return result
 
 
-def compile_all(job_list: list[tuple], full: bool, workers: int, use_cache: bool = True) -> dict:
+def compile_all(job_list: list[tuple], workers: int, use_cache: bool = True) -> dict:
     """{variant: {target: {config: measures}}} for the jobs, `workers` compiles at a time."""
     table: dict = {}
     n = len(job_list)
     with concurrent.futures.ProcessPoolExecutor(workers) as pool:
-        for job, result in zip(job_list, pool.map(compile_one, job_list, [full] * n, [use_cache] * n)):
+        for job, result in zip(job_list, pool.map(compile_one, job_list, [use_cache] * n)):
             name, cfg_name, target = job
             table.setdefault(name, {}).setdefault(str(target), {})[cfg_name] = result
     return table
@@ -110,7 +111,7 @@ def write(table: dict) -> None:
 
     from wan_rt.kernels.targets import TABLE
 
-    TABLE.write_text(json.dumps({"triton": triton.__version__, "kernels": {v.name: v.fn.cache_key for v in variants(True)
+    TABLE.write_text(json.dumps({"triton": triton.__version__, "kernels": {v.name: v.fn.cache_key for v in variants()
                                                                              if v.name in table},
                                  "variants": table}, indent=1, sort_keys=True) + "\n")
     text = RESULTS.read_text()
@@ -127,8 +128,9 @@ def check(full: bool, workers: int) -> dict:
     `coverage`: (variant, target, config) missing from kernels/aot_targets.json, or a kernel
     changed since it was written; `no_config`: a variant that keeps no config on a target;
     `compiled`: fresh compiles that disagree with the table (same Triton) or that the pruning
-    keeps although they do not fit. Without `full` one target per variant is compiled (each
-    target by some variant), its kept configs; with `full` everything."""
+    keeps although they do not fit. The table is checked for every variant (fp32 and flattened-K
+    included); without `full` one target per variant is compiled afresh (each target by some
+    variant), its kept configs; with `full` everything."""
     import triton
 
     from wan_rt.kernels.targets import TABLE, TARGETS, config_name, fits
@@ -137,7 +139,7 @@ def check(full: bool, workers: int) -> dict:
     same_triton = stored["triton"] == triton.__version__
     table = stored["variants"]
     report: dict = {"coverage": [], "no_config": [], "compiled": [], "checked": [], "triton_matches_table": same_triton}
-    chosen = variants(full)
+    chosen = variants()
     for v in chosen:
         if same_triton and stored["kernels"].get(v.name) != v.fn.cache_key:
             report["coverage"].append(f"{v.name}: the kernel changed since kernels/aot_targets.json was written")
@@ -154,7 +156,7 @@ def check(full: bool, workers: int) -> dict:
             measures = table.get(v.name, {}).get(str(cc), {})
             todo += [(v.name, config_name(*c), cc) for c in v.configs
                      if full or fits(measures.get(config_name(*c), {"shared": 1 << 30, "spill_bytes": 0}), cc)]
-    fresh = compile_all(todo, full, workers, use_cache=False)  # the compiler's word, not the cache's
+    fresh = compile_all(todo, workers, use_cache=False)  # the compiler's word, not the cache's
     for name, cfg_name, cc in todo:
         got = fresh[name][str(cc)][cfg_name]
         report["checked"].append([name, cfg_name, cc, got])
@@ -171,13 +173,12 @@ def main() -> int:
     parser.add_argument("--write", action="store_true", help="write kernels/aot_targets.json and bench/RESULTS.md")
     parser.add_argument("--check", metavar="REPORT.json", help="write the test's report (see check()) instead")
     parser.add_argument("--all", action="store_true", help="with --check: every variant, target and config")
-    parser.add_argument("--full", action="store_true", help="also the fp32 and flattened-K variants")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
     if args.check:
         Path(args.check).write_text(json.dumps(check(args.all, args.workers), indent=1))
         return 0
-    table = compile_all(jobs(args.full), args.full, args.workers)
+    table = compile_all(jobs(), args.workers)
     print(markdown(table))
     if args.write:
         write(table)

@@ -158,6 +158,11 @@ def _causal_conv3d_kernel(
 # its channels (_suits) are preferred.
 GPU_CONFIGS = [((128, 64, 32), 4, 3), ((128, 32, 16), 4, 3), ((64, 64, 32), 4, 2), ((64, 32, 16), 4, 2),
                ((32, 64, 32), 4, 2), ((32, 32, 16), 4, 2)]
+# fp32 inputs (IEEE dots on CUDA cores, operand tiles in registers): of GPU_CONFIGS only 32x32x16
+# (4 warps, 2 stages) fits, and on sm120 alone (it spills 128-256 B on the other targets, the
+# bigger tiles kilobytes); these spill nothing on any target, the 8-warp one by spreading the
+# tile over more threads, the 1-stage one by not prefetching (measured, kernels/aot_targets.json).
+FP32_CONFIGS = [((32, 32, 16), 8, 2), ((32, 32, 16), 4, 1), ((16, 32, 16), 4, 2)]
 
 
 def _conv_config(c_in: int, c_out: int) -> dict[str, int]:
@@ -179,35 +184,44 @@ def _suits(configs: list, args: dict) -> list:
 
 
 def _measured_variant(args: dict) -> tuple[str, float]:
-    """The variant in kernels/aot_targets.json (bf16, 3x3x3 taps) and the tiles' size relative to it."""
-    return "causal_conv3d[bf16]", element_size(args["X"].dtype) / 2
+    """The variant in kernels/aot_targets.json a launch stands for (3x3x3 taps, its dtype's width
+    and K layout); each is measured in its own configs, so the scale is 1."""
+    return _variant_name("fp32" if element_size(args["X"].dtype) == 4 else "bf16", args["FLAT_K"]), 1.0
 
 
+def _variant_name(dtype: str, flat: bool) -> str:
+    return f"causal_conv3d[{dtype}{',flat' if flat else ''}]"
+
+
+def _configs(configs: list, flat: bool) -> list[tuple[dict, int, int]]:
+    """(constexprs, warps, stages) of `configs`; the flattened-K walk takes 16-wide K chunks
+    only (its inputs have under 16 channels)."""
+    return [({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, w, st) for (m, n, k), w, st in configs
+            if not flat or k == 16]
+
+
+# One config list for every dtype: the pruning keeps, per launch, only the configs measured for its
+# variant (bf16 launches never see FP32_CONFIGS, fp32 launches only see them).
 _causal_conv3d_tuned = triton.autotune(
-    configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
-             for (m, n, k), w, st in GPU_CONFIGS],
+    configs=[triton.Config(kw, num_warps=w, num_stages=st) for kw, w, st in _configs(GPU_CONFIGS + FP32_CONFIGS, False)],
     key=["C_in", "C_out", "H", "W", "KT", "KH", "KW", "FLAT_K"],
     prune_configs_by={"early_config_prune": pruner(_measured_variant, _suits)},
 )(_causal_conv3d_kernel)
 
 
-def aot_variants(full: bool = False) -> list[Variant]:
+def aot_variants() -> list[Variant]:
     """What tests/kernels/test_aot_targets.py and bench/aot_targets.py compile for every target:
-    the VAE's 3x3x3 conv in bf16 with a cache and a bias (+ fp32 and the flattened-K input conv
-    when `full`)."""
-    def conv(name: str, dtype: str, flat: bool) -> Variant:
+    the VAE's 3x3x3 conv with a cache and a bias, bf16 and fp32, taps unrolled and K flattened
+    (the RGB / latent input convs)."""
+    def conv(dtype: str, flat: bool) -> Variant:
         sig = runtime_signature(_causal_conv3d_kernel, X=f"*{dtype}", Cache=f"*{dtype}", Wt=f"*{dtype}",
                                 Bias=f"*{dtype}", Y=f"*{dtype}")
         consts = dict(KT=3, KH=3, KW=3, HAS_CACHE=True, HAS_BIAS=True, FLAT_K=flat,
                       DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", DOT_F32=False)
-        configs = [({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, w, st) for (m, n, k), w, st in GPU_CONFIGS
-                   if not flat or k == 16]
-        return Variant(name, _causal_conv3d_kernel, sig, consts, configs)
+        return Variant(_variant_name(dtype, flat), _causal_conv3d_kernel, sig, consts,
+                       _configs(FP32_CONFIGS if dtype == "fp32" else GPU_CONFIGS, flat))
 
-    variants = [conv("causal_conv3d[bf16]", "bf16", False)]
-    if full:
-        variants += [conv("causal_conv3d[fp32]", "fp32", False), conv("causal_conv3d[bf16,flat]", "bf16", True)]
-    return variants
+    return [conv(dtype, flat) for dtype in ("bf16", "fp32") for flat in (False, True)]
 
 
 def _new_cache(x: Tensor, cache: Tensor | None, n: int) -> Tensor:

@@ -123,7 +123,7 @@ def _row_config(width: int, interpreter: bool | None = None) -> dict[str, int]:
     return dict(BLOCK_R=1, BLOCK_C=block_c, num_warps=min(max(block_c // 256, 1), 8))
 
 
-def aot_variants(full: bool = False) -> list[Variant]:
+def aot_variants() -> list[Variant]:
     """What tests/kernels/test_aot_targets.py and bench/aot_targets.py compile for every target:
     both kernels at the A14B width (5120 = 40 heads x 128), bf16, in their one GPU config."""
     cfg = _row_config(5120, interpreter=False)

@@ -261,53 +261,68 @@ def _rope3d_attn_fwd_kernel(
 # first; kernels/targets.py prunes those that do not fit the launch's GPU (shared memory, spills as
 # measured ahead of time for every claimed target: kernels/aot_targets.json).
 GPU_CONFIGS = [((128, 64), 8, 3), ((128, 32), 8, 2), ((64, 64), 4, 3), ((64, 32), 4, 2)]
+# fp32 inputs (IEEE dots, no tensor cores): Triton's FMA dot holds each thread's operand rows whole
+# along the head dim in registers, so at head dim 128 every tile above spills kilobytes, and 16x32
+# or 32x16 still spill 300-450 B on every target; 16x16 over 8 warps spills none on any (measured,
+# kernels/aot_targets.json). Slow, but fp32 is the accuracy reference, not the fast path.
+FP32_CONFIGS = [((16, 16), 8, 2), ((16, 16), 8, 1)]
 KQ_BLOCK = 64  # rows per k quantization block on the GPU (the prepass and the int8 scores)
 
 
 def _attn_config(head_dim: int, quant: str) -> dict[str, int]:
     """The interpreter's tiles: small, unequal, so the CPU tests cross several q and k tiles
-    and their tails. On the GPU the tiles are autotuned (GPU_CONFIGS) and only KQ_BLOCK is fixed."""
+    and their tails. On the GPU the tiles are autotuned (GPU_CONFIGS, FP32_CONFIGS) and only
+    KQ_BLOCK is fixed."""
     if interpreting():
         return dict(BLOCK_M=16, BLOCK_N=32, KQ_BLOCK=16, num_warps=4, num_stages=1)
     return dict(KQ_BLOCK=KQ_BLOCK)
 
 
 def _measured_variant(args: dict) -> tuple[str, float]:
-    """The variant in kernels/aot_targets.json a launch stands for (bf16 or int8 scores at head
-    dim 128) and its tiles' size relative to it (fp32: x2, head dim 64: x0.5)."""
-    if args["QUANT_INT8"]:
-        return "rope3d_attention[int8]", args["BLOCK_D"] / 128 * element_size(args["V"].dtype) / 2
-    return "rope3d_attention[bf16]", args["BLOCK_D"] / 128 * element_size(args["Q"].dtype) / 2
+    """The variant in kernels/aot_targets.json a launch stands for (its scores and the dtype of
+    its P·V dot, at head dim 128) and its tiles' size relative to it (head dim 64: x0.5). fp32
+    launches are pruned by their own measurements: their spills are not a scaled bf16 figure."""
+    wide = element_size(args["V"].dtype) == 4
+    name = {(False, False): "bf16", (True, False): "int8", (False, True): "fp32", (True, True): "int8,fp32"}
+    return f"rope3d_attention[{name[args['QUANT_INT8'], wide]}]", args["BLOCK_D"] / 128
 
 
+def _triton_configs(configs: list) -> list:
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for (m, n), w, st in configs]
+
+
+# One config list for every dtype: the pruning keeps, per launch, only the configs measured for its
+# variant (bf16 launches never see FP32_CONFIGS, fp32 launches only see them).
 _rope3d_attn_fwd_tuned = triton.autotune(
-    configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for (m, n), w, st in GPU_CONFIGS],
+    configs=_triton_configs(GPU_CONFIGS + FP32_CONFIGS),
     key=["Lq", "Lk", "HEAD_DIM", "QUANT_INT8", "ROPE_K", "STORE_LSE"],
     prune_configs_by={"early_config_prune": pruner(_measured_variant)},
 )(_rope3d_attn_fwd_kernel)
 
 
-def aot_variants(full: bool = False) -> list[Variant]:
+def aot_variants() -> list[Variant]:
     """What tests/kernels/test_aot_targets.py and bench/aot_targets.py compile for every target:
-    Wan's head dim 128 with bf16 scores and with int8 scores (+ fp32 inputs when `full`), and
-    the int8 prepass."""
-    def attention(name: str, q: str, k: str, quant: bool, precision: str) -> Variant:
+    Wan's head dim 128 with bf16 scores, with int8 scores (bf16 and fp32 v) and with fp32 inputs
+    (IEEE dots), and the int8 prepass."""
+    def attention(name: str, q: str, k: str, quant: bool, configs: list) -> Variant:
         sig = runtime_signature(_rope3d_attn_fwd_kernel, Q=f"*{q}", K=f"*{k}", V=f"*{q}", Out=f"*{q}", Cos="*fp32",
                                 Sin="*fp32", KScale="*fp32", Lse="*fp32", sm_scale="fp32")
         consts = dict(HEAD_DIM=128, BLOCK_D=128, KQ_BLOCK=KQ_BLOCK, ROPE_Q=True, ROPE_K=not quant, QUANT_INT8=quant,
-                      DOT_PRECISION=precision, DOT_F32=False, STORE_LSE=False)
-        configs = [({"BLOCK_M": m, "BLOCK_N": n}, w, st) for (m, n), w, st in GPU_CONFIGS]
-        return Variant(name, _rope3d_attn_fwd_kernel, sig, consts, configs)
+                      DOT_PRECISION="ieee" if q == "fp32" else "tf32", DOT_F32=False, STORE_LSE=False)
+        return Variant(name, _rope3d_attn_fwd_kernel, sig, consts,
+                       [({"BLOCK_M": m, "BLOCK_N": n}, w, st) for (m, n), w, st in configs])
 
-    prepass_sig = runtime_signature(_rope_smooth_quant_k_kernel, K="*bf16", Cos="*fp32", Sin="*fp32", Mean="*fp32",
-                                    KSum="*fp32", KOut="*i8", KScale="*fp32")
-    variants = [attention("rope3d_attention[bf16]", "bf16", "bf16", False, "tf32"),
-                attention("rope3d_attention[int8]", "bf16", "i8", True, "tf32"),
-                Variant("rope_smooth_quant_k", _rope_smooth_quant_k_kernel, prepass_sig,
-                        dict(HEAD_DIM=128, BLOCK_D=128, KQ_BLOCK=KQ_BLOCK, ROPE=True, SUM_PASS=False), [({}, 4, 3)])]
-    if full:
-        variants.append(attention("rope3d_attention[fp32]", "fp32", "fp32", False, "ieee"))
-    return variants
+    def prepass(name: str, k: str) -> Variant:
+        sig = runtime_signature(_rope_smooth_quant_k_kernel, K=f"*{k}", Cos="*fp32", Sin="*fp32", Mean="*fp32",
+                                KSum="*fp32", KOut="*i8", KScale="*fp32")
+        return Variant(name, _rope_smooth_quant_k_kernel, sig,
+                       dict(HEAD_DIM=128, BLOCK_D=128, KQ_BLOCK=KQ_BLOCK, ROPE=True, SUM_PASS=False), [({}, 4, 3)])
+
+    return [attention("rope3d_attention[bf16]", "bf16", "bf16", False, GPU_CONFIGS),
+            attention("rope3d_attention[int8]", "bf16", "i8", True, GPU_CONFIGS),
+            attention("rope3d_attention[fp32]", "fp32", "fp32", False, FP32_CONFIGS),
+            attention("rope3d_attention[int8,fp32]", "fp32", "i8", True, GPU_CONFIGS + FP32_CONFIGS),
+            prepass("rope_smooth_quant_k", "bf16"), prepass("rope_smooth_quant_k[fp32]", "fp32")]
 
 
 def _quantize_k(k: Tensor, cos: Tensor, sin: Tensor, rope: bool, cfg: dict[str, int]) -> tuple[Tensor, Tensor]:

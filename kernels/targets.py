@@ -7,8 +7,9 @@ Each kernel module lists its GPU configs and `aot_variants()`: representative sp
 metadata, registers and spills from the log of the ptxas run Triton makes (`-v`).
 bench/aot_targets.py does that for every variant x config x target and writes
 kernels/aot_targets.json; `pruner(...)` is the autotuners' `early_config_prune`: it keeps the
-configs whose measurements fit the launch's GPU (shared memory, scaled for wider tiles, and at
-most MAX_SPILL_BYTES of spills), before autotuning benchmarks any. tests/kernels/test_aot_targets.py
+configs whose measurements fit the launch's GPU (shared memory, scaled for a smaller head dim,
+and at most MAX_SPILL_BYTES of spills), before autotuning benchmarks any. Each dtype a kernel
+runs in has its own measured variant (fp32 tiles spill where bf16 ones do not: no scaling sees that). tests/kernels/test_aot_targets.py
 checks the table against fresh compiles and that every kernel keeps a config on every target.
 
 Nothing here imports triton at module level (`wan_rt.kernels` stays importable without it).
@@ -84,12 +85,14 @@ def measured() -> dict:
 
 def fits(measure: dict, capability: int, shared_scale: float = 1.0) -> bool:
     """A compiled config fits sm<capability>: its shared memory (scaled from the measured
-    variant's, e.g. x2 for fp32 tiles) within the target's, and no spills past MAX_SPILL_BYTES."""
+    variant's, e.g. x0.5 for head dim 64) within the target's, and no spills past MAX_SPILL_BYTES."""
     return measure["shared"] * shared_scale <= TARGETS[capability] * 1024 and measure["spill_bytes"] <= MAX_SPILL_BYTES
 
 
 def kept_configs(variant: str, configs: list, capability: int, shared_scale: float = 1.0) -> list:
-    """The triton.Config entries of `configs` measured to fit this GPU; an error if none does."""
+    """The triton.Config entries of `configs` measured for `variant` that fit this GPU (a config
+    not measured for it is not one of its configs: the fp32-only tiles for a bf16 launch); an
+    error if none does."""
     target = table_target(capability)
     table = measured()[variant][str(target)]
     kept = [c for c in configs
@@ -102,7 +105,7 @@ def kept_configs(variant: str, configs: list, capability: int, shared_scale: flo
 def pruner(variant_of: Callable[[dict], tuple[str, float]],
            prefer: Callable[[list, dict], list] = lambda configs, args: configs) -> Callable[..., list]:
     """`early_config_prune` for triton.autotune: `variant_of(args)` names the measured variant a
-    launch stands for and the shared-memory scale from it; the configs that fit the GPU of the
+    launch stands for (its dtype's) and the shared-memory scale from it; the configs that fit the GPU of the
     launch survive, before autotuning benchmarks any (of those, `prefer`'s when it keeps some)."""
     def prune(configs: list, named_args: dict, **kwargs: Any) -> list:
         import torch

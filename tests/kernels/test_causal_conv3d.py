@@ -58,6 +58,20 @@ def test_causal_conv3d_fp32_matches_fp64(case, with_cache, spy_launches):
     assert torch.equal(new_cache.double(), cache_ref)
 
 
+@pytest.mark.skipif(not INTERPRETING, reason="on a GPU the fp32 tests here autotune among these tiles themselves")
+@pytest.mark.parametrize("tiles", sorted({tiles for tiles, _, _ in causal_conv.FP32_CONFIGS}))
+def test_causal_conv3d_fp32_gpu_tiles_match_fp64(tiles, monkeypatch):
+    """The tiles fp32 launches take on a GPU (FP32_CONFIGS, small enough not to spill), run in the
+    interpreter: taps unrolled (a channel tail) and K flattened, with a cache."""
+    block_m, block_n, block_k = tiles
+    monkeypatch.setattr(causal_conv, "_conv_config", lambda c_in, c_out: dict(
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, FLAT_K=c_in < 16, num_warps=4, num_stages=1))
+    for case in ("taps-3x3x3", "flat-3x3x3"):
+        x, w, b, cache = _make(case, T=2, seed=5)
+        y, _ = causal_conv3d(x, w, b, cache)
+        assert rel_err(y, causal_conv3d_ref(_fp64(x), _fp64(w), _fp64(b), _fp64(cache))[0]) <= 1e-4, case
+
+
 @pytest.mark.parametrize("case", ["flat-3x3x3", "taps-3x3x3"])
 def test_causal_conv3d_chunked_equals_full(case):
     """Wan's chunking (1 frame, then 4, 4) with the returned cache equals one call on 9 frames."""

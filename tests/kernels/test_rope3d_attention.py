@@ -54,6 +54,23 @@ def test_rope3d_attention_fp32_matches_fp64(head_dim, spy_launches):
     assert rel_err(out, ref) <= 1e-4
 
 
+@pytest.mark.skipif(not INTERPRETING, reason="on a GPU the fp32 tests here autotune among these tiles themselves")
+@pytest.mark.parametrize("tiles", sorted({tiles for tiles, _, _ in rope3d_attn.FP32_CONFIGS}))
+def test_rope3d_attention_fp32_gpu_tiles_match_fp64(tiles, monkeypatch, spy_launches):
+    """The tiles fp32 launches take on a GPU (FP32_CONFIGS, small enough not to spill), run in the
+    interpreter at Wan's head dim: plain fp32, and int8 scores on fp32 inputs (its q tiles)."""
+    block_m, block_n = tiles
+    monkeypatch.setattr(rope3d_attn, "_attn_config", lambda head_dim, quant: dict(
+        BLOCK_M=block_m, BLOCK_N=block_n, KQ_BLOCK=16, num_warps=8, num_stages=1))
+    counts = spy_launches(rope3d_attn, "_rope3d_attn_fwd_kernel")
+    cos, sin = wan_rope_tables(GRID, 128)
+    q, k, v = _qkv(1, 105, 2, 128, seed=11)
+    assert rel_err(rope3d_attention(q, k, v, cos, sin), rope3d_attention_ref(*_fp64(q, k, v, cos, sin))) <= 1e-4
+    emulated = rope3d_attention_ref(*_fp64(q, k, v, cos, sin), quant="int8", q_block=block_m, k_block=16)
+    assert rel_err(rope3d_attention(q, k, v, cos, sin, quant="int8"), emulated) <= 1e-3
+    assert counts["_rope3d_attn_fwd_kernel"] == 2
+
+
 def test_rope3d_attention_strided_batch_and_scale():
     """B = 2, q/k/v as strided views of one packed qkv tensor, a non-default softmax scale."""
     B, L, H, D = 2, 105, 3, 32
