@@ -398,11 +398,11 @@ def test_a_quantized_build_calibrates_at_the_small_size(monkeypatch, tmp_path):
 
     seen = {}
 
-    def record(model, **kwargs):
+    def record(model, experts, **kwargs):
         seen.update(kwargs)
         raise Recorded  # what follows is the tested fp8 build
 
-    monkeypatch.setattr(calibrate, "record_trajectory", record)
+    monkeypatch.setattr(calibrate, "calibrate_checkpoint", record)
     with pytest.raises(Recorded):
         build_engines(SPEC, "ort", tmp_path / "engines", precision="fp8", height=720, width=1280, frames=81,
                       components=["dit_high_noise"], log=lambda s: None)
