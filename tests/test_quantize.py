@@ -374,6 +374,54 @@ def test_quantized_tiny_dit_runs_in_onnxruntime_with_small_real_error(tiny, tmp_
     assert 1e-4 < min(errors) and max(errors) < 0.1, errors
 
 
+def _same_content(a, b) -> None:
+    """The same graph and the same initializers (name, type, shape, bytes), wherever they are stored."""
+    ma, mb = onnx.load(str(a)), onnx.load(str(b))
+    ia, ib = list(ma.graph.initializer), list(mb.graph.initializer)
+    assert [(t.name, t.data_type, list(t.dims)) for t in ia] == [(t.name, t.data_type, list(t.dims)) for t in ib]
+    assert all(numpy_helper.to_array(x).tobytes() == numpy_helper.to_array(y).tobytes() for x, y in zip(ia, ib))
+    for m in (ma, mb):
+        del m.graph.initializer[:]
+    assert ma.SerializeToString() == mb.SerializeToString()
+
+
+@pytest.mark.parametrize("precision", ["fp8", "int8"])
+def test_a_graph_with_external_data_is_quantized_tensor_by_tensor_to_the_same_model(tiny, tmp_path, precision):
+    """The streamed path (weights read from the data file one at a time, the new ones written as
+    they are made) writes what loading the model whole and quantizing it in memory writes."""
+    from wan_rt.export.onnx_export import export_onnx
+    from wan_rt.runtime.graphs import graph_spec, shape_profile
+
+    gspec = graph_spec(tiny.spec, "dit_high_noise", "main")
+    profile = shape_profile(tiny.spec, height=32, width=32, frames=9)
+    plan = QuantPlan(QuantConfig(precision, fp8_attention=precision == "fp8"), tiny.stats,
+                     tiny.spec.dit.num_layers, tiny.spec.dit.head_dim)
+    module = tiny.modules["main"]
+    streamed, small = tmp_path / "streamed" / "model.onnx", tmp_path / "small" / "model.onnx"
+    for path in (streamed, small):  # every weight forced into model.onnx.data
+        export_onnx(module, gspec, profile, path, compute_dtype=torch.float32, opset=QDQ_OPSET,
+                    external_data_threshold=0)
+        assert (path.parent / "model.onnx.data").is_file()
+    whole = tmp_path / "whole" / "model.onnx"
+    whole.parent.mkdir()
+    onnx.save_model(onnx.load(str(streamed)), str(whole))  # the same model, weights inline
+    files, report = quantize_onnx_file(whole, plan, module)
+    assert files == ["model.onnx"]
+
+    files, streamed_report = quantize_onnx_file(streamed, plan, module, external_data_threshold=0)
+    assert files == ["model.onnx", "model.onnx.data"] and streamed_report == report
+    _same_content(whole, streamed)
+    assert sorted(p.name for p in streamed.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
+    # Under the threshold once quantized: one file, as saving the whole model writes it.
+    files, _ = quantize_onnx_file(small, plan, module)
+    assert files == ["model.onnx"] and [p.name for p in small.parent.iterdir()] == ["model.onnx"]
+    _same_content(whole, small)
+    call = tiny.calls[0].inputs
+    kv = _session(tiny.paths["text"]).run(None, {"context": call["context"].numpy()})[0]
+    feed = {"latents": call["latents"].numpy(), "timestep": call["timestep"].numpy(), "text_kv": kv}
+    np.testing.assert_array_equal(_session(streamed).run(None, feed)[0], _session(whole).run(None, feed)[0])
+
+
 # ------------------------------------------------------------------------------------ calibration size
 def test_calibration_size_is_small_and_valid():
     from wan_rt.config import get_spec
