@@ -470,43 +470,42 @@ def _quantize_attention(g: _Graph, plan: QuantPlan, attention: list, report: Qua
 
 
 # ------------------------------------------------------------------------------------ files
-def quantize_onnx_file(path: Path, plan: QuantPlan, module: torch.nn.Module | None = None,
-                       external_data_threshold: int | None = None) -> tuple[list[str], QuantReport]:
+def quantize_onnx_file(path: Path, plan: QuantPlan,
+                       module: torch.nn.Module | None = None) -> tuple[list[str], QuantReport]:
     """Quantize `path` in place and check it; returns (files, report). A graph whose weights are
-    external data (over 2 GB) is streamed: read tensor by tensor from its data file (memory-
-    mapped), each quantized weight written to the new data file as it is made (1 byte per fp8/
-    int8 weight), the weights kept copied after; the model is never held whole. The result is
-    what loading it whole and quantizing in memory gives (tests/test_quantize.py checks it): the
-    same graph and initializer bytes, saved with external data iff its initializers still exceed
-    `external_data_threshold` (default onnx_export's, under protobuf's 2 GiB)."""
+    external data (the exporter's choice over 2 GB) is streamed: read tensor by tensor from its
+    data file (memory-mapped), each quantized weight written to a new data file as it is made
+    (1 byte per fp8/int8 weight), the weights kept copied after; the model is never held whole,
+    and stays external data however small quantizing made it. The result is what loading it
+    whole and quantizing it in memory gives: the same graph and initializer bytes
+    (tests/test_quantize.py checks it). A graph without external data is quantized in memory,
+    saved with external data only if it still exceeds onnx_export's threshold."""
     import onnx
     from onnx.external_data_helper import uses_external_data
 
     from wan_rt.export.onnx_export import DATA_SUFFIX, EXTERNAL_DATA_THRESHOLD
 
-    threshold = EXTERNAL_DATA_THRESHOLD if external_data_threshold is None else external_data_threshold
     path = Path(path)
     data = path.with_name(path.name + DATA_SUFFIX)
     model = onnx.load(str(path), load_external_data=False)
-    if not any(uses_external_data(t) for t in _all_tensors(model)):
+    if any(uses_external_data(t) for t in _all_tensors(model)):
+        report, external = _quantize_streamed(model, path, data, plan, module), True
+    else:
         report = quantize_model(model, plan, match_linears(model, module) if module is not None else None)
         data.unlink(missing_ok=True)
-        external = sum(len(t.raw_data) for t in model.graph.initializer) > threshold
+        external = sum(len(t.raw_data) for t in model.graph.initializer) > EXTERNAL_DATA_THRESHOLD
         if external:
             onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=data.name, size_threshold=1024)
         else:
             onnx.save_model(model, str(path))
-        del model
-    else:
-        external, report = _quantize_streamed(model, path, data, plan, module, threshold)
+    del model
     _check(path)
     return ([path.name, data.name] if external else [path.name]), report
 
 
-def _quantize_streamed(model, path: Path, data: Path, plan: QuantPlan, module: torch.nn.Module | None,
-                       threshold: int) -> tuple[bool, QuantReport]:
-    """quantize_onnx_file for a graph with external data; -> (saved with external data, report)."""
+def _quantize_streamed(model, path: Path, data: Path, plan: QuantPlan, module: torch.nn.Module | None) -> QuantReport:
+    """quantize_onnx_file for a graph with external data: `data` is rewritten tensor by tensor."""
     import onnx
     from onnx.external_data_helper import uses_external_data
 
@@ -522,16 +521,9 @@ def _quantize_streamed(model, path: Path, data: Path, plan: QuantPlan, module: t
             if uses_external_data(t):
                 t.CopyFrom(tensors.inline(t))
         tensors.finish_writing()
-        external = sum(tensors.nbytes(t) for t in model.graph.initializer) > threshold
-        if external:
-            os.replace(staging, data)
-        else:  # small enough for one protobuf once quantized: what saving it whole would write
-            for t in model.graph.initializer:
-                if uses_external_data(t):
-                    t.CopyFrom(tensors.inline(t))
-            data.unlink(missing_ok=True)
+        os.replace(staging, data)
         onnx.save_model(model, str(path))
-        return external, report
+        return report
     finally:
         tensors.close()
         staging.unlink(missing_ok=True)
@@ -579,18 +571,13 @@ class _TensorFiles:
         if not uses_external_data(t):
             return t.raw_data
         info = ExternalDataInfo(t)
-        where = self.out if t.name in self.written else Path(self.folder) / info.location
+        where = Path(self.folder) / info.location
         if where not in self._maps:
             with open(where, "rb") as f:
                 self._maps[where] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         view = self._maps[where]
         start = info.offset or 0
         return view[start:start + info.length] if info.length else view[start:]
-
-    def nbytes(self, t) -> int:
-        from onnx.external_data_helper import ExternalDataInfo, uses_external_data
-
-        return ExternalDataInfo(t).length if uses_external_data(t) else len(t.raw_data)
 
     def inline(self, t):
         """A copy of `t` holding its bytes."""
