@@ -25,8 +25,19 @@
    A two-expert schedule that gives an expert no step (tiny presets at few steps) calibrates that
    expert on all calls rather than on nothing; `CalibrationStats.note` says so.
 
-bf16 against fp32 calibration, fp8 Q/DQ error of the calibrated graph (tests/test_quantize.py
-checks that bf16 calibration costs no more than a small margin over fp32).
+Calibrating in bf16 instead of fp32 changes the amax values slightly and the quantized DiT's
+error not measurably. Measured (random weights; 2 prompts x 4 steps at 32x32x9; mean relative L2
+of noise_pred, Q/DQ graph against the fp32 graph in ONNX Runtime, on a 4-step fp32 trajectory of
+another seed), fp32-calibrated -> bf16-calibrated:
+
+    model                         expert  fp8                int8
+    tiny-t2v-A14B (2 layers)      high    0.01254 -> 0.01244  0.00658 -> 0.00649
+                                  low     0.01025 -> 0.01043  0.00976 -> 0.00944
+    tiny-ti2v-5B (2 layers)       dit     0.01065 -> 0.01129  0.01442 -> 0.01455
+    tiny-t2v-A14B at 6 layers     high    0.01689 -> 0.01671  0.01355 -> 0.01306
+                                  low     0.01494 -> 0.01507  0.01267 -> 0.01284
+
+tests/test_quantize.py fails if bf16 calibration gives more than 1.25x the fp32 one's fp8 error.
 
 Statistics are keyed by module path in the WanDiT ("blocks.3.attn1.to_q"), which is how the Q/DQ
 pass (export/quantize.py) finds them from ONNX node names.
