@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
+import os
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,6 +50,8 @@ from wan_rt.precision import QUANTIZED_PRECISIONS, keep_reason
 
 QDQ_OPSET = 19                  # float8 Q/DQ needs opset 19 (TensorRT 10 parses it)
 QMAX = {"fp8": 448.0, "int8": 127.0}
+# Tensors below this stay inline in a model with external data (as onnx.save_model's default).
+_INLINE_BYTES = 1024
 REPORT_FILE = "qdq_report.json"
 
 
@@ -194,8 +198,9 @@ def quantize_weight(w: np.ndarray, precision: str, out_axis: int, elem_type: int
 class _Graph:
     """Index of a graph being rewritten: producers, initializers, and nodes to insert."""
 
-    def __init__(self, model):
+    def __init__(self, model, tensors: "_TensorFiles | None" = None):
         self.model, self.graph = model, model.graph
+        self.tensors = tensors or _TensorFiles(None)  # reads initializers (and writes new ones) by file
         self.inits = {t.name: t for t in self.graph.initializer}
         self.producer = {o: n for n in self.graph.node for o in n.output}
         self.uses: dict[str, int] = defaultdict(int)
@@ -231,8 +236,12 @@ class _Graph:
 
     def constant(self, base: str, value: torch.Tensor, elem_type: int) -> str:
         name = self.name(base)
-        self.new_inits.append(_make_tensor(name, value, elem_type))
+        self.new_inits.append(self.tensors.store(_make_tensor(name, value, elem_type)))
         return name
+
+    def value(self, name: str) -> np.ndarray:
+        """An initializer as float32, read from wherever it is stored."""
+        return self.tensors.as_float(self.inits[name])
 
     def insert(self, before_node, node) -> None:
         self.before[id(before_node)].append(node)
@@ -262,8 +271,10 @@ def _qdq(g: _Graph, x: str, amax: float, precision: str, float_type: int, first_
     return dq
 
 
-def quantize_model(model, plan: QuantPlan, linear_paths: Mapping[str, str] | None = None) -> QuantReport:
-    """Insert Q/DQ into `model` (an onnx.ModelProto, weights loaded) in place; see module doc.
+def quantize_model(model, plan: QuantPlan, linear_paths: Mapping[str, str] | None = None,
+                   tensors: "_TensorFiles | None" = None) -> QuantReport:
+    """Insert Q/DQ into `model` (an onnx.ModelProto) in place; see module doc. Its weights are
+    loaded, or `tensors` reads them from their external data files (and writes the new ones).
 
     `linear_paths` maps weight initializer names to WanDiT module paths: from `match_linears`
     (by weight content, robust to how the exporter named things) or, by default, from node names
@@ -274,7 +285,7 @@ def quantize_model(model, plan: QuantPlan, linear_paths: Mapping[str, str] | Non
                             f"(export it with opset={QDQ_OPSET})")
     if plan.config.fp8_attention and not attention_fp8_supported(plan.head_dim):
         raise QuantizeError(f"FP8 attention needs head_dim % 16 == 0, not {plan.head_dim}")
-    g = _Graph(model)
+    g = _Graph(model, tensors)
     paths = dict(linear_paths) if linear_paths is not None else linear_paths_from_names(model)
     report = QuantReport()
     # Find the attention matmuls first: the linear pass rewires the to_out inputs they are named by.
@@ -297,12 +308,14 @@ def _weight_key(w: np.ndarray) -> tuple:
     return w.shape, hashlib.sha1(w.tobytes()).hexdigest()
 
 
-def match_linears(model, module: torch.nn.Module) -> dict[str, str]:
+def match_linears(model, module: torch.nn.Module, tensors: "_TensorFiles | None" = None) -> dict[str, str]:
     """{weight initializer: module path} by content: a linear's ONNX weight is its nn.Linear's
     weight transposed (MatMul) or as is (Gemm transB=1), bit for bit. Node names cannot be
     trusted: the TorchScript exporter scopes by forward calls, so `dit.encode_text`'s calls to
     `block.attn2.to_k` come out as "/to_k_1/MatMul". Paths are relative to the WanDiT (the
-    graph module's `dit.` prefix is dropped)."""
+    graph module's `dit.` prefix is dropped). Weights are hashed one at a time (`tensors` reads
+    those stored as external data), so no second copy of the model is ever held."""
+    tensors = tensors or _TensorFiles(None)
     index: dict[tuple, list[str]] = defaultdict(list)
     for name, sub in module.named_modules():
         if isinstance(sub, torch.nn.Linear):
@@ -318,7 +331,7 @@ def match_linears(model, module: torch.nn.Module) -> dict[str, str]:
         init = inits.get(n.input[1])
         if init is None or len(init.dims) != 2:
             continue
-        found = sorted(set(index.get(_weight_key(_as_float(init)), [])))
+        found = sorted(set(index.get(_weight_key(tensors.as_float(init)), [])))
         if len(found) > 1:
             raise QuantizeError(f"weight {init.name} matches several linear layers {found}; cannot tell them apart")
         if found:
@@ -360,7 +373,7 @@ def _quantize_linears(g: _Graph, plan: QuantPlan, paths: Mapping[str, str], repo
         weights, out_axes = [], []
         for n in nodes:
             trans_b = next((a.i for a in n.attribute if a.name == "transB"), 0)
-            w = _as_float(g.inits[n.input[1]])
+            w = g.value(n.input[1])
             weights.append(w.T if trans_b else w)  # -> [in, out]
             out_axes.append(0 if trans_b else 1)
         float_type = g.inits[nodes[0].input[1]].data_type
@@ -459,24 +472,163 @@ def _quantize_attention(g: _Graph, plan: QuantPlan, attention: list, report: Qua
 # ------------------------------------------------------------------------------------ files
 def quantize_onnx_file(path: Path, plan: QuantPlan,
                        module: torch.nn.Module | None = None) -> tuple[list[str], QuantReport]:
-    """Load `path` (and its external data), quantize, write it back beside the same data file
-    name when still over the protobuf limit; check it; returns (files, report)."""
+    """Quantize `path` in place and check it; returns (files, report). A graph whose weights are
+    external data (the exporter's choice over 2 GB) is streamed: read tensor by tensor from its
+    data file (memory-mapped), each quantized weight written to a new data file as it is made
+    (1 byte per fp8/int8 weight), the weights kept copied after; the model is never held whole,
+    and stays external data however small quantizing made it. The result is what loading it
+    whole and quantizing it in memory gives: the same graph and initializer bytes
+    (tests/test_quantize.py checks it). A graph without external data is quantized in memory,
+    saved with external data only if it still exceeds onnx_export's threshold."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    from wan_rt.export.onnx_export import DATA_SUFFIX, EXTERNAL_DATA_THRESHOLD
+
+    path = Path(path)
+    data = path.with_name(path.name + DATA_SUFFIX)
+    model = onnx.load(str(path), load_external_data=False)
+    if any(uses_external_data(t) for t in _all_tensors(model)):
+        report, external = _quantize_streamed(model, path, data, plan, module), True
+    else:
+        report = quantize_model(model, plan, match_linears(model, module) if module is not None else None)
+        data.unlink(missing_ok=True)
+        external = sum(len(t.raw_data) for t in model.graph.initializer) > EXTERNAL_DATA_THRESHOLD
+        if external:
+            onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data.name, size_threshold=1024)
+        else:
+            onnx.save_model(model, str(path))
+    del model
+    _check(path)
+    return ([path.name, data.name] if external else [path.name]), report
+
+
+def _quantize_streamed(model, path: Path, data: Path, plan: QuantPlan, module: torch.nn.Module | None) -> QuantReport:
+    """quantize_onnx_file for a graph with external data: `data` is rewritten tensor by tensor."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    staging = path.with_name(f".{data.name}.quantizing")  # the input's data file is read until the end
+    tensors = _TensorFiles(path.parent, staging, data.name)
+    try:
+        report = quantize_model(model, plan, match_linears(model, module, tensors) if module is not None else None,
+                                tensors)
+        for t in model.graph.initializer:  # the weights kept as they were, copied after the new ones
+            if uses_external_data(t) and t.name not in tensors.written:
+                tensors.move(t)
+        for t in _all_tensors(model, initializers=False):  # Constant nodes: inline, as onnx.load leaves them
+            if uses_external_data(t):
+                t.CopyFrom(tensors.inline(t))
+        tensors.finish_writing()
+        os.replace(staging, data)
+        onnx.save_model(model, str(path))
+        return report
+    finally:
+        tensors.close()
+        staging.unlink(missing_ok=True)
+
+
+def _check(path: Path) -> None:
+    """ONNX shape inference and checker (path-based: external data is not loaded), TensorRT's ops."""
     import onnx
 
-    from wan_rt.export.onnx_export import DATA_SUFFIX, EXTERNAL_DATA_THRESHOLD, check_trt_compatible
+    from wan_rt.export.onnx_export import check_trt_compatible
 
-    model = onnx.load(str(path))
-    report = quantize_model(model, plan, match_linears(model, module) if module is not None else None)
-    data = path.with_name(path.name + DATA_SUFFIX)
-    data.unlink(missing_ok=True)
-    external = sum(len(t.raw_data) for t in model.graph.initializer) > EXTERNAL_DATA_THRESHOLD
-    if external:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data.name, size_threshold=1024)
-    else:
-        onnx.save_model(model, str(path))
-    del model
     onnx.shape_inference.infer_shapes_path(str(path), str(path), check_type=True, strict_mode=True)
     onnx.checker.check_model(str(path))
     check_trt_compatible(onnx.load(str(path), load_external_data=False))
-    return ([path.name, data.name] if external else [path.name]), report
+
+
+def _all_tensors(model, initializers: bool = True):
+    """The initializers, then the tensors of Constant nodes (the graphs here have no subgraphs)."""
+    if initializers:
+        yield from model.graph.initializer
+    for node in model.graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+
+
+class _TensorFiles:
+    """Tensor bytes by file. Reads tensors stored as external data (relative to `folder`) one at
+    a time through memory maps (file pages, not memory the process owns); with `out`, `store`
+    writes each new tensor of _INLINE_BYTES or more to that file as soon as it is made, page-
+    aligned, recorded under the data file name `location` it will be renamed to. folder None:
+    every tensor is in its proto (a model loaded whole) and nothing is written."""
+
+    ALIGN = 4096
+
+    def __init__(self, folder: Path | None, out: Path | None = None, location: str = ""):
+        self.folder, self.out, self.location = folder, out, location
+        self.written: set[str] = set()  # initializers now in `out` (their entries name `location`)
+        self._maps: dict[Path, mmap.mmap] = {}
+        self._file = open(out, "wb") if out is not None else None
+
+    def _bytes(self, t) -> bytes:
+        from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+        if not uses_external_data(t):
+            return t.raw_data
+        info = ExternalDataInfo(t)
+        where = Path(self.folder) / info.location
+        if where not in self._maps:
+            with open(where, "rb") as f:
+                self._maps[where] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        view = self._maps[where]
+        start = info.offset or 0
+        return view[start:start + info.length] if info.length else view[start:]
+
+    def inline(self, t):
+        """A copy of `t` holding its bytes."""
+        from onnx import TensorProto
+
+        copy = TensorProto()
+        copy.CopyFrom(t)
+        del copy.external_data[:]
+        copy.data_location = TensorProto.DEFAULT
+        copy.raw_data = self._bytes(t)
+        return copy
+
+    def as_float(self, t) -> np.ndarray:
+        from onnx.external_data_helper import uses_external_data
+
+        return _as_float(self.inline(t) if uses_external_data(t) else t)
+
+    def store(self, t):
+        """A new tensor (bytes in raw_data): to the data file if big enough; returns the proto."""
+        if self._file is not None and len(t.raw_data) >= _INLINE_BYTES:
+            self._write(t, t.raw_data)
+        return t
+
+    def move(self, t) -> None:
+        """An initializer of the input's data file, copied into the new one."""
+        self._write(t, self._bytes(t))
+
+    def _write(self, t, data: bytes) -> None:
+        from onnx import TensorProto
+
+        offset = self._file.tell()
+        if offset % self.ALIGN:
+            self._file.write(b"\0" * (self.ALIGN - offset % self.ALIGN))
+            offset = self._file.tell()
+        self._file.write(data)
+        t.ClearField("raw_data")
+        del t.external_data[:]
+        # (onnx's set_external_data insists on raw_data being present; write the entries directly)
+        for key, value in (("location", self.location), ("offset", str(offset)), ("length", str(len(data)))):
+            entry = t.external_data.add()
+            entry.key, entry.value = key, value
+        t.data_location = TensorProto.EXTERNAL
+        self.written.add(t.name)
+
+    def finish_writing(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def close(self) -> None:
+        self.finish_writing()
+        for view in self._maps.values():
+            view.close()
+        self._maps.clear()

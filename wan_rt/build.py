@@ -258,20 +258,20 @@ def _weights_only_change(folder: Path, want: EngineManifest, backend_mod) -> Opt
 
 def _calibrate(resolved: ResolvedCheckpoint, model: str, wanted: list[str], config: "QuantConfig",
                size: tuple[int, int, int], device: torch.device, log: Callable[[str], None]) -> dict:
-    """Activation statistics of every expert to build, from the fp32 eager pipeline's own
-    denoising trajectory at a small size (export/calibrate.py: calibration_size)."""
-    from wan_rt.export.calibrate import calibrate_experts, calibration_size, record_trajectory
+    """Activation statistics of every expert to build, from the eager pipeline's own denoising
+    trajectory at a small size, one component resident at a time, in the checkpoint's stored
+    dtype where that is bf16/fp16 (export/calibrate.py: calibrate_checkpoint, calibration_size)."""
+    from wan_rt.export.calibrate import calibrate_checkpoint, calibration_size
 
     dits = [c for c in wanted if c in resolved.spec.dit_components]
     steps = min(config.calib_steps, resolved.spec.sample_steps)
-    log(f"  calibrating {', '.join(dits)}: {len(config.calib_prompts)} prompts x {steps} steps of the fp32 "
-        "eager pipeline ...")
-    start = time.perf_counter()
     height, width, frames = calibration_size(resolved.spec, *size)
-    trajectory = record_trajectory(model, prompts=config.calib_prompts, steps=steps, height=height, width=width,
-                                   frames=frames, device=device)
-    stats = calibrate_experts(resolved, trajectory, dits, device, log)
-    log(f"  calibrated in {time.perf_counter() - start:.1f}s ({len(trajectory.calls)} DiT calls)")
+    log(f"  calibrating {', '.join(dits)}: {len(config.calib_prompts)} prompts x {steps} steps of the eager "
+        f"pipeline at {width}x{height}x{frames} ...")
+    start = time.perf_counter()
+    stats = calibrate_checkpoint(model, dits, prompts=config.calib_prompts, steps=steps, height=height, width=width,
+                                 frames=frames, device=device, log=log)
+    log(f"  calibrated in {time.perf_counter() - start:.1f}s ({sum(s.calls for s in stats.values())} DiT calls)")
     return stats
 
 

@@ -29,7 +29,9 @@ def add_parser(subparsers) -> None:
                    help="engine kind (default: the best this machine has: trt, else ort)")
     p.add_argument("--precision", default=None,
                    help="fp32 | bf16 | fp16 | fp8 | int8 (default: fp32 on CPU, bf16/fp16 on GPU); fp8 and int8 "
-                        "calibrate on the fp32 pipeline and quantize the DiTs' linear layers as Q/DQ (ort, trt); "
+                        "calibrate on the eager pipeline (2 prompts x up to 8 steps at most 256 px / 17 frames; "
+                        "each component loaded alone, in its file's dtype when bf16/fp16, else fp32 where it fits) "
+                        "and quantize the DiTs' linear layers as Q/DQ (ort, trt); "
                         "aoti fp8: FP8 GEMMs with dynamic scales (torch._scaled_mm)")
     p.add_argument("--height", type=int, default=None, help="largest height the engines serve (default: the model's)")
     p.add_argument("--width", type=int, default=None, help="largest width (default: the model's)")
