@@ -200,10 +200,16 @@ def commands(folder: Path, work: Path) -> dict[str, tuple[list[str], list[Path]]
     wan = python_command("-m", "wan_rt.cli")  # the current folder (a clone's root) stays off sys.path
     small = ["--height", "64", "--width", "64", "--frames", "5", "--steps", "2"]
     mp4 = work / "out.mp4"
+    dit = "dit" if folder.name.startswith("ti2v") else "dit_high_noise"
     return {
         "run-bf16": ([*wan, "run", "--model", str(folder), *small, "--dtype", "bf16", "--output", str(mp4)], [mp4]),
         "run-auto": ([*wan, "run", "--model", str(folder), *small, "--output", str(mp4)], [mp4]),
         "run-fp32": ([*wan, "run", "--model", str(folder), *small, "--dtype", "fp32", "--output", str(mp4)], [mp4]),
+        # A TensorRT for RTX plan of the (first) DiT for sm89 (an RTX 4090), built on this CPU machine.
+        **{f"build-trt-{p}": ([*wan, "build", "--model", str(folder), "--backend", "trt", "--precision", p,
+                               "--trt-targets", "sm89", "--components", dit, "--engines-dir", str(work / f"engines-{p}"),
+                               "--height", "64", "--width", "64", "--frames", "5", "--text-len", "64"],
+                              [work / f"engines-{p}"]) for p in ("bf16", "fp8")},
     }
 
 
@@ -212,7 +218,7 @@ def main() -> None:
     ap.add_argument("--root", type=Path, required=True, help="where the checkpoints are written (~51 GB at bf16)")
     ap.add_argument("--models", default="ti2v-5B,t2v-A14B,i2v-A14B")
     ap.add_argument("--weights-dtype", default="bf16", choices=["bf16", "fp32"])
-    ap.add_argument("--commands", default="run-bf16,run-auto,run-fp32")
+    ap.add_argument("--commands", default="run-bf16,run-auto,run-fp32,build-trt-bf16,build-trt-fp8")
     ap.add_argument("--timeout", type=float, default=3600)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
