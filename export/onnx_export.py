@@ -12,8 +12,12 @@ What the file promises (the contract in runtime/graphs.py, checked here, not hop
 * opset 18 (TensorRT 10 parses 9..20), only ONNX-domain ops, no control flow (If/Loop/Scan), no
   Sequence/Optional ops, no float64/complex tensors anywhere: `check_trt_compatible` fails
   loudly otherwise;
-* weights over `external_data_threshold` bytes (2 GiB less headroom by default: protobuf cannot
-  serialise more) go to one `model.onnx.data` beside `model.onnx`, streamed tensor by tensor;
+* the weights are written by this module, not the exporter: the graph is traced without them
+  and they are written from the module one tensor at a time (a 14B expert is never held in
+  memory), the transposes and casts the exporter would fold applied as they are written, small
+  constant subgraphs folded (tests/test_onnx_export.py checks the initializers and outputs equal
+  torch's own folded export). Over `external_data_threshold` bytes (2 GiB less headroom by
+  default: protobuf cannot serialise more) they go to one `model.onnx.data` beside `model.onnx`;
 * `onnx.checker` (path-based, so external data is fine) and ONNX shape inference pass.
 
 Exporter choice: the TorchScript exporter (`torch.onnx.export(..., dynamo=False)`), because
