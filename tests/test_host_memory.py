@@ -139,3 +139,27 @@ def test_build_with_precision_left_open_picks_bf16_when_only_bf16_fits(bf16_chec
     with pytest.raises(HostMemoryError) as refused:
         _fit_build(r, ["dit_high_noise"], "ort", "fp32", cpu, tmp_path, False, said.append)
     assert "--precision bf16" not in str(refused.value)
+
+
+def test_fp32_files_at_bf16_on_a_cpu_cast_block_linears_on_use(tmp_path):
+    """wan_rt/runtime/cast_on_use.py: the DiT blocks' Linear weights stay mapped with one layer's
+    cast owned, the text encoder runs in fp32 as stored; a GPU run still converts everything."""
+    r = resolve_checkpoint("tiny-t2v-A14B")  # the presets store fp32
+    sd = load_file(r.files.dits["dit_high_noise"] / "diffusion_pytorch_model.safetensors")
+    linears = {k: v for k, v in sd.items() if k.startswith("blocks.") and k.endswith(".weight") and v.ndim == 2}
+    rest = sum(v.numel() for k, v in sd.items() if k not in linears and v.is_floating_point())
+    on_use = host_need(r.spec, r.files, ["dit_high_noise"], torch.bfloat16)
+    whole = host_need(r.spec, r.files, ["dit_high_noise"], torch.bfloat16, cast_on_use=False)
+    assert whole.converted_weights == 2 * (rest + sum(v.numel() for v in linears.values()))
+    assert on_use.converted_weights == 2 * rest + 2 * max(v.numel() for v in linears.values())
+    assert on_use.mapped_weights == 4 * sum(v.numel() for v in linears.values())
+    te_numel = sum(v.numel() for v in load_file(r.files.text_encoder / "model.safetensors").values())
+    assert host_need(r.spec, r.files, ["text_encoder"], torch.bfloat16).converted_weights == 0
+    assert host_need(r.spec, r.files, ["text_encoder"], torch.bfloat16, cast_on_use=False).converted_weights \
+        == 2 * te_numel
+    # and the decision follows: a budget between the two fits bf16 only when cast on use
+    names = ["text_encoder", "dit_high_noise"]
+    fits = host_need(r.spec, r.files, names, torch.bfloat16).owned
+    assert choose_host_dtype(r.spec, r.files, names, torch.bfloat16, budget=fits)[0] == torch.bfloat16
+    with pytest.raises(HostMemoryError):
+        choose_host_dtype(r.spec, r.files, names, torch.bfloat16, budget=fits, cast_on_use=False)
