@@ -3,11 +3,9 @@
 and the weights must stay the fp32 tensors read from the file (memory-mapped, not owned).
 The presets store fp32, so they are the fp32 checkpoints here."""
 
-import shutil
-
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from wan_rt.eager import build_eager_components
 from wan_rt.models import load_dit
@@ -63,18 +61,8 @@ def test_cpu_bf16_run_keeps_fp32_weights_mapped_and_the_text_encoder_in_fp32():
     assert all(p.dtype == torch.float32 for p in te.module.parameters())
 
 
-@pytest.fixture(scope="module")
-def bf16_files(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("bf16") / "tiny-t2v-bf16"
-    shutil.copytree(resolve_checkpoint("tiny-t2v-A14B").files.root, folder)
-    for f in folder.rglob("*.safetensors"):
-        sd = load_file(f)
-        save_file({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in sd.items()}, f)
-    return resolve_checkpoint(str(folder))
-
-
-def test_bf16_files_and_gpu_runs_load_as_before(bf16_files):
-    components = build_eager_components(bf16_files, CPU, torch.bfloat16)
+def test_bf16_files_and_fp32_runs_load_as_before(tiny_t2v_bf16):
+    components = build_eager_components(resolve_checkpoint(str(tiny_t2v_bf16)), CPU, torch.bfloat16)
     assert not any(isinstance(m, CastOnUseLinear) for m in components["dit_high_noise"].module.modules())
     assert components["text_encoder"].dtype == torch.bfloat16
     # fp32 run of fp32 files: nothing to cast
