@@ -19,6 +19,7 @@ Prints a table and writes JSON (--json).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -129,6 +130,30 @@ def write_checkpoint(name: str, root: Path, dtype: torch.dtype) -> Path:
     (tmp / "vae" / "config.json").write_text(json.dumps(vae_cfg, indent=1))
     os.replace(tmp, folder)
     return folder
+
+
+def write_ci_checkpoint(folder: Path, num_layers: int, dtype: torch.dtype) -> int:
+    """The memory tests' checkpoint (a size CI affords): the tiny T2V with its two experts
+    replaced by a `num_layers` x 1536 DiT stored in `dtype`, hard-linked as both. Returns the
+    bytes of one expert."""
+    from diffusers import WanTransformer3DModel
+
+    from wan_rt.models import hf_config
+    from wan_rt.resolve import resolve_checkpoint
+
+    tiny = resolve_checkpoint("tiny-t2v-A14B")
+    shutil.copytree(tiny.files.root, folder)
+    big = dataclasses.replace(tiny.spec.dit, dim=1536, ffn_dim=6144, num_heads=12, num_layers=num_layers)
+    config = hf_config.dit_to_diffusers(big)
+    with torch.device("meta"):
+        dit = WanTransformer3DModel.from_config(config)
+    for sub in ("transformer", "transformer_2"):
+        shutil.rmtree(folder / sub)
+    (folder / "transformer").mkdir()
+    weight_bytes = write_sharded(dit, folder / "transformer", "diffusion_pytorch_model", dtype)
+    (folder / "transformer" / "config.json").write_text(json.dumps(config))
+    _link_tree(folder / "transformer", folder / "transformer_2")
+    return weight_bytes
 
 
 def _link_tree(src: Path, dst: Path) -> None:

@@ -368,7 +368,7 @@ class _Staged:
 def _stored_dtype(tensors) -> Optional[torch.dtype]:
     """The floating dtype holding most of a component's bytes (None: GGUF blocks or no floats)."""
     by_dtype: dict[torch.dtype, int] = {}
-    for dtype, _numel, nbytes in tensors:
+    for dtype, _numel, nbytes, _block_linear in tensors:
         if dtype is not None and dtype.is_floating_point:
             by_dtype[dtype] = by_dtype.get(dtype, 0) + nbytes
     return max(by_dtype, key=by_dtype.__getitem__) if by_dtype else None

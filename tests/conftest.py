@@ -4,6 +4,7 @@ the external oracle: wan_rt loads the same files and must reproduce diffusers' n
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -280,17 +281,45 @@ def _generate_rtx_stubs(stubs: Path) -> bool:
     return True
 
 
+# ---- checkpoints in other storage dtypes and sizes ------------------------------------------------
+def _bench_module(name: str):
+    """bench/<name>.py, loaded by path (bench/ is no package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"wan_rt_bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def real_size_bench():
+    """bench/real_size.py: its checkpoint writer and process-tree memory sampler."""
+    return _bench_module("real_size")
+
+
+@pytest.fixture(scope="session")
+def tiny_t2v_bf16(tmp_path_factory) -> Path:
+    """The tiny T2V with every floating tensor stored in bf16 (as published checkpoints are; the
+    presets store fp32)."""
+    from safetensors.torch import load_file, save_file
+
+    from wan_rt.resolve import resolve_checkpoint
+
+    folder = tmp_path_factory.mktemp("bf16") / "tiny-t2v-bf16"
+    shutil.copytree(resolve_checkpoint("tiny-t2v-A14B").files.root, folder)
+    for f in folder.rglob("*.safetensors"):
+        sd = load_file(f)
+        save_file({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in sd.items()}, f)
+    return folder
+
+
 # ---- a deployment's shared services, private to the session --------------------------------------
 @pytest.fixture(scope="session")
 def local_services():
     """bench/local_services.py (a private PostgreSQL server, moto's S3 server), loaded by path."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parent.parent / "bench" / "local_services.py"
-    spec = importlib.util.spec_from_file_location("wan_rt_bench_local_services", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _bench_module("local_services")
 
 
 @pytest.fixture(scope="session")

@@ -6,11 +6,9 @@ the thresholds come from the module's own accounting of the checkpoint on disk, 
 check both the decision and that the CLI acts on it.
 """
 
-import shutil
-
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from wan_rt.build import _fit_build
 from wan_rt.cli import main
@@ -23,23 +21,12 @@ GIB = 2**30
 SIZE = (32, 32, 5)
 
 
-@pytest.fixture(scope="module")
-def bf16_checkpoint(tmp_path_factory):
-    """The tiny T2V with every floating tensor stored in bf16 (as published checkpoints are)."""
-    folder = tmp_path_factory.mktemp("bf16") / "tiny-t2v-bf16"
-    shutil.copytree(resolve_checkpoint("tiny-t2v-A14B").files.root, folder)
-    for f in folder.rglob("*.safetensors"):
-        sd = load_file(f)
-        save_file({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in sd.items()}, f)
-    return folder
-
-
 def _names(spec):
     return ["text_encoder", *spec.dit_components, "vae_encoder", "vae_decoder"]
 
 
-def test_weights_used_as_stored_stay_mapped_converted_ones_are_owned(bf16_checkpoint):
-    r = resolve_checkpoint(str(bf16_checkpoint))
+def test_weights_used_as_stored_stay_mapped_converted_ones_are_owned(tiny_t2v_bf16):
+    r = resolve_checkpoint(str(tiny_t2v_bf16))
     dits = list(r.spec.dit_components)
     as_stored = host_need(r.spec, r.files, dits, torch.bfloat16)
     converted = host_need(r.spec, r.files, dits, torch.float32)
@@ -50,8 +37,8 @@ def test_weights_used_as_stored_stay_mapped_converted_ones_are_owned(bf16_checkp
     assert host_need(r.spec, r.files, dits, torch.bfloat16, SIZE).activations > 0
 
 
-def test_open_dtype_picks_bf16_only_when_fp32_does_not_fit(bf16_checkpoint):
-    r = resolve_checkpoint(str(bf16_checkpoint))
+def test_open_dtype_picks_bf16_only_when_fp32_does_not_fit(tiny_t2v_bf16):
+    r = resolve_checkpoint(str(tiny_t2v_bf16))
     names = _names(r.spec)
     fp32 = host_need(r.spec, r.files, names, torch.float32, SIZE).owned
     bf16 = host_need(r.spec, r.files, names, torch.bfloat16, SIZE).owned
@@ -74,15 +61,15 @@ def test_cli_refuses_what_cannot_fit_in_one_line_and_writes_nothing(tmp_path, ca
     assert list(tmp_path.iterdir()) == []
 
 
-def test_cli_runs_bf16_when_only_bf16_fits_and_says_so(bf16_checkpoint, tmp_path, capsys, monkeypatch):
-    r = resolve_checkpoint(str(bf16_checkpoint))
+def test_cli_runs_bf16_when_only_bf16_fits_and_says_so(tiny_t2v_bf16, tmp_path, capsys, monkeypatch):
+    r = resolve_checkpoint(str(tiny_t2v_bf16))
     names = _names(r.spec)
     size = (r.spec.height, r.spec.width, 5)
     fp32 = host_need(r.spec, r.files, names, torch.float32, size).owned
     bf16 = host_need(r.spec, r.files, names, torch.bfloat16, size).owned
     monkeypatch.setenv("WAN_RT_HOST_MEMORY_GB", repr((fp32 + bf16) / 2 / GIB))
     out = tmp_path / "auto.mp4"
-    assert main(["run", "--model", str(bf16_checkpoint), "--steps", "1", "--frames", "5", "--output", str(out)]) == 0
+    assert main(["run", "--model", str(tiny_t2v_bf16), "--steps", "1", "--frames", "5", "--output", str(out)]) == 0
     assert "running bf16" in capsys.readouterr().err
     assert out.is_file()
 
@@ -99,8 +86,8 @@ def _build_needs(r, backend, component):
     return {p: build_need(r.spec, r.files, d, backend) for p, d in dtypes.items()}
 
 
-def test_build_need_counts_conversions_export_and_the_trt_builder(bf16_checkpoint):
-    r = resolve_checkpoint(str(bf16_checkpoint))
+def test_build_need_counts_conversions_export_and_the_trt_builder(tiny_t2v_bf16):
+    r = resolve_checkpoint(str(tiny_t2v_bf16))
     numel = sum(t.numel() for t in load_file(r.files.dits["dit_high_noise"] / "diffusion_pytorch_model.safetensors").values())
     ort, trt = _build_needs(r, "ort", "dit_high_noise"), _build_needs(r, "trt", "dit_high_noise")
     # bf16 files built in fp32 own the converted copy; the export holds no weights; TensorRT's
@@ -122,10 +109,10 @@ def test_build_that_cannot_fit_is_one_line_and_leaves_no_engines_dir(tmp_path, c
     assert not engines.exists()
 
 
-def test_build_with_precision_left_open_picks_bf16_when_only_bf16_fits(bf16_checkpoint, tmp_path, monkeypatch):
+def test_build_with_precision_left_open_picks_bf16_when_only_bf16_fits(tiny_t2v_bf16, tmp_path, monkeypatch):
     """aoti on a CPU defaults to fp32 (an AOTInductor compile takes minutes, so the decision is
     checked at the function the CLI calls); ort has no bf16, so nothing is chosen for it."""
-    r = resolve_checkpoint(str(bf16_checkpoint))
+    r = resolve_checkpoint(str(tiny_t2v_bf16))
     needs = _build_needs(r, "aoti", "dit_high_noise")
     monkeypatch.setenv("WAN_RT_HOST_MEMORY_GB", repr((needs["fp32"].owned + needs["bf16"].owned) / 2 / GIB))
     said = []
@@ -139,3 +126,27 @@ def test_build_with_precision_left_open_picks_bf16_when_only_bf16_fits(bf16_chec
     with pytest.raises(HostMemoryError) as refused:
         _fit_build(r, ["dit_high_noise"], "ort", "fp32", cpu, tmp_path, False, said.append)
     assert "--precision bf16" not in str(refused.value)
+
+
+def test_fp32_files_at_bf16_on_a_cpu_cast_block_linears_on_use(tmp_path):
+    """wan_rt/runtime/cast_on_use.py: the DiT blocks' Linear weights stay mapped with one layer's
+    cast owned, the text encoder runs in fp32 as stored; a GPU run still converts everything."""
+    r = resolve_checkpoint("tiny-t2v-A14B")  # the presets store fp32
+    sd = load_file(r.files.dits["dit_high_noise"] / "diffusion_pytorch_model.safetensors")
+    linears = {k: v for k, v in sd.items() if k.startswith("blocks.") and k.endswith(".weight") and v.ndim == 2}
+    rest = sum(v.numel() for k, v in sd.items() if k not in linears and v.is_floating_point())
+    on_use = host_need(r.spec, r.files, ["dit_high_noise"], torch.bfloat16)
+    whole = host_need(r.spec, r.files, ["dit_high_noise"], torch.bfloat16, cast_on_use=False)
+    assert whole.converted_weights == 2 * (rest + sum(v.numel() for v in linears.values()))
+    assert on_use.converted_weights == 2 * rest + 2 * max(v.numel() for v in linears.values())
+    assert on_use.mapped_weights == 4 * sum(v.numel() for v in linears.values())
+    te_numel = sum(v.numel() for v in load_file(r.files.text_encoder / "model.safetensors").values())
+    assert host_need(r.spec, r.files, ["text_encoder"], torch.bfloat16).converted_weights == 0
+    assert host_need(r.spec, r.files, ["text_encoder"], torch.bfloat16, cast_on_use=False).converted_weights \
+        == 2 * te_numel
+    # and the decision follows: a budget between the two fits bf16 only when cast on use
+    names = ["text_encoder", "dit_high_noise"]
+    fits = host_need(r.spec, r.files, names, torch.bfloat16).owned
+    assert choose_host_dtype(r.spec, r.files, names, torch.bfloat16, budget=fits)[0] == torch.bfloat16
+    with pytest.raises(HostMemoryError):
+        choose_host_dtype(r.spec, r.files, names, torch.bfloat16, budget=fits, cast_on_use=False)

@@ -2,7 +2,8 @@
 an engines dir leaves out (`--backend-for X=eager`).
 
 Runtime variants are applied here, from outside the models: wan_rt's Triton kernels
-(`wan_rt.kernels.install`) when asked for or, by default, on a CUDA GPU.
+(`wan_rt.kernels.install`) when asked for or, by default, on a CUDA GPU; on the CPU, fp32 files
+run at bf16/fp16 without a converted copy (wan_rt.runtime.cast_on_use).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from wan_rt.models import load_dit, load_text_encoder, load_vae
 from wan_rt.models.single_file import is_gguf
 from wan_rt.resolve import ResolvedCheckpoint
+from wan_rt.runtime import cast_on_use
 from wan_rt.runtime.component import EagerComponent, VAEDecodeGraph, VAEEncodeGraph
 from wan_rt.runtime.engine_component import EagerDiTComponent
 
@@ -50,6 +52,8 @@ def build_eager_components(resolved: ResolvedCheckpoint, device: torch.device, d
     # time and the official code runs the VAE in fp32 too.
     if "text_encoder" in wanted:
         te_dtype = dtype if dtype != torch.float16 else torch.float32  # umT5 overflows in fp16
+        if cast_on_use.applies(files.text_encoder, te_dtype, device, dit=False):
+            te_dtype = torch.float32  # stored fp32: run as stored, mapped, rather than own a bf16 copy
         out["text_encoder"] = EagerComponent("text_encoder", load_text_encoder(files, dtype=te_dtype,
                                                                                device=where["text_encoder"]),
                                              where["text_encoder"], te_dtype)
@@ -60,6 +64,8 @@ def build_eager_components(resolved: ResolvedCheckpoint, device: torch.device, d
                 from wan_rt.runtime.gguf_weights import load_gguf_dit
 
                 dit = load_gguf_dit(files.dits[name], dtype, dit_device)
+            elif dit_load_device is None and cast_on_use.applies(files.dits[name], dtype, device, dit=True):
+                dit = cast_on_use.cast_dit_on_use(load_dit(files, name), dtype)  # fp32 blocks stay mapped
             else:
                 dit = load_dit(files, name, dtype=dtype, device=dit_device)
             if fast:

@@ -8,6 +8,10 @@ memory exceeds what the machine has is killed by the kernel with no message, so 
 asks here first: an explicit dtype that cannot fit is refused in one line naming what would fit,
 and a dtype left open becomes the first of fp32 / bf16 that fits (said on stderr).
 
+On a CPU, fp32 files run at bf16/fp16 are not converted whole (wan_rt.runtime.cast_on_use): the
+DiT blocks' Linear weights stay mapped and one layer's cast is owned at a time, and a text
+encoder stored in fp32 runs in fp32, mapped.
+
 Activations are estimated from the model's dimensions at the requested size (the largest live
 tensors of one DiT block at CFG batch 2, every block's cross-attention K/V, the text encoder at
 its padded length, one VAE decode chunk at full resolution); the factors are upper bounds
@@ -27,6 +31,7 @@ import torch
 from wan_rt.config import ModelSpec, latent_shape
 from wan_rt.models.gguf_file import QuantizedWeight
 from wan_rt.models.single_file import read_file
+from wan_rt.runtime.cast_on_use import LOW_PRECISION, cast_on_use_key
 
 _GIB = 2**30
 BUDGET_ENV = "WAN_RT_HOST_MEMORY_GB"  # the RAM wan_rt may plan for (default: what the machine has free)
@@ -97,8 +102,9 @@ def _cgroup_room() -> Optional[int]:
 
 
 # One stored tensor, as far as memory goes: its dtype (None: GGUF blocks, kept quantized and
-# mapped, dequantized a layer at a time), its element count and its bytes on disk.
-_Stored = tuple[Optional[torch.dtype], int, int]
+# mapped, dequantized a layer at a time), its element count, its bytes on disk, and whether it is
+# a DiT blocks' Linear weight (cast on use when stored in fp32 and run at bf16/fp16 on a CPU).
+_Stored = tuple[Optional[torch.dtype], int, int, bool]
 
 
 def stored_tensors(spec: ModelSpec, files, names: Sequence[str]) -> dict[str, list[_Stored]]:
@@ -111,36 +117,53 @@ def stored_tensors(spec: ModelSpec, files, names: Sequence[str]) -> dict[str, li
         paths["vae"] = files.vae
     out = {}
     for name, path in paths.items():
-        out[name] = [(None, t.numel(), t.data.numel() * t.data.element_size()) if isinstance(t, QuantizedWeight)
-                     else (t.dtype, t.numel(), t.numel() * t.element_size()) for t in read_file(path).values()]
+        dit = name in spec.dit_components
+        out[name] = [(None, t.numel(), t.data.numel() * t.data.element_size(), False) if isinstance(t, QuantizedWeight)
+                     else (t.dtype, t.numel(), t.numel() * t.element_size(), dit and cast_on_use_key(k, t.shape))
+                     for k, t in read_file(path).items()]
     return out
 
 
-def _weights(tensors: list[_Stored], dtype: torch.dtype) -> tuple[int, int]:
+def _all_fp32(tensors: list[_Stored]) -> bool:
+    floating = [s for s, *_ in tensors if s is None or s.is_floating_point]
+    return bool(floating) and all(s == torch.float32 for s in floating)
+
+
+def _weights(tensors: list[_Stored], dtype: torch.dtype, cast_on_use: bool = False) -> tuple[int, int]:
     """(converted, mapped) bytes of one component's weights run at `dtype` (fp8 scaled weights
-    are dequantized on load, so they count as converted)."""
-    converted = mapped = 0
-    for stored, numel, nbytes in tensors:
-        if stored is not None and stored.is_floating_point and stored != dtype:
+    are dequantized on load, so they count as converted). cast_on_use: a CPU run, where blocks'
+    Linear weights stored in fp32 stay mapped and only the largest one's cast is owned."""
+    on_use = cast_on_use and dtype in LOW_PRECISION and _all_fp32([t for t in tensors if t[3]])
+    converted = mapped = layer = 0
+    for stored, numel, nbytes, block_linear in tensors:
+        if on_use and block_linear:
+            mapped += nbytes
+            layer = max(layer, numel * dtype.itemsize)
+        elif stored is not None and stored.is_floating_point and stored != dtype:
             converted += numel * dtype.itemsize
         else:
             mapped += nbytes
-    return converted, mapped
+    return converted + layer, mapped
 
 
 def host_need(spec: ModelSpec, files, names: Sequence[str], dtype: torch.dtype,
               size: Optional[tuple[int, int, int]] = None,
-              stored: Optional[dict[str, list[_Stored]]] = None) -> HostNeed:
+              stored: Optional[dict[str, list[_Stored]]] = None, cast_on_use: bool = True) -> HostNeed:
     """What running `names` eagerly on the CPU owns: DiTs at `dtype`, the text encoder at `dtype`
     (fp32 for fp16: umT5 overflows in fp16), the VAE in fp32 (wan_rt.eager's choices).
+    cast_on_use: the run's device is the CPU, so fp32 files are not converted whole (a GPU run
+    whose text encoder / experts sit on the CPU converts them as it always did).
     size: (height, width, num_frames) of the largest request; None counts weights only (a
     service loading before it knows its requests). stored: stored_tensors(...), when the
     caller weighs several dtypes."""
     stored = stored_tensors(spec, files, names) if stored is None else stored
     run = {"text_encoder": torch.float32 if dtype == torch.float16 else dtype, "vae": torch.float32}
+    if cast_on_use and "text_encoder" in stored and run["text_encoder"] in LOW_PRECISION \
+            and _all_fp32(stored["text_encoder"]):
+        run["text_encoder"] = torch.float32  # wan_rt.eager runs it as stored
     converted = mapped = 0
     for name, tensors in stored.items():
-        c, m = _weights(tensors, run.get(name, dtype))
+        c, m = _weights(tensors, run.get(name, dtype), cast_on_use)
         converted, mapped = converted + c, mapped + m
     return HostNeed(converted, mapped, activation_bytes(spec, names, dtype, *size) if size else 0)
 
@@ -175,13 +198,14 @@ def activation_bytes(spec: ModelSpec, names: Sequence[str], dtype: torch.dtype,
 
 def choose_host_dtype(spec: ModelSpec, files, names: Sequence[str], dtype: Optional[torch.dtype],
                       size: Optional[tuple[int, int, int]] = None,
-                      budget: Optional[int] = None) -> tuple[torch.dtype, Optional[str]]:
+                      budget: Optional[int] = None, cast_on_use: bool = True) -> tuple[torch.dtype, Optional[str]]:
     """-> (dtype to run at, a note to print when wan_rt chose it). `dtype` None: fp32 (the
-    CPU default) if it fits, else bf16. Raises HostMemoryError when nothing asked for fits."""
+    CPU default) if it fits, else bf16. Raises HostMemoryError when nothing asked for fits.
+    cast_on_use: as host_need's (False: the run's device is a GPU)."""
     budget = available_bytes() if budget is None else budget
     wanted = [dtype] if dtype is not None else [torch.float32, torch.bfloat16]
     stored = stored_tensors(spec, files, names)  # the headers, once for every dtype weighed
-    needs = {d: host_need(spec, files, names, d, size, stored) for d in dict.fromkeys([*wanted, torch.bfloat16])}
+    needs = {d: host_need(spec, files, names, d, size, stored, cast_on_use) for d in dict.fromkeys([*wanted, torch.bfloat16])}
     for d in wanted:
         if needs[d].owned <= budget:
             if dtype is None and d != wanted[0]:
@@ -234,7 +258,7 @@ class BuildNeed:
 def _engine_weight_bytes(tensors: list[_Stored], dtype: torch.dtype, quantized: bool) -> int:
     """An engine's weights: one byte per element in a Q/DQ (fp8/int8) DiT (its GEMM weights, the
     bulk; the rest is a rounding error here), else `dtype`'s size."""
-    numel = sum(n for _, n, _ in tensors)
+    numel = sum(t[1] for t in tensors)
     return numel if quantized else numel * dtype.itemsize
 
 

@@ -106,7 +106,9 @@ def load_components(model: Optional[str], *, backend: Optional[str] = None, engi
     if index is None or backend == "eager":
         names = (list(components_of(resolved.spec)) if groups is None
                  else local_component_names(resolved.spec, groups.plan, groups.rank))
-        dtype = _fit_host_memory(resolved, names, dev, dtype, placement, size)
+        # FSDP loads the DiTs on the CPU to shard them: cast whole, not on use (wan_rt.eager)
+        whole = groups is not None and groups.plan.shard_weights
+        dtype = _fit_host_memory(resolved, names, dev, dtype, placement, size, cast_on_use=not whole)
         how = "eager" + (" + Triton kernels" if use_triton_kernels(kernels, dev) else "")
         if groups is None:
             return resolved, build_eager_components(resolved, dev, dtype, kernels=kernels, placement=placement), how
@@ -145,15 +147,17 @@ def load_components(model: Optional[str], *, backend: Optional[str] = None, engi
 
 def _fit_host_memory(resolved: ResolvedCheckpoint, names: Sequence[str], device: torch.device,
                      dtype: Optional[torch.dtype], placement: Optional[Mapping[str, torch.device]],
-                     size: Optional[tuple[int, int, int]]) -> torch.dtype:
+                     size: Optional[tuple[int, int, int]], cast_on_use: bool = True) -> torch.dtype:
     """The eager dtype: the caller's, checked against host RAM for what runs on the CPU; left open,
-    bf16 on a GPU and on a CPU fp32 unless only bf16 fits (said on stderr)."""
+    bf16 on a GPU and on a CPU fp32 unless only bf16 fits (said on stderr). On a CPU run, fp32
+    files at bf16 are cast on use (wan_rt.runtime.cast_on_use) unless `cast_on_use` is False."""
     on_cpu = [n for n in names if torch.device((placement or {}).get(n, device)).type == "cpu"]
     if dtype is None and device.type == "cuda":
         dtype = torch.bfloat16
     if not on_cpu:
         return dtype or torch.float32
-    chosen, note = choose_host_dtype(resolved.spec, resolved.files, on_cpu, dtype, size)
+    chosen, note = choose_host_dtype(resolved.spec, resolved.files, on_cpu, dtype, size,
+                                     cast_on_use=cast_on_use and device.type == "cpu")
     if note:
         print(f"wan-rt: {note}", file=sys.stderr)
     return chosen

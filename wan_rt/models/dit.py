@@ -34,9 +34,13 @@ from wan_rt.models.ops import EAGER_OPS, Ops
 KEEP_IN_FP32 = ("time_embedder", "scale_shift_table", "norm2")
 
 
-def cast_dit(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Cast parameters to `dtype`, except those named in `KEEP_IN_FP32` (diffusers' policy)."""
+def cast_dit(model: nn.Module, dtype: torch.dtype, keep_stored: Sequence[str] = ()) -> nn.Module:
+    """Cast parameters to `dtype`, except those named in `KEEP_IN_FP32` (diffusers' policy) and
+    those in `keep_stored` (left as they are: a runtime casts them on use)."""
+    skip = set(keep_stored)
     for name, param in model.named_parameters():
+        if name in skip:
+            continue
         keep = any(part in KEEP_IN_FP32 for part in name.split("."))
         param.data = param.data.to(torch.float32 if keep else dtype)
     return model
