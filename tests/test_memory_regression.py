@@ -10,55 +10,27 @@ one. A regression that copies the weights once (a `.to()` that allocates, a stat
 adds all of them and fails here. The build half is test_trt_build_holds_the_engine_once.
 """
 
-import dataclasses
-import json
 import importlib.util
-import shutil
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from wan_rt.models import hf_config
-from wan_rt.resolve import resolve_checkpoint
-
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "real_size.py"
-
-
-def _real_size():
-    spec = importlib.util.spec_from_file_location("wan_rt_bench_real_size", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.fixture(scope="module")
-def big_checkpoint(tmp_path_factory):
+def big_checkpoint(tmp_path_factory, real_size_bench):
     """(folder, DiT weight bytes): the tiny T2V with a 16-layer x 1536 bf16 DiT as both experts."""
-    from diffusers import WanTransformer3DModel
-
-    bench = _real_size()
-    tiny = resolve_checkpoint("tiny-t2v-A14B")
     folder = tmp_path_factory.mktemp("memory") / "big-t2v"
-    shutil.copytree(tiny.files.root, folder)
-    big = dataclasses.replace(tiny.spec.dit, dim=1536, ffn_dim=6144, num_heads=12, num_layers=16)
-    config = hf_config.dit_to_diffusers(big)
-    with torch.device("meta"):
-        dit = WanTransformer3DModel.from_config(config)
-    for sub in ("transformer", "transformer_2"):
-        shutil.rmtree(folder / sub)
-    (folder / "transformer").mkdir()
-    weight_bytes = bench.write_sharded(dit, folder / "transformer", "diffusion_pytorch_model", torch.bfloat16)
-    (folder / "transformer" / "config.json").write_text(json.dumps(config))
-    bench._link_tree(folder / "transformer", folder / "transformer_2")
+    weight_bytes = real_size_bench.write_ci_checkpoint(folder, 16, torch.bfloat16)
     assert weight_bytes > 1.0e9
     return folder, weight_bytes
 
 
-def _owned(cmd: list[str], outputs: list[Path], cwd: Path) -> float:
-    """Peak anonymous memory (bytes) of `wan-rt <cmd>`'s process tree; it must succeed."""
-    row = _real_size().measure([sys.executable, "-m", "wan_rt.cli", *cmd], outputs, timeout=600,
+def _owned(bench, cmd: list[str], outputs: list[Path], cwd: Path) -> float:
+    """Peak anonymous memory (bytes) of `wan-rt <cmd>`'s process tree (bench/real_size.py's
+    sampler); it must succeed."""
+    row = bench.measure([sys.executable, "-m", "wan_rt.cli", *cmd], outputs, timeout=600,
                                cwd=cwd)  # not the repo root: its kernels/ must not shadow the hub package
     assert row["rc"] == 0, row["last_line"]
     assert all(o.exists() for o in outputs)
@@ -66,12 +38,12 @@ def _owned(cmd: list[str], outputs: list[Path], cwd: Path) -> float:
 
 
 @pytest.mark.slow
-def test_eager_run_maps_bf16_weights_instead_of_owning_them(big_checkpoint, tmp_path):
+def test_eager_run_maps_bf16_weights_instead_of_owning_them(big_checkpoint, real_size_bench, tmp_path):
     folder, weight_bytes = big_checkpoint
 
     def owned(model: str) -> float:
         out = tmp_path / "out.mp4"
-        return _owned(["run", "--model", model, "--dtype", "bf16", "--steps", "2", "--frames", "5", "--height", "32",
+        return _owned(real_size_bench, ["run", "--model", model, "--dtype", "bf16", "--steps", "2", "--frames", "5", "--height", "32",
                        "--width", "32", "--output", str(out)], [out], tmp_path)
 
     baseline = owned("tiny-t2v-A14B")
@@ -84,7 +56,7 @@ def test_eager_run_maps_bf16_weights_instead_of_owning_them(big_checkpoint, tmp_
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt_rtx") is None,
                     reason="TensorRT for RTX is not installed (pip install 'wan-rt[trt-rtx]'): no plan to build")
-def test_trt_build_holds_the_engine_once(big_checkpoint, tmp_path):
+def test_trt_build_holds_the_engine_once(big_checkpoint, real_size_bench, tmp_path):
     """A bf16 TensorRT plan of the 1.2 GB DiT, built for sm89 with no GPU. The export holds no
     weights (export/onnx_export.py), the parser maps them from the ONNX external data and the
     plan streams to disk (export/trt_build.py), so what the build owns beyond the tiny model's is
@@ -94,7 +66,7 @@ def test_trt_build_holds_the_engine_once(big_checkpoint, tmp_path):
     folder, weight_bytes = big_checkpoint
 
     def owned(model: str, engines: Path) -> float:
-        return _owned(["build", "--model", model, "--backend", "trt", "--precision", "bf16", "--trt-targets", "sm89",
+        return _owned(real_size_bench, ["build", "--model", model, "--backend", "trt", "--precision", "bf16", "--trt-targets", "sm89",
                        "--components", "dit_high_noise", "--engines-dir", str(engines), "--height", "32",
                        "--width", "32", "--frames", "5", "--text-len", "32"],
                       [engines / "dit_high_noise"], tmp_path)
