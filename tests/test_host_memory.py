@@ -126,6 +126,18 @@ def test_build_with_precision_left_open_picks_bf16_when_only_bf16_fits(tiny_t2v_
     with pytest.raises(HostMemoryError) as refused:
         _fit_build(r, ["dit_high_noise"], "ort", "fp32", cpu, tmp_path, False, said.append)
     assert "--precision bf16" not in str(refused.value)
+    assert "fewer --components" not in str(refused.value)  # one component asked for already
+
+
+def test_build_short_of_disk_only_says_so(tmp_path, capsys, monkeypatch):
+    import wan_rt.build
+
+    monkeypatch.setattr(wan_rt.build, "free_disk_bytes", lambda _folder: 0)
+    engines = tmp_path / "engines"
+    assert main(["build", "--backend", "ort", "--model", "tiny-t2v-A14B", "--engines-dir", str(engines)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "0.0 GiB free under" in err and "an --engines-dir on a disk with" in err and "fewer --components" in err
+    assert not engines.exists()
 
 
 def test_fp32_files_at_bf16_on_a_cpu_cast_block_linears_on_use(tmp_path):

@@ -226,9 +226,13 @@ def _fit_build(resolved: ResolvedCheckpoint, wanted: list[str], backend: str, pr
             "pass --precision to choose")
         return "bf16"
     hint = [f"--precision {p} needs {n.describe()}" for p in others if fits(n := need(p))]
+    if asked.owned <= ram:  # only the disk is short
+        hint.append(f"an --engines-dir on a disk with {asked.disk / 2**30:.1f} GiB free")
+    if len(wanted) > 1:
+        hint.append("fewer --components at a time")
     raise HostMemoryError(f"building {spec.name} ({backend}, {precision}) needs {asked.describe()}; this machine has "
                           f"{ram / 2**30:.1f} GiB of RAM available and {disk / 2**30:.1f} GiB free under {engines_dir}. "
-                          "What would fit: " + "; ".join([*hint, "fewer --components at a time, or a bigger machine"]))
+                          "What would fit: " + "; ".join([*hint, "a bigger machine"]))
 
 
 def _up_to_date(folder: Path, want: EngineManifest, backend_mod) -> bool:
