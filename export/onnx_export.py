@@ -56,7 +56,8 @@ SUPPORTED_OPSETS = (17, 18, 19)
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
 DATA_SUFFIX = ".data"
 # Tensors below this stay inline even in an external-data model (shape constants and the like).
-_INLINE_BYTES = 1024
+INLINE_BYTES = 1024
+PAGE_BYTES = 4096  # external data is page-aligned, as onnx.save_model writes it
 
 # ONNX ops TensorRT's parser rejects, or that mean the trace went wrong for an inference graph.
 FORBIDDEN_OPS = frozenset({
@@ -271,24 +272,15 @@ def _attach_weights(model, module: nn.Module, gspec: GraphSpec, data_path: Path,
     contract_inputs = [i for i in graph.input if i.name in gspec.input_names]
     del graph.input[:]
     graph.input.extend(contract_inputs)
-    align = 4096
     with open(data_path, "wb") if external else contextlib.nullcontext() as out:
         for name, weight, fold in plan:
             t = value(weight, fold)
             proto = TensorProto(name=name, data_type=_TORCH_TO_ONNX[t.dtype], dims=list(t.shape))
             data = t.reshape(-1).view(torch.uint8).numpy()  # raw little-endian bytes, no copy
-            if not external or t.nbytes < _INLINE_BYTES:
+            if not external or t.nbytes < INLINE_BYTES:
                 proto.raw_data = bytes(data)
             else:
-                offset = out.tell()
-                if offset % align:
-                    out.write(b"\0" * (align - offset % align))
-                    offset = out.tell()
-                out.write(memoryview(data))
-                for key, val in (("location", data_path.name), ("offset", str(offset)), ("length", str(t.nbytes))):
-                    entry = proto.external_data.add()
-                    entry.key, entry.value = key, val
-                proto.data_location = TensorProto.EXTERNAL
+                append_external(out, proto, memoryview(data), data_path.name)
             graph.initializer.append(proto)
             del t, data
     return external
@@ -336,6 +328,25 @@ def _fold_constants(graph) -> None:
                                               value=numpy_helper.from_array(np.asarray(known[out]), out)))
     del graph.node[:]
     graph.node.extend(nodes)
+
+
+def append_external(out, t, data, location: str) -> None:
+    """Write `data` page-aligned at the end of the open data file `out` and make the tensor
+    proto `t` point at it (`location` is the data file's name beside the model)."""
+    from onnx import TensorProto
+
+    offset = out.tell()
+    if offset % PAGE_BYTES:
+        out.write(b"\0" * (PAGE_BYTES - offset % PAGE_BYTES))
+        offset = out.tell()
+    out.write(data)
+    t.ClearField("raw_data")
+    del t.external_data[:]
+    # (onnx's set_external_data insists on raw_data being present; write the entries directly)
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(memoryview(data).nbytes))):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, value
+    t.data_location = TensorProto.EXTERNAL
 
 
 def _tensor_bytes(t, folder: Path) -> bytes | None:

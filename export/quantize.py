@@ -46,12 +46,12 @@ import numpy as np
 import torch
 
 from wan_rt.export.calibrate import DEFAULT_PROMPTS, CalibrationStats
+from wan_rt.export.onnx_export import INLINE_BYTES, append_external
 from wan_rt.precision import QUANTIZED_PRECISIONS, keep_reason
 
 QDQ_OPSET = 19                  # float8 Q/DQ needs opset 19 (TensorRT 10 parses it)
 QMAX = {"fp8": 448.0, "int8": 127.0}
 # Tensors below this stay inline in a model with external data (as onnx.save_model's default).
-_INLINE_BYTES = 1024
 REPORT_FILE = "qdq_report.json"
 
 
@@ -553,11 +553,9 @@ def _all_tensors(model, initializers: bool = True):
 class _TensorFiles:
     """Tensor bytes by file. Reads tensors stored as external data (relative to `folder`) one at
     a time through memory maps (file pages, not memory the process owns); with `out`, `store`
-    writes each new tensor of _INLINE_BYTES or more to that file as soon as it is made, page-
+    writes each new tensor of INLINE_BYTES or more to that file as soon as it is made, page-
     aligned, recorded under the data file name `location` it will be renamed to. folder None:
     every tensor is in its proto (a model loaded whole) and nothing is written."""
-
-    ALIGN = 4096
 
     def __init__(self, folder: Path | None, out: Path | None = None, location: str = ""):
         self.folder, self.out, self.location = folder, out, location
@@ -597,7 +595,7 @@ class _TensorFiles:
 
     def store(self, t):
         """A new tensor (bytes in raw_data): to the data file if big enough; returns the proto."""
-        if self._file is not None and len(t.raw_data) >= _INLINE_BYTES:
+        if self._file is not None and len(t.raw_data) >= INLINE_BYTES:
             self._write(t, t.raw_data)
         return t
 
@@ -606,20 +604,7 @@ class _TensorFiles:
         self._write(t, self._bytes(t))
 
     def _write(self, t, data: bytes) -> None:
-        from onnx import TensorProto
-
-        offset = self._file.tell()
-        if offset % self.ALIGN:
-            self._file.write(b"\0" * (self.ALIGN - offset % self.ALIGN))
-            offset = self._file.tell()
-        self._file.write(data)
-        t.ClearField("raw_data")
-        del t.external_data[:]
-        # (onnx's set_external_data insists on raw_data being present; write the entries directly)
-        for key, value in (("location", self.location), ("offset", str(offset)), ("length", str(len(data)))):
-            entry = t.external_data.add()
-            entry.key, entry.value = key, value
-        t.data_location = TensorProto.EXTERNAL
+        append_external(self._file, t, data, self.location)
         self.written.add(t.name)
 
     def finish_writing(self) -> None:

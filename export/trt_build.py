@@ -176,11 +176,12 @@ def _parse(builder: "trt.Builder", onnx_path: Path, gspec: GraphSpec,
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
         return TrtBuildError(f"{where}: TensorRT could not {what} {onnx_path}:\n  " + "\n  ".join(errors[:20]))
 
+    graph = onnx_path.read_bytes()  # the graph only: the weights are in the data file
     # `path` lets the parser find any external data it is not handed here.
-    if not parser.load_model_proto(onnx_path.read_bytes(), str(onnx_path)):
+    if not parser.load_model_proto(graph, str(onnx_path)):
         raise fail("load")
     maps: list[tuple[Path, np.memmap]] = []
-    for name, (data_file, offset, length) in external_initializers(onnx_path).items():
+    for name, (data_file, offset, length) in external_initializers(graph, onnx_path.parent).items():
         if not maps or maps[-1][0] != data_file:
             maps.append((data_file, np.memmap(data_file, dtype=np.uint8, mode="r")))
         mapped = maps[-1][1]
@@ -194,18 +195,18 @@ def _parse(builder: "trt.Builder", onnx_path: Path, gspec: GraphSpec,
     return network, parser, [m for _, m in maps]  # the parser points into the maps: keep all alive
 
 
-def external_initializers(onnx_path: Path) -> dict[str, tuple[Path, int, int]]:
-    """{initializer: (data file, offset, length)} for the weights `onnx_path` keeps in external
-    data (the graph is read without them)."""
+def external_initializers(graph: bytes, folder: Path) -> dict[str, tuple[Path, int, int]]:
+    """{initializer: (data file, offset, length)} for the weights the serialized model `graph`
+    (its file's bytes) keeps in external data beside it in `folder`."""
     import onnx
     from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
-    model = onnx.load(str(onnx_path), load_external_data=False)
+    model = onnx.load_model_from_string(graph)
     out = {}
     for t in model.graph.initializer:
         if uses_external_data(t):
             info = ExternalDataInfo(t)
-            data_file = onnx_path.parent / info.location
+            data_file = folder / info.location
             length = info.length if info.length else data_file.stat().st_size - (info.offset or 0)
             out[t.name] = (data_file, int(info.offset or 0), int(length))
     return out

@@ -19,7 +19,8 @@ import torch
 
 from wan_rt.config import ModelSpec, check_request
 from wan_rt.export.builders import get_builder
-from wan_rt.host_memory import BuildNeed, HostMemoryError, available_bytes, build_need, free_disk_bytes
+from wan_rt.host_memory import (BuildNeed, HostMemoryError, available_bytes, build_need, free_disk_bytes,
+                                stored_tensors)
 from wan_rt.models import load_component
 from wan_rt.precision import PRECISIONS, QUALITY_TOLERANCE, QUANTIZED_PRECISIONS, component_dtype
 from wan_rt.resolve import ResolvedCheckpoint, resolve_checkpoint
@@ -195,11 +196,12 @@ def _fit_build(resolved: ResolvedCheckpoint, wanted: list[str], backend: str, pr
     (wan_rt.host_memory.build_need), else, when the user left it open, bf16 if that fits (said in
     the log); otherwise HostMemoryError naming what it needs, what there is and what would fit."""
     spec = resolved.spec
+    stored = stored_tensors(spec, resolved.files, wanted)  # the headers, once for every precision weighed
 
     def need(p: str) -> BuildNeed:
         quantized = [c for c in wanted if c in spec.dit_components and p in QUANTIZED_PRECISIONS]
         return build_need(spec, resolved.files, {c: component_dtype(c, p, backend, device) for c in wanted},
-                          backend, quantized)
+                          backend, quantized, stored)
 
     ram, disk = available_bytes(), free_disk_bytes(engines_dir)
 

@@ -263,10 +263,11 @@ def _engine_weight_bytes(tensors: list[_Stored], dtype: torch.dtype, quantized: 
 
 
 def build_need(spec: ModelSpec, files, dtypes: dict[str, torch.dtype], backend: str,
-               quantized: Sequence[str] = ()) -> BuildNeed:
+               quantized: Sequence[str] = (), stored: Optional[dict[str, list[_Stored]]] = None) -> BuildNeed:
     """What building the components in `dtypes` ({component: compute dtype}) with `backend` needs
-    (see the figures above). `quantized`: components built as fp8/int8 Q/DQ graphs."""
-    stored = stored_tensors(spec, files, list(dtypes))
+    (see the figures above). `quantized`: components built as fp8/int8 Q/DQ graphs. stored:
+    stored_tensors(...), when the caller weighs several precisions."""
+    stored = stored_tensors(spec, files, list(dtypes)) if stored is None else stored
     worst, disk, staging = ("", 0), 0, 0
     for name, dtype in dtypes.items():
         tensors = stored["vae" if name.startswith("vae") else name]
