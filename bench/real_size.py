@@ -26,6 +26,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -191,8 +192,9 @@ def _rss(pid: int) -> tuple[int, int]:
 
 
 def measure(cmd: list[str], outputs: list[Path], timeout: float, env: dict | None = None,
-            cwd: Path | None = None) -> dict:
-    """Run `cmd`, sampling the process tree's RssAnon / RssFile; -> figures."""
+            cwd: Path | None = None, echo: bool = False) -> dict:
+    """Run `cmd`, sampling the process tree's RssAnon / RssFile; -> figures. echo: print each
+    line the command prints as it comes, with the time and the peak owned so far."""
     for p in outputs:
         if p.is_dir():
             shutil.rmtree(p)
@@ -202,6 +204,18 @@ def measure(cmd: list[str], outputs: list[Path], timeout: float, env: dict | Non
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, **(env or {})}, cwd=cwd)
     peak_anon = peak_file = 0
+    lines: list[str] = []
+
+    def read() -> None:  # a thread: the pipe must be drained while the command runs
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if echo:
+                print(f"  {time.perf_counter() - start:7.1f}s  {peak_anon / GIB:5.2f} GiB owned so far | {line.rstrip()}",
+                      flush=True)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     while proc.poll() is None and time.perf_counter() - start < timeout:
         anon = file = 0
         for p in _tree(proc.pid):
@@ -211,7 +225,9 @@ def measure(cmd: list[str], outputs: list[Path], timeout: float, env: dict | Non
         time.sleep(0.05)
     if proc.poll() is None:
         proc.kill()
-    out = proc.communicate()[0]
+    proc.wait()
+    reader.join()
+    out = "".join(lines)
     size = sum(f.stat().st_size for p in outputs if p.exists()
                for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file())
     return {"cmd": " ".join(cmd), "rc": proc.returncode, "wall_s": round(time.perf_counter() - start, 1),
@@ -219,11 +235,24 @@ def measure(cmd: list[str], outputs: list[Path], timeout: float, env: dict | Non
             "output_gb": round(size / GIB, 3), "last_line": out.strip().splitlines()[-1] if out.strip() else ""}
 
 
+def _first_frame(path: Path) -> Path:
+    """A 64x64 gradient PNG (the image-to-video runs' first frame)."""
+    import numpy as np
+    from PIL import Image
+
+    ramp = np.linspace(0, 255, 64, dtype=np.uint8)
+    Image.fromarray(np.stack([np.tile(ramp, (64, 1)), np.tile(ramp[:, None], (1, 64)),
+                              np.full((64, 64), 128, np.uint8)], axis=-1)).save(path)
+    return path
+
+
 def commands(folder: Path, work: Path) -> dict[str, tuple[list[str], list[Path]]]:
     from wan_rt.child_process import python_command
 
     wan = python_command("-m", "wan_rt.cli")  # the current folder (a clone's root) stays off sys.path
     small = ["--height", "64", "--width", "64", "--frames", "5", "--steps", "2"]
+    if folder.name.startswith("i2v"):  # image-to-video: a first frame is required
+        small += ["--image", str(_first_frame(work / "first_frame.png"))]
     mp4 = work / "out.mp4"
     dit = "dit" if folder.name.startswith("ti2v") else "dit_high_noise"
     return {
@@ -246,6 +275,7 @@ def main() -> None:
     ap.add_argument("--commands", default="run-bf16,run-auto,run-fp32,build-trt-bf16,build-trt-fp8")
     ap.add_argument("--timeout", type=float, default=3600)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--echo", action="store_true", help="print each command's output as it comes, with its peak so far")
     args = ap.parse_args()
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.weights_dtype]
     args.root.mkdir(parents=True, exist_ok=True)
@@ -261,7 +291,7 @@ def main() -> None:
         for cmd_name in args.commands.split(","):
             cmd, outputs = table[cmd_name]
             row = {"model": name, "weights": args.weights_dtype, "command": cmd_name,
-                   **measure(cmd, outputs, args.timeout)}
+                   **measure(cmd, outputs, args.timeout, echo=args.echo)}
             rows.append(row)
             print(json.dumps(row), flush=True)
     print(f"\n| model | weights | command | rc | wall s | peak owned GiB (RssAnon) | peak mapped GiB (RssFile) | output GiB |")

@@ -1,7 +1,7 @@
 """Compile one component graph (runtime.graphs) into an AOTInductor package, weights kept apart.
 
     compile_aoti(module, gspec, profile, path, *, compute_dtype, device, fast=False, cache_dir=None)
-        -> ["model.pt2", "weights.safetensors"]
+        -> ["model.pt2", "weights.safetensors"(, "weights.json", "weights/0-<checkpoint file>", ...)]
 
 `torch.export.export` (non-strict) with dynamic shapes stated from the contract, then
 `torch._inductor.aoti_compile_and_package`: C++ for the CPU, Triton kernels embedded for CUDA.
@@ -27,8 +27,10 @@ frame (`timestep.reshape(B, T, -1)[:, :, 0]`), so a consistent L is the caller's
 What the package holds, and why (`INDUCTOR_CONFIGS`):
 * code only: `aot_inductor.package_constants_in_so=False` keeps the weights out of the .so;
   they go to `weights.safetensors` beside it (every constant the package names, by module FQN),
-  and the runner hands them over with `load_constants(check_full_update=True)`. Tensors the
-  forward creates (the RoPE frequency tables) are declared non-persistent buffers first, so they
+  and the runner hands them over with `load_constants(check_full_update=True)`. A constant that
+  is a checkpoint file's own bytes (built in the dtype it is stored in) is not copied: it is
+  pointed at from `weights.json`, through a hard link where the disk allows (write_weights).
+  Tensors the forward creates (the RoPE frequency tables) are declared non-persistent buffers first, so they
   keep their FQN instead of becoming `_tensor_constant<i>`, which no weights file could supply;
 * `always_keep_tensor_constants=True`: by default inductor inlines small weights (an 8-channel
   conv bias, scalars) as literals into the generated C++, so the package would keep the weights
@@ -75,7 +77,9 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from wan_rt.runtime.backends.aoti import PACKAGE_FILE, WEIGHTS_FILE, device_key, load_package, unavailable_reason
+from wan_rt.models.checkpoint import file_regions
+from wan_rt.runtime.backends.aoti import (LINKS_DIR, PACKAGE_FILE, REF_DTYPES, WEIGHT_REFS_FILE, WEIGHTS_FILE, device_key,
+                                          load_package, unavailable_reason)
 from wan_rt.runtime.graphs import (GraphSpec, ShapeProfile, example_sizes, parse_dim, patch_multiples,
                                    sample_inputs, torch_dtype)
 
@@ -312,7 +316,10 @@ def compile_package(ep: torch.export.ExportedProgram, configs: dict[str, Any], p
 
 def write_weights(ep: torch.export.ExportedProgram, package: Path, path: Path, device: torch.device,
                   where: str = "") -> list[str]:
-    """Every constant the compiled package names, by FQN, from the exported program's state."""
+    """Every constant the compiled package names, by FQN, from the exported program's state:
+    those whose bytes are a checkpoint file's (memory-mapped, unconverted: `file_regions`) are
+    pointed at from `weights.json` (write_weight_refs), the others written to `path`. Returns
+    the files written, relative to path's folder."""
     from safetensors.torch import save_file
 
     names = load_package(package, device).get_constant_fqns()
@@ -320,15 +327,58 @@ def write_weights(ep: torch.export.ExportedProgram, package: Path, path: Path, d
     missing = [n for n in names if n not in known]
     if missing:  # e.g. a constant folded at compile time: its value would be the compile-time weights'
         raise AotiExportError(f"{where}: the compiled package needs constants the module does not have: {missing[:5]}")
+    constants = {name: known[name].detach() for name in names}
+    regions = {n: r for n, r in file_regions(constants).items() if r[1] % constants[n].element_size() == 0}
     tensors, seen = {}, set()
     for name in names:
-        t = known[name].detach().to("cpu").contiguous()
+        if name in regions:
+            continue
+        t = constants[name].to("cpu").contiguous()
         # Tied weights share storage, which safetensors refuses; they are small enough to copy.
         key = (t.untyped_storage().data_ptr(), t.storage_offset())
         tensors[name] = t.clone() if key in seen else t
         seen.add(key)
     save_file(tensors, str(path))
-    return names
+    refs = write_weight_refs({n: (constants[n], *regions[n]) for n in names if n in regions}, path.parent)
+    return [path.name, *refs]
+
+
+def write_weight_refs(regions: dict[str, tuple[torch.Tensor, Path, int]], folder: Path) -> list[str]:
+    """`folder/weights.json` pointing at each constant's bytes in its checkpoint file ({name:
+    (tensor, file, offset)}): through a hard link in folder/weights/ where the file is on the
+    same disk (the engines dir keeps what it was built from, at no cost in space), else at the
+    file itself. Returns the files written (relative); none for no regions."""
+    if not regions:
+        return []
+    files: dict[Path, int] = {}
+    entries, tensors = [], {}
+    for name, (t, source, offset) in regions.items():
+        if source not in files:
+            files[source] = len(files)
+            link = Path(LINKS_DIR) / f"{files[source]}-{source.name}"
+            try:
+                (folder / LINKS_DIR).mkdir(exist_ok=True)
+                os.link(source, folder / link)
+                entries.append({"path": str(link), "linked": True, "size": source.stat().st_size})
+            except OSError:  # another disk (EXDEV), or links not allowed: point at the checkpoint's file
+                entries.append({"path": str(source.resolve()), "linked": False, "size": source.stat().st_size})
+        dtype = next(k for k, v in REF_DTYPES.items() if v == t.dtype)
+        tensors[name] = {"file": files[source], "offset": offset, "dtype": dtype, "shape": list(t.shape)}
+    (folder / WEIGHT_REFS_FILE).write_text(json.dumps({"files": entries, "tensors": tensors}, indent=1) + "\n")
+    return [WEIGHT_REFS_FILE, *(e["path"] for e in entries if e["linked"])]
+
+
+def weights_source(graph_dir: Path) -> dict[str, Any] | None:
+    """What the manifest says of a built graph's weights: how many constants are pointed at in
+    the checkpoint's files, and whether through hard links ("linked") or at the files
+    themselves ("referenced"); None when every constant was written into the engine."""
+    refs = graph_dir / WEIGHT_REFS_FILE
+    if not refs.is_file():
+        return None
+    data = json.loads(refs.read_text())
+    linked = {e["linked"] for e in data["files"]}
+    return {"from_checkpoint": "linked" if linked == {True} else "referenced" if linked == {False} else "both",
+            "tensors": len(data["tensors"]), "files": [e["path"] for e in data["files"]]}
 
 
 def compile_aoti(module: nn.Module, gspec: GraphSpec, profile: ShapeProfile, path: str | os.PathLike, *,
@@ -362,8 +412,7 @@ def compile_aoti(module: nn.Module, gspec: GraphSpec, profile: ShapeProfile, pat
         stats.update(export_s=round(exported - start, 2), compile_s=round(time.perf_counter() - exported, 2),
                      compile_cpu_s=round(sum(os.times()[:4]) - cpu0, 2), cached=hit)
     weights = path.with_name(WEIGHTS_FILE)
-    write_weights(ep, path, weights, device, f"{gspec.component}/{gspec.graph}")
-    return [path.name, weights.name]
+    return [path.name, *write_weights(ep, path, weights, device, f"{gspec.component}/{gspec.graph}")]
 
 
 def at_least_two_patches(profile: ShapeProfile, patch: dict[str, int]) -> ShapeProfile:

@@ -39,6 +39,7 @@ and the points above are its to-do list.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import warnings
 from pathlib import Path
@@ -58,6 +59,8 @@ DATA_SUFFIX = ".data"
 # Tensors below this stay inline even in an external-data model (shape constants and the like).
 INLINE_BYTES = 1024
 PAGE_BYTES = 4096  # external data is page-aligned, as onnx.save_model writes it
+# The external-data location of weights export_graph left in the module (no file has this name).
+DEFERRED = "<module>"
 
 # ONNX ops TensorRT's parser rejects, or that mean the trace went wrong for an inference graph.
 FORBIDDEN_OPS = frozenset({
@@ -86,11 +89,47 @@ def export_onnx(module: nn.Module, gspec: GraphSpec, profile: ShapeProfile, path
     example inputs go (default: the module's parameters' device)."""
     import onnx
 
+    path = Path(path)
+    data_path = path.with_name(path.name + DATA_SUFFIX)
+    model, weights = _trace(module, gspec, profile, path, compute_dtype=compute_dtype, opset=opset, device=device)
+    external = weights.write(model, data_path, external_data_threshold)
+    onnx.save_model(model, str(path))
+    del model
+
+    onnx.shape_inference.infer_shapes_path(str(path), str(path), check_type=True, strict_mode=True)
+    onnx.checker.check_model(str(path))
+    check_trt_compatible(onnx.load(str(path), load_external_data=False))
+    return [path.name, data_path.name] if external else [path.name]
+
+
+def export_graph(module: nn.Module, gspec: GraphSpec, profile: ShapeProfile, path: str | os.PathLike, *,
+                 compute_dtype: torch.dtype, opset: int = DEFAULT_OPSET,
+                 device: torch.device | str | None = None) -> "ModuleWeights":
+    """export_onnx without writing the weights: `path` holds the graph, its weights of
+    INLINE_BYTES or more marked as external data at DEFERRED (no such file), and the returned
+    ModuleWeights gives each of them from the module. For a pass that rewrites the weights as it
+    writes them (export/quantize.py's streamed Q/DQ): a real-size expert's bf16 weights are then
+    never staged on disk beside their fp8 rewrite. The file is not valid ONNX until that pass has
+    written them; it checks the result."""
+    import onnx
+
+    path = Path(path)
+    model, weights = _trace(module, gspec, profile, path, compute_dtype=compute_dtype, opset=opset, device=device)
+    # What export_onnx's checks do to its file (the initializers' shapes are in their protos).
+    model = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    check_trt_compatible(model)
+    onnx.save_model(model, str(path))
+    return weights
+
+
+def _trace(module: nn.Module, gspec: GraphSpec, profile: ShapeProfile, path: Path, *, compute_dtype: torch.dtype,
+           opset: int, device: torch.device | str | None):
+    """(the traced graph as an onnx.ModelProto with its weights deferred, their ModuleWeights)."""
+    import onnx
+
     if opset not in SUPPORTED_OPSETS:
         raise ValueError(f"opset {opset} is outside what wan_rt targets ({SUPPORTED_OPSETS}: TensorRT 10 parses 9-20)")
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    data_path = path.with_name(path.name + DATA_SUFFIX)
     if device is None:
         device = next((p.device for p in module.parameters()), torch.device("cpu"))
     sizes = example_sizes(profile, patch_multiples(module))
@@ -103,8 +142,8 @@ def export_onnx(module: nn.Module, gspec: GraphSpec, profile: ShapeProfile, path
     # named after the parameters) and without constant folding (which would compute folded
     # copies of them): the TorchScript exporter otherwise holds every weight two or three times
     # over in memory (2.6x measured for a 1.25 GB DiT). The weights are then written from the
-    # module tensor by tensor (_attach_weights), folding the transposes and casts the exporter
-    # would have folded, so the file holds the same initializers as a folded export.
+    # module tensor by tensor (ModuleWeights.write), folding the transposes and casts the
+    # exporter would have folded, so the file holds the same initializers as a folded export.
     raw = path.with_name(f".{path.name}.{os.getpid()}.graph")
     try:
         with warnings.catch_warnings():
@@ -117,21 +156,15 @@ def export_onnx(module: nn.Module, gspec: GraphSpec, profile: ShapeProfile, path
                                   dynamic_axes=_dynamic_axes(gspec), export_params=False, do_constant_folding=False)
         _check_traced_shapes(gspec, sizes, shapes)
         model = onnx.load(str(raw))
-        for stale in (path, data_path):
+        for stale in (path, path.with_name(path.name + DATA_SUFFIX)):
             stale.unlink(missing_ok=True)
-        external = _attach_weights(model, module, gspec, data_path, external_data_threshold)
+        weights = _attach_weights(model, module, gspec)
         _fold_constants(model.graph)
         _conform_io(model, gspec, compute_dtype)
-        onnx.save_model(model, str(path))
-        del model
+        return model, weights
     finally:
         hook.remove()
         raw.unlink(missing_ok=True)
-
-    onnx.shape_inference.infer_shapes_path(str(path), str(path), check_type=True, strict_mode=True)
-    onnx.checker.check_model(str(path))
-    check_trt_compatible(onnx.load(str(path), load_external_data=False))
-    return [path.name, data_path.name] if external else [path.name]
 
 
 # ------------------------------------------------------------------------------- trace helpers
@@ -215,12 +248,12 @@ _ONNX_TO_TORCH = {1: torch.float32, 10: torch.float16, 16: torch.bfloat16, 7: to
 _TORCH_TO_ONNX = {t: k for k, t in _ONNX_TO_TORCH.items()}
 
 
-def _attach_weights(model, module: nn.Module, gspec: GraphSpec, data_path: Path, threshold: int) -> bool:
+def _attach_weights(model, module: nn.Module, gspec: GraphSpec) -> "ModuleWeights":
     """Turn the weight inputs of a graph exported with export_params=False into initializers
-    holding `module`'s tensors, written one at a time: inline, or into `data_path` (page-aligned,
-    as onnx.save_model would) when they total over `threshold` bytes. A weight read only by a
-    Transpose or a Cast is stored transposed / cast and that node dropped, as constant folding
-    would have done. Returns whether external data was written."""
+    holding `module`'s tensors: those under INLINE_BYTES inline, the others deferred (external
+    data at DEFERRED, written by ModuleWeights.write or a pass like the streamed Q/DQ). A weight
+    read only by a Transpose or a Cast is stored transposed / cast and that node dropped, as
+    constant folding would have done."""
     from onnx import TensorProto, helper
 
     graph = model.graph
@@ -236,7 +269,7 @@ def _attach_weights(model, module: nn.Module, gspec: GraphSpec, data_path: Path,
         for name in node.input:
             consumers.setdefault(name, []).append(index)
 
-    folded, plan = set(), []  # plan: (initializer name, weight name, how to fold it)
+    folded, plan = set(), {}  # plan: initializer name -> (module tensor, how to fold it)
     for w in weights:
         users = consumers.get(w, [])
         node = graph.node[users[0]] if len(users) == 1 else None
@@ -246,44 +279,90 @@ def _attach_weights(model, module: nn.Module, gspec: GraphSpec, data_path: Path,
         elif node is not None and node.op_type == "Cast" and attrs.get("to") in _ONNX_TO_TORCH:
             fold = ("cast", _ONNX_TO_TORCH[attrs["to"]])
         else:
-            plan.append((w, w, None))
+            plan[w] = (tensors[w], None)
             continue
         folded.add(users[0])
         out = node.output[0]
         for user in consumers.get(out, []):  # read the weight's name where the node's output was read
             reader = graph.node[user]
             reader.input[:] = [w if x == out else x for x in reader.input]
-        plan.append((w, w, fold))
+        plan[w] = (tensors[w], fold)
 
-    def value(weight: str, fold) -> torch.Tensor:
-        t = tensors[weight].detach()
-        if fold is not None and fold[0] == "transpose":
-            t = t.permute(*fold[1])
-        elif fold is not None:
-            t = t.to(fold[1])
-        return t.contiguous()
-
-    total = sum(tensors[w].numel() * (fold[1].itemsize if fold and fold[0] == "cast" else tensors[w].element_size())
-                for _, w, fold in plan)
-    external = total > threshold
     kept_nodes = [n for k, n in enumerate(graph.node) if k not in folded]
     del graph.node[:]
     graph.node.extend(kept_nodes)
     contract_inputs = [i for i in graph.input if i.name in gspec.input_names]
     del graph.input[:]
     graph.input.extend(contract_inputs)
-    with open(data_path, "wb") if external else contextlib.nullcontext() as out:
-        for name, weight, fold in plan:
-            t = value(weight, fold)
-            proto = TensorProto(name=name, data_type=_TORCH_TO_ONNX[t.dtype], dims=list(t.shape))
-            data = t.reshape(-1).view(torch.uint8).numpy()  # raw little-endian bytes, no copy
-            if not external or t.nbytes < INLINE_BYTES:
-                proto.raw_data = bytes(data)
-            else:
-                append_external(out, proto, memoryview(data), data_path.name)
-            graph.initializer.append(proto)
-            del t, data
-    return external
+    weights_out = ModuleWeights(plan)
+    for name in plan:
+        shape, dtype, nbytes = weights_out.layout(name)
+        proto = TensorProto(name=name, data_type=_TORCH_TO_ONNX[dtype], dims=list(shape))
+        if nbytes < INLINE_BYTES:
+            proto.raw_data = weights_out.raw(name).tobytes()
+        else:
+            _mark_external(proto, DEFERRED, 0, nbytes)
+        graph.initializer.append(proto)
+    return weights_out
+
+
+class ModuleWeights:
+    """The weights of a traced graph, taken from the module when they are written: initializer
+    name -> its module tensor, transposed or cast as the graph reads it. One tensor is made at a
+    time (a transposed bf16 weight is a copy; the module's own weights stay memory-mapped)."""
+
+    def __init__(self, plan: dict[str, tuple[torch.Tensor, tuple | None]]):
+        self._plan = plan
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._plan
+
+    def layout(self, name: str) -> tuple[tuple[int, ...], torch.dtype, int]:
+        """(shape, dtype, bytes) of the initializer, without making it."""
+        t, fold = self._plan[name]
+        shape = tuple(t.shape[d] for d in fold[1]) if fold and fold[0] == "transpose" else tuple(t.shape)
+        dtype = fold[1] if fold and fold[0] == "cast" else t.dtype
+        return shape, dtype, math.prod(shape) * dtype.itemsize
+
+    def tensor(self, name: str) -> torch.Tensor:
+        t, fold = self._plan[name]
+        t = t.detach()
+        if fold is not None and fold[0] == "transpose":
+            t = t.permute(*fold[1])
+        elif fold is not None:
+            t = t.to(fold[1])
+        return t.contiguous()
+
+    def raw(self, name: str) -> np.ndarray:
+        """The initializer's raw little-endian bytes (uint8, no copy of the made tensor)."""
+        return self.tensor(name).reshape(-1).view(torch.uint8).numpy()
+
+    def write(self, model, data_path: Path, threshold: int) -> bool:
+        """Write the deferred initializers of `model`: into `data_path` (page-aligned, as
+        onnx.save_model would) when the weights total over `threshold` bytes, else inline.
+        Returns whether external data was written."""
+        from onnx import TensorProto
+
+        total = sum(self.layout(name)[2] for name in self._plan)
+        external = total > threshold
+        with open(data_path, "wb") if external else contextlib.nullcontext() as out:
+            for proto in model.graph.initializer:
+                if not is_deferred(proto):
+                    continue
+                data = self.raw(proto.name)
+                if external:
+                    append_external(out, proto, memoryview(data), data_path.name)
+                else:
+                    del proto.external_data[:]
+                    proto.data_location = TensorProto.DEFAULT
+                    proto.raw_data = data.tobytes()
+                del data
+        return external
+
+
+def is_deferred(t) -> bool:
+    """A tensor proto whose bytes are still in the module (export_graph)."""
+    return any(e.key == "location" and e.value == DEFERRED for e in t.external_data)
 
 
 # Ops whose value is not a function of their inputs alone, or that are never worth folding.
@@ -333,17 +412,21 @@ def _fold_constants(graph) -> None:
 def append_external(out, t, data, location: str) -> None:
     """Write `data` page-aligned at the end of the open data file `out` and make the tensor
     proto `t` point at it (`location` is the data file's name beside the model)."""
-    from onnx import TensorProto
-
     offset = out.tell()
     if offset % PAGE_BYTES:
         out.write(b"\0" * (PAGE_BYTES - offset % PAGE_BYTES))
         offset = out.tell()
     out.write(data)
+    _mark_external(t, location, offset, memoryview(data).nbytes)
+
+
+def _mark_external(t, location: str, offset: int, length: int) -> None:
+    from onnx import TensorProto
+
     t.ClearField("raw_data")
     del t.external_data[:]
     # (onnx's set_external_data insists on raw_data being present; write the entries directly)
-    for key, value in (("location", location), ("offset", str(offset)), ("length", str(memoryview(data).nbytes))):
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
         entry = t.external_data.add()
         entry.key, entry.value = key, value
     t.data_location = TensorProto.EXTERNAL

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from wan_rt.export.calibrate import DEFAULT_PROMPTS, CalibrationStats
-from wan_rt.export.onnx_export import INLINE_BYTES, append_external
+from wan_rt.export.onnx_export import INLINE_BYTES, ModuleWeights, append_external, is_deferred
 from wan_rt.precision import QUANTIZED_PRECISIONS, keep_reason
 
 QDQ_OPSET = 19                  # float8 Q/DQ needs opset 19 (TensorRT 10 parses it)
@@ -111,10 +111,12 @@ class QuantPlan:
     # ComfyUI's fp8_scaled `scale_weight`); those weights keep the file's fp8 values and scale.
     weight_scales: Mapping[str, float] = field(default_factory=dict)
 
-    def apply(self, onnx_path: Path, module: torch.nn.Module | None = None) -> list[str]:
+    def apply(self, onnx_path: Path, module: torch.nn.Module | None = None,
+              weights: "ModuleWeights | None" = None) -> list[str]:
         """Quantize the file in place; returns the files (relative names) now in its folder.
-        `module`: the graph module it was exported from, to find the linears by weight content."""
-        files, report = quantize_onnx_file(Path(onnx_path), self, module)
+        `module`: the graph module it was exported from, to find the linears by weight content.
+        `weights`: for a graph from onnx_export.export_graph, its weights not yet written."""
+        files, report = quantize_onnx_file(Path(onnx_path), self, module, weights)
         (Path(onnx_path).parent / REPORT_FILE).write_text(json.dumps(asdict(report), indent=1, sort_keys=True))
         return [*files, REPORT_FILE]
 
@@ -143,14 +145,13 @@ def _torch_dtype(elem_type: int) -> torch.dtype:
     return _TORCH_OF[elem_type]
 
 
-def _make_tensor(name: str, value: torch.Tensor, elem_type: int):
-    """A TensorProto of `value` cast to `elem_type` (float8 and bf16 via torch: numpy has neither)."""
+def _make_tensor(name: str, value: torch.Tensor, elem_type: int) -> tuple[Any, np.ndarray]:
+    """(a TensorProto of `value` cast to `elem_type` without its bytes, those bytes): float8 and
+    bf16 via torch, as numpy has neither; little-endian, as ONNX stores them."""
     from onnx import TensorProto
 
     t = value.detach().cpu().to(_torch_dtype(elem_type)).contiguous()
-    proto = TensorProto(name=name, data_type=elem_type, dims=list(t.shape))
-    proto.raw_data = t.reshape(-1).view(torch.uint8).numpy().tobytes()  # little-endian, as ONNX stores it
-    return proto
+    return TensorProto(name=name, data_type=elem_type, dims=list(t.shape)), t.reshape(-1).view(torch.uint8).numpy()
 
 
 def _as_float(proto) -> np.ndarray:
@@ -236,7 +237,7 @@ class _Graph:
 
     def constant(self, base: str, value: torch.Tensor, elem_type: int) -> str:
         name = self.name(base)
-        self.new_inits.append(self.tensors.store(_make_tensor(name, value, elem_type)))
+        self.new_inits.append(self.tensors.store(*_make_tensor(name, value, elem_type)))
         return name
 
     def value(self, name: str) -> np.ndarray:
@@ -367,28 +368,33 @@ def _quantize_linears(g: _Graph, plan: QuantPlan, paths: Mapping[str, str], repo
         groups[node.input[0]].append(node)
         path_of[id(node)] = path
 
+    def weight(n) -> np.ndarray:
+        """n's weight as float32 [in, out], read when needed: a group can be every block's
+        cross-attention K/V (80 weights of a 14B expert's text graph), never all held at once."""
+        w = g.value(n.input[1])
+        return w.T if out_axis(n) == 0 else w
+
+    def out_axis(n) -> int:
+        return 0 if next((a.i for a in n.attribute if a.name == "transB"), 0) else 1
+
     for x, nodes in groups.items():
         first = min(nodes, key=lambda n: g.order[id(n)])
         node_paths = [path_of[id(n)] for n in nodes]
-        weights, out_axes = [], []
-        for n in nodes:
-            trans_b = next((a.i for a in n.attribute if a.name == "transB"), 0)
-            w = g.value(n.input[1])
-            weights.append(w.T if trans_b else w)  # -> [in, out]
-            out_axes.append(0 if trans_b else 1)
         float_type = g.inits[nodes[0].input[1]].data_type
         channel = np.max([np.asarray(stats.linear[p].channel_amax, np.float32) for p in node_paths], axis=0)
-        if channel.shape[0] != weights[0].shape[0]:
+        dims = list(g.inits[nodes[0].input[1]].dims)
+        in_features = dims[1] if out_axis(nodes[0]) == 0 else dims[0]
+        if channel.shape[0] != in_features:
             raise QuantizeError(f"{node_paths[0]}: calibration saw {channel.shape[0]} input channels, "
-                                f"the graph's weight has {weights[0].shape[0]}")
+                                f"the graph's weight has {in_features}")
         tag = node_paths[0].replace(".", "/") + ("/shared_in" if len(nodes) > 1 else "/in")
         src = x
+        inv = None
         if cfg.precision == "int8":
-            w_channel = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
+            w_channel = np.max([np.abs(weight(n)).max(axis=1) for n in nodes], axis=0)
             # The graph multiplies by 1/s as its float type holds it; the weights are divided by
             # exactly that value, so smoothing itself changes nothing but the quantization grid.
             inv = _round_to(1.0 / smooth_factors(channel, w_channel, cfg.smooth_alpha), float_type)
-            weights = [w / inv[:, None] for w in weights]
             inv_name = g.constant(f"{tag}_smooth", torch.from_numpy(inv), float_type)
             src = g.name(f"{tag}_smoothed")
             g.insert(first, helper.make_node("Mul", [x, inv_name], [src], name=src))
@@ -397,8 +403,11 @@ def _quantize_linears(g: _Graph, plan: QuantPlan, paths: Mapping[str, str], repo
             amax = float(max(stats.linear[p].amax for p in node_paths))
         dq = _qdq(g, src, amax, cfg.precision, float_type, first, tag)
         qtype = TensorProto.FLOAT8E4M3FN if cfg.precision == "fp8" else TensorProto.INT8
-        for n, w, axis, path in zip(nodes, weights, out_axes, node_paths):
+        for n, path in zip(nodes, node_paths):
+            w = weight(n) if inv is None else weight(n) / inv[:, None]
             q, scale = quantize_weight(w, cfg.precision, 1, float_type, plan.weight_scales.get(path))  # out: axis 1
+            del w
+            axis = out_axis(n)
             tag_w = path.replace(".", "/") + "/weight"
             w_q = g.constant(f"{tag_w}_q", q.T if axis == 0 else q, qtype)  # back in the node's layout
             w_scale = g.constant(f"{tag_w}_scale", torch.from_numpy(scale), float_type)
@@ -470,8 +479,8 @@ def _quantize_attention(g: _Graph, plan: QuantPlan, attention: list, report: Qua
 
 
 # ------------------------------------------------------------------------------------ files
-def quantize_onnx_file(path: Path, plan: QuantPlan,
-                       module: torch.nn.Module | None = None) -> tuple[list[str], QuantReport]:
+def quantize_onnx_file(path: Path, plan: QuantPlan, module: torch.nn.Module | None = None,
+                       weights: "ModuleWeights | None" = None) -> tuple[list[str], QuantReport]:
     """Quantize `path` in place and check it; returns (files, report). A graph whose weights are
     external data (the exporter's choice over 2 GB) is streamed: read tensor by tensor from its
     data file (memory-mapped), each quantized weight written to a new data file as it is made
@@ -479,7 +488,11 @@ def quantize_onnx_file(path: Path, plan: QuantPlan,
     and stays external data however small quantizing made it. The result is what loading it
     whole and quantizing it in memory gives: the same graph and initializer bytes
     (tests/test_quantize.py checks it). A graph without external data is quantized in memory,
-    saved with external data only if it still exceeds onnx_export's threshold."""
+    saved with external data only if it still exceeds onnx_export's threshold.
+
+    `weights`: the graph came from onnx_export.export_graph and its weights are still in the
+    module; they are read from there as the streamed rewrite needs them, so the graph's weights
+    in its export dtype are never written: only the quantized ones and those kept."""
     import onnx
     from onnx.external_data_helper import uses_external_data
 
@@ -489,7 +502,7 @@ def quantize_onnx_file(path: Path, plan: QuantPlan,
     data = path.with_name(path.name + DATA_SUFFIX)
     model = onnx.load(str(path), load_external_data=False)
     if any(uses_external_data(t) for t in _all_tensors(model)):
-        report, external = _quantize_streamed(model, path, data, plan, module), True
+        report, external = _quantize_streamed(model, path, data, plan, module, weights), True
     else:
         report = quantize_model(model, plan, match_linears(model, module) if module is not None else None)
         data.unlink(missing_ok=True)
@@ -504,13 +517,14 @@ def quantize_onnx_file(path: Path, plan: QuantPlan,
     return ([path.name, data.name] if external else [path.name]), report
 
 
-def _quantize_streamed(model, path: Path, data: Path, plan: QuantPlan, module: torch.nn.Module | None) -> QuantReport:
+def _quantize_streamed(model, path: Path, data: Path, plan: QuantPlan, module: torch.nn.Module | None,
+                       weights: "ModuleWeights | None") -> QuantReport:
     """quantize_onnx_file for a graph with external data: `data` is rewritten tensor by tensor."""
     import onnx
     from onnx.external_data_helper import uses_external_data
 
     staging = path.with_name(f".{data.name}.quantizing")  # the input's data file is read until the end
-    tensors = _TensorFiles(path.parent, staging, data.name)
+    tensors = _TensorFiles(path.parent, staging, data.name, weights)
     try:
         report = quantize_model(model, plan, match_linears(model, module, tensors) if module is not None else None,
                                 tensors)
@@ -552,13 +566,15 @@ def _all_tensors(model, initializers: bool = True):
 
 class _TensorFiles:
     """Tensor bytes by file. Reads tensors stored as external data (relative to `folder`) one at
-    a time through memory maps (file pages, not memory the process owns); with `out`, `store`
+    a time through memory maps (file pages, not memory the process owns), or from `deferred`
+    (onnx_export.ModuleWeights) for those export_graph left in the module; with `out`, `store`
     writes each new tensor of INLINE_BYTES or more to that file as soon as it is made, page-
     aligned, recorded under the data file name `location` it will be renamed to. folder None:
     every tensor is in its proto (a model loaded whole) and nothing is written."""
 
-    def __init__(self, folder: Path | None, out: Path | None = None, location: str = ""):
-        self.folder, self.out, self.location = folder, out, location
+    def __init__(self, folder: Path | None, out: Path | None = None, location: str = "",
+                 deferred: "ModuleWeights | None" = None):
+        self.folder, self.out, self.location, self.deferred = folder, out, location, deferred
         self.written: set[str] = set()  # initializers now in `out` (their entries name `location`)
         self._maps: dict[Path, mmap.mmap] = {}
         self._file = open(out, "wb") if out is not None else None
@@ -568,6 +584,10 @@ class _TensorFiles:
 
         if not uses_external_data(t):
             return t.raw_data
+        if is_deferred(t):
+            if self.deferred is None or t.name not in self.deferred:
+                raise QuantizeError(f"initializer {t.name} was exported without its weights and none were given")
+            return self.deferred.raw(t.name).tobytes()
         info = ExternalDataInfo(t)
         where = Path(self.folder) / info.location
         if where not in self._maps:
@@ -593,10 +613,14 @@ class _TensorFiles:
 
         return _as_float(self.inline(t) if uses_external_data(t) else t)
 
-    def store(self, t):
-        """A new tensor (bytes in raw_data): to the data file if big enough; returns the proto."""
-        if self._file is not None and len(t.raw_data) >= INLINE_BYTES:
-            self._write(t, t.raw_data)
+    def store(self, t, data: np.ndarray):
+        """A new tensor `t` with its bytes `data`: to the data file if big enough, else into its
+        raw_data; returns the proto. (Bytes once set in a proto stay in its protobuf arena even
+        when the field is cleared: a quantized expert's would all be held until the end.)"""
+        if self._file is not None and data.nbytes >= INLINE_BYTES:
+            self._write(t, memoryview(data))
+        else:
+            t.raw_data = data.tobytes()
         return t
 
     def move(self, t) -> None:

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Mapping, Optional, Se
 import numpy as np
 import torch
 
+from wan_rt.host_memory import return_free_heap
 from wan_rt.runtime.backends import trt_lib
 from wan_rt.runtime.backends.trt_lib import host_bytes, trt
 from wan_rt.runtime.graphs import GraphSpec, ShapeProfile
@@ -134,7 +135,7 @@ def build_graph(module: torch.nn.Module, gspec: GraphSpec, profile: ShapeProfile
     """Export `module` to ONNX on `device` (opset 19 with Q/DQ when `quant` is given), build
     `model.plan` and its `layers.json` into out_dir; returns the files written (the ONNX too
     with config.keep_onnx). `config.targets` must be resolved (BuildConfig.for_build)."""
-    from wan_rt.export.onnx_export import DEFAULT_OPSET, export_onnx
+    from wan_rt.export.onnx_export import export_graph, export_onnx
     from wan_rt.export.quantize import QDQ_OPSET, REPORT_FILE
 
     config = config or BuildConfig()
@@ -142,17 +143,22 @@ def build_graph(module: torch.nn.Module, gspec: GraphSpec, profile: ShapeProfile
     onnx_dir = out / "onnx" if config.keep_onnx else Path(tempfile.mkdtemp(prefix=".onnx-", dir=out))
     try:
         onnx_path = onnx_dir / "model.onnx"
-        # Weights always in external data, whatever their size: the parser then takes them from a
-        # memory map (_parse) instead of from a protobuf the process owns.
-        files = export_onnx(module, gspec, profile, onnx_path, compute_dtype=compute_dtype, device=device,
-                            opset=QDQ_OPSET if quant is not None else DEFAULT_OPSET, external_data_threshold=0)
         kept = [PLAN_FILE, LAYER_REPORT]
         modules: dict[str, str] = {}
         if quant is not None:
-            files = quant.apply(onnx_path, module)
+            # The graph's weights are written once, as the Q/DQ pass makes them (fp8/int8 GEMM
+            # weights, the rest as they are): its bf16 export is never staged on disk beside them.
+            weights = export_graph(module, gspec, profile, onnx_path, compute_dtype=compute_dtype, device=device,
+                                   opset=QDQ_OPSET)
+            files = quant.apply(onnx_path, module, weights)
             shutil.copy(onnx_dir / REPORT_FILE, out / REPORT_FILE)  # which matmuls are quantized
             modules = json.loads((out / REPORT_FILE).read_text())["weights"]
             kept.append(REPORT_FILE)
+        else:
+            # Weights always in external data, whatever their size: the parser then takes them from
+            # a memory map (_parse) instead of from a protobuf the process owns.
+            files = export_onnx(module, gspec, profile, onnx_path, compute_dtype=compute_dtype, device=device,
+                                external_data_threshold=0)
         build_engine(onnx_path, gspec, profile, out / PLAN_FILE, config=config, timing_cache=timing_cache,
                      modules=modules, log=log)
     finally:
@@ -237,6 +243,7 @@ def build_engine(onnx_path: Path, gspec: GraphSpec, profile: ShapeProfile, plan_
     `plan_path` and the layer report beside it (`modules`: weight initializer -> module path,
     from the quantization report); returns facts for the manifest."""
     lib = trt_lib.require()
+    return_free_heap()  # the builder's peak is the build's: start it from what is really in use
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network, _parser, _weights = _parse(builder, Path(onnx_path), gspec, logger)

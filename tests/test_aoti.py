@@ -104,7 +104,10 @@ def built(tmp_path_factory, engine_checks):
 def test_t2v_graph_matches_eager(built, comp, g, engine_checks):
     """At batch 1, T = 2 latent frames, 4x4 latents: not the export's example sizes."""
     b = built[T2V]
-    assert b.files[comp, g] == ["model.pt2", "weights.safetensors"]
+    # The tiny checkpoints are fp32 files built in fp32: every weight is pointed at (hard-linked),
+    # the weights file keeps what the checkpoint has not (RoPE tables made by the forward).
+    assert b.files[comp, g][:3] == ["model.pt2", "weights.safetensors", "weights.json"]
+    assert all(f.startswith("weights/") for f in b.files[comp, g][3:])
     err = engine_checks.compare_graph(b, comp, g, engine_checks.grid_sizes(b, 1, 2, 4, 4))
     assert err < TOL, f"{comp}/{g}: AOTI vs eager relative error {err:.2e}"
 
@@ -126,7 +129,8 @@ def test_experts_share_one_package_and_weights_decide(built, engine_checks):
     b = built[T2V]
     hi, lo = b.dirs["dit_high_noise", "main"], b.dirs["dit_low_noise", "main"]
     assert (hi / "model.pt2").read_bytes() == (lo / "model.pt2").read_bytes()
-    assert (hi / "weights.safetensors").read_bytes() != (lo / "weights.safetensors").read_bytes()
+    hi_w, lo_w = _constants(hi), _constants(lo)
+    assert hi_w.keys() == lo_w.keys() and any(not torch.equal(hi_w[k], lo_w[k]) for k in hi_w)
     assert b.stats["dit_low_noise", "main"]["cached"] and not b.stats["dit_high_noise", "main"]["cached"]
     # umT5 and the DiT text graph: one architecture in all three presets (the text graph of the
     # 36- and 48-channel DiTs differs only by patch weights it does not read): compiled once.
@@ -158,8 +162,37 @@ def test_package_holds_no_weights(built):
 
     with safe_open(str(folder / "weights.safetensors"), "pt") as f:
         stored = set(f.keys())
-    assert fqns == stored
-    assert "dit.patch_embedding.weight" in fqns
+    referenced = set(json.loads((folder / "weights.json").read_text())["tensors"])
+    assert fqns == stored | referenced and not stored & referenced
+    assert "dit.patch_embedding.weight" in referenced
+
+
+def _constants(folder) -> dict[str, torch.Tensor]:
+    """A graph folder's constants: its weights file and what its weights.json points at."""
+    from safetensors.torch import load_file
+
+    return {**load_file(str(folder / "weights.safetensors")), **aoti.read_weight_refs(folder / "weights.json", CPU)}
+
+
+def test_weights_are_the_checkpoints_own_files_hard_linked(built):
+    """No second copy of a weight the checkpoint holds as the engine wants it: the engine's
+    weights.json points at hard links of the checkpoint's shards, each constant equal to its
+    parameter, and the manifest note says so (wan_rt.build writes weights_source's)."""
+    from wan_rt.export.aoti_export import weights_source
+    from wan_rt.models.checkpoint import find_weights
+
+    b = built[T2V]
+    folder = b.dirs["dit_high_noise", "main"]
+    refs = json.loads((folder / "weights.json").read_text())
+    shard = find_weights(b.resolved.files.dits["dit_high_noise"])
+    assert [f["linked"] for f in refs["files"]] == [True]
+    assert os.path.samefile(folder / refs["files"][0]["path"], shard)
+    params = dict(graph_module("dit_high_noise", "main", b.models["dit_high_noise"]).named_parameters())
+    got = aoti.read_weight_refs(folder / "weights.json", CPU)
+    fqns = set(aoti.load_package(folder / "model.pt2", CPU).get_constant_fqns())
+    assert set(got) == fqns & set(params) and all(torch.equal(got[k], params[k]) for k in got)
+    assert weights_source(folder) == {"from_checkpoint": "linked", "tensors": len(got),
+                                      "files": [refs["files"][0]["path"]]}
 
 
 # ------------------------------------------------------------------------------ dynamic shapes
@@ -348,7 +381,9 @@ def test_build_run_parity_commands_on_aoti(built, tmp_path, capsys):
         manifest = json.loads((engines / comp / "manifest.json").read_text())
         assert manifest["backend"] == "aoti" and manifest["build_args"]["quick_compile"] == FAST
         for g in graph_names(comp):
-            assert manifest["graphs"][g]["files"] == [f"{g}/model.pt2", f"{g}/weights.safetensors"]
+            assert manifest["graphs"][g]["files"][:3] == [f"{g}/model.pt2", f"{g}/weights.safetensors",
+                                                         f"{g}/weights.json"]
+            assert manifest["graphs"][g]["weights"]["from_checkpoint"] == "linked"
             assert ((engines / comp / g / "model.pt2").read_bytes()
                     == (b.dirs[comp, g] / "model.pt2").read_bytes()), f"{comp}/{g} was not the cached package"
     capsys.readouterr()

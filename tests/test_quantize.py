@@ -389,7 +389,7 @@ def _same_content(a, b) -> None:
 def test_a_graph_with_external_data_is_quantized_tensor_by_tensor_to_the_same_model(tiny, tmp_path, precision):
     """The streamed path (weights read from the data file one at a time, the new ones written as
     they are made) writes what loading the model whole and quantizing it in memory writes."""
-    from wan_rt.export.onnx_export import export_onnx
+    from wan_rt.export.onnx_export import export_graph, export_onnx
     from wan_rt.runtime.graphs import graph_spec, shape_profile
 
     gspec = graph_spec(tiny.spec, "dit_high_noise", "main")
@@ -415,6 +415,20 @@ def test_a_graph_with_external_data_is_quantized_tensor_by_tensor_to_the_same_mo
     kv = _session(tiny.paths["text"]).run(None, {"context": call["context"].numpy()})[0]
     feed = {"latents": call["latents"].numpy(), "timestep": call["timestep"].numpy(), "text_kv": kv}
     np.testing.assert_array_equal(_session(streamed).run(None, feed)[0], _session(whole).run(None, feed)[0])
+
+    # A graph exported without its weights (what TensorRT builds quantize: the weights are read
+    # from the module as the pass writes them, never staged in the export dtype): the same files,
+    # byte for byte.
+    deferred = tmp_path / "deferred" / "model.onnx"
+    weights = export_graph(module, gspec, profile, deferred, compute_dtype=torch.float32, opset=QDQ_OPSET)
+    assert sorted(p.name for p in deferred.parent.iterdir()) == ["model.onnx"]  # no weights written yet
+    with pytest.raises(QuantizeError, match="exported without its weights"):
+        quantize_onnx_file(deferred, plan, module)
+    files, deferred_report = quantize_onnx_file(deferred, plan, module, weights)
+    assert files == ["model.onnx", "model.onnx.data"] and deferred_report == report
+    assert sorted(p.name for p in deferred.parent.iterdir()) == files
+    for name in files:
+        assert (deferred.parent / name).read_bytes() == (streamed.parent / name).read_bytes(), name
 
 
 # ------------------------------------------------------------------------------------ a build's calibration

@@ -329,6 +329,10 @@ def _build_component(resolved: ResolvedCheckpoint, name: str, want: EngineManife
             if files is None:
                 files = builder.build_graph(module, gspec, profile, sub, compute_dtype=dtype, device=device, **options)
             want.graphs[g]["files"] = [f"{g}/{f}" for f in files]
+            # Weights the engine points at in the checkpoint's files instead of holding a copy.
+            source = getattr(builder, "weights_source", None)
+            if source is not None and (note := source(sub)) is not None:
+                want.graphs[g]["weights"] = note
         if reweighted:  # information: every graph got its new weights without an export
             want.build_args["reweighted"] = True
         want.created_at = datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -31,6 +31,7 @@ import torch
 from wan_rt.config import ModelSpec, latent_shape
 from wan_rt.models.gguf_file import QuantizedWeight
 from wan_rt.models.single_file import read_file
+from wan_rt.precision import keep_blocks
 from wan_rt.runtime.cast_on_use import LOW_PRECISION, cast_on_use_key
 
 _GIB = 2**30
@@ -237,8 +238,10 @@ def choose_host_dtype(spec: ModelSpec, files, names: Sequence[str], dtype: Optio
 # * TensorRT's builder, with the weights mapped from the ONNX external data and the plan streamed
 #   to disk (export/trt_build.py), still holds the engine it serializes: 1.17x the engine's
 #   weights for the real-size TI2V-5B bf16 DiT (11.7 GiB owned for 10.0 GB), 1.6x for a
-#   1.25 GB one (BASE_BYTES covers a small model's extra). The factor is the large-model figure
-#   with headroom.
+#   1.25 GB one (BASE_BYTES covers a small model's extra). An fp8 plan costs the builder more
+#   per byte: 18.9 GiB owned for a real-size A14B expert whose main graph's plan is 13.3 GiB
+#   (1.41x), but it builds its two graphs (text, main) one at a time, so the factor over the
+#   whole engine (15.6 GiB of plans) with BASE_BYTES still covers it: 21.1 GiB estimated.
 # ONNX Runtime builds only export; AOTInductor's compile is not measured at real size.
 TRT_BUILD_FACTOR = 1.25
 
@@ -255,11 +258,15 @@ class BuildNeed:
         return f"{self.owned / _GIB:.1f} GiB of RAM (for {self.component}) and {self.disk / _GIB:.1f} GiB of disk"
 
 
-def _engine_weight_bytes(tensors: list[_Stored], dtype: torch.dtype, quantized: bool) -> int:
-    """An engine's weights: one byte per element in a Q/DQ (fp8/int8) DiT (its GEMM weights, the
-    bulk; the rest is a rounding error here), else `dtype`'s size."""
+def _engine_weight_bytes(tensors: list[_Stored], dtype: torch.dtype, quantized: bool, num_layers: int) -> int:
+    """An engine's weights: in a Q/DQ (fp8/int8) DiT one byte per element of the blocks it
+    quantizes (the bulk) and `dtype`'s size in the blocks kept high precision (precision.
+    keep_blocks: 6 of an A14B expert's 40, 15% of its weights), else `dtype`'s size."""
     numel = sum(t[1] for t in tensors)
-    return numel if quantized else numel * dtype.itemsize
+    if not quantized:
+        return numel * dtype.itemsize
+    kept = len(keep_blocks(num_layers)) / num_layers
+    return int(numel * (1 - kept) + numel * kept * dtype.itemsize)
 
 
 def build_need(spec: ModelSpec, files, dtypes: dict[str, torch.dtype], backend: str,
@@ -272,16 +279,33 @@ def build_need(spec: ModelSpec, files, dtypes: dict[str, torch.dtype], backend: 
     for name, dtype in dtypes.items():
         tensors = stored["vae" if name.startswith("vae") else name]
         converted, _ = _weights(tensors, dtype)
-        graph_bytes = _engine_weight_bytes(tensors, dtype, False)
-        engine = _engine_weight_bytes(tensors, dtype, name in quantized)
+        graph_bytes = _engine_weight_bytes(tensors, dtype, False, spec.dit.num_layers)
+        engine = _engine_weight_bytes(tensors, dtype, name in quantized, spec.dit.num_layers)
         build = TRT_BUILD_FACTOR * engine if backend == "trt" else 0
         owned = int(BASE_BYTES + converted + build)
         worst = max(worst, (name, owned), key=lambda w: w[1])
         # Kept: the engine (a plan, or the ONNX itself). Staged while one builds: its exported
-        # ONNX (and the quantized rewrite of it) beside the plan being written.
+        # ONNX beside the plan being written; a quantized graph's weights are written once, as
+        # the Q/DQ pass makes them (export_graph), so only the quantized ONNX is staged.
         disk += engine
-        staging = max(staging, graph_bytes + (engine if name in quantized else 0) if backend == "trt" else 0)
+        staged = engine if name in quantized else graph_bytes
+        staging = max(staging, staged if backend == "trt" else 0)
     return BuildNeed(worst[0], worst[1], disk + staging)
+
+
+def return_free_heap() -> None:
+    """Hand the memory freed so far back to the system before a step whose peak matters (the
+    TensorRT builder's): glibc keeps freed heap pages for reuse, and they count as the process's
+    own. 1.7 GiB of them were left by calibration and quantization before a real-size A14B
+    expert's TensorRT build. A no-op where glibc's malloc is not the allocator."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def free_disk_bytes(folder: Path) -> int:

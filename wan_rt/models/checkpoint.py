@@ -154,6 +154,56 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
                           ".safetensors.index.json, .pth or .pt)")
 
 
+def file_regions(tensors: Mapping[str, Tensor]) -> dict[str, tuple[Path, int]]:
+    """{name: (file, byte offset)} for the tensors whose bytes are a checkpoint file's, read
+    memory-mapped (above) and still equal to the file there: an engine can then point at the
+    checkpoint instead of writing a copy. A tensor that was converted, copied, or written to
+    (a private map keeps a changed page to itself) is left out. Linux (/proc/self/maps); none
+    elsewhere."""
+    import bisect
+    import mmap
+
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return {}
+    maps = []  # (start, end, file offset, path) of file-backed mappings
+    for line in lines:
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and parts[5].startswith("/"):
+            start, end = (int(x, 16) for x in parts[0].split("-"))
+            maps.append((start, end, int(parts[2], 16), parts[5]))
+    maps.sort()
+    starts = [m[0] for m in maps]
+    files: dict[str, mmap.mmap] = {}
+    out: dict[str, tuple[Path, int]] = {}
+    try:
+        for name, t in tensors.items():
+            if t.device.type != "cpu" or not t.is_contiguous() or t.numel() == 0:
+                continue
+            ptr, nbytes = t.data_ptr(), t.numel() * t.element_size()
+            k = bisect.bisect_right(starts, ptr) - 1
+            if k < 0 or ptr + nbytes > maps[k][1]:
+                continue
+            start, _, offset, path = maps[k]
+            where = offset + ptr - start
+            if path not in files:
+                try:
+                    with open(path, "rb") as f:
+                        files[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                except (OSError, ValueError):  # deleted since mapped, or empty
+                    continue
+            mapped = memoryview(files[path])[where:where + nbytes]
+            # The same page-cache pages unless the tensor's were written to: a memcmp, no reads.
+            if len(mapped) == nbytes and mapped == memoryview(t.detach().reshape(-1).view(torch.uint8).numpy()):
+                out[name] = (Path(path), where)
+            mapped.release()
+    finally:
+        for m in files.values():
+            m.close()
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # 2. Key maps: official <-> diffusers / transformers names
 # --------------------------------------------------------------------------------------------

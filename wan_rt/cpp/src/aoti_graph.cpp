@@ -157,6 +157,10 @@ AotiGraph::AotiGraph(const std::string& package, const std::string& weights, con
   contract_.min = contract.at("min").get<Sizes>();
   contract_.max = contract.at("max").get<Sizes>();
   weights_ = read_safetensors(weights, device);
+  // Constants that are a checkpoint's own bytes are pointed at, not copied (export/aoti_export.py).
+  const auto refs = std::filesystem::path(weights).parent_path() / "weights.json";
+  if (std::filesystem::is_regular_file(refs))
+    for (auto& [name, t] : read_weight_refs(refs.string(), device)) weights_.emplace(name, std::move(t));
   loader_->load_constants(weights_, /*use_inactive=*/false, /*check_full_update=*/true, /*user_managed=*/true);
 }
 

@@ -183,8 +183,10 @@ EngineManifest EnginesDir::verified(const std::string& component) const {
       GraphFiles files;
       for (const auto& f : g.at("files")) {
         const std::string rel = f.get<std::string>();
-        (rel.size() >= 4 && rel.substr(rel.size() - 4) == ".pt2" ? files.package : files.weights) =
-            (folder / rel).string();
+        // weights.json and the checkpoint files it links to are read through the graph's weights.
+        const std::string name = fs::path(rel).filename().string();
+        if (name == "model.pt2") files.package = (folder / rel).string();
+        if (name == "weights.safetensors") files.weights = (folder / rel).string();
         if (!fs::is_regular_file(folder / rel)) missing.push_back(rel);
       }
       m.graphs[graph] = files;

@@ -65,6 +65,42 @@ std::unordered_map<std::string, at::Tensor> read_safetensors(const std::string& 
   return out;
 }
 
+std::unordered_map<std::string, at::Tensor> read_weight_refs(const std::string& path, const c10::Device& device) {
+  std::ifstream in(path);
+  if (!in) throw std::runtime_error("cannot open " + path);
+  nlohmann::json root;
+  try {
+    root = nlohmann::json::parse(in);
+  } catch (const nlohmann::json::exception& e) {
+    throw std::runtime_error(path + ": unreadable (" + e.what() + ")");
+  }
+  std::vector<std::string> files;
+  for (const auto& f : root.at("files")) {
+    std::filesystem::path where(f.at("path").get<std::string>());
+    if (where.is_relative()) where = std::filesystem::path(path).parent_path() / where;
+    std::error_code ec;
+    const auto size = std::filesystem::file_size(where, ec);
+    if (ec || size != f.at("size").get<uint64_t>())
+      throw std::runtime_error(path + ": the checkpoint file its weights are read from, " + where.string() +
+                               ", is missing or changed; rebuild the engines with `wan-rt build`");
+    files.push_back(where.string());
+  }
+  std::unordered_map<std::string, at::Tensor> out;
+  for (const auto& [name, info] : root.at("tensors").items()) {
+    const std::string dtype = info.at("dtype").get<std::string>();
+    auto it = dtypes().find(dtype);
+    if (it == dtypes().end()) throw std::runtime_error(path + ": " + name + " has unsupported dtype " + dtype);
+    const std::string& file = files.at(info.at("file").get<size_t>());
+    at::Tensor t = at::empty(info.at("shape").get<std::vector<int64_t>>(), at::TensorOptions().dtype(it->second));
+    std::ifstream f(file, std::ios::binary);
+    f.seekg(static_cast<std::streamoff>(info.at("offset").get<int64_t>()));
+    f.read(static_cast<char*>(t.data_ptr()), static_cast<std::streamsize>(t.nbytes()));
+    if (!f) throw std::runtime_error(path + ": truncated data for " + name + " in " + file);
+    out.emplace(name, t.to(device));
+  }
+  return out;
+}
+
 void write_safetensors(const std::string& path, const std::map<std::string, at::Tensor>& tensors) {
   nlohmann::json header = nlohmann::json::object();
   std::vector<at::Tensor> blobs;

@@ -1,5 +1,6 @@
 """AOTInductor backend, run side: `load_graph` runs a .pt2 package plus its `weights.safetensors`
-behind the GraphRunner contract (the build side is wan_rt.export.aoti_export).
+(and the checkpoint bytes its `weights.json` points at) behind the GraphRunner contract (the
+build side is wan_rt.export.aoti_export).
 
 The package is code only; the runner loads the weights file and hands the tensors to the
 compiled model (`load_constants`, all constants required), so one package serves every
@@ -34,6 +35,16 @@ NAME = "aoti"
 FILE_SUFFIX = ".pt2"
 PACKAGE_FILE = "model" + FILE_SUFFIX
 WEIGHTS_FILE = "weights.safetensors"
+# Constants that are a checkpoint file's own bytes are not copied into WEIGHTS_FILE: this file
+# points at them (export/aoti_export.py writes it), through hard links in LINKS_DIR where the
+# engines dir shares the checkpoint's disk, else at the checkpoint's files themselves (the
+# manifest's weights fingerprint makes a changed checkpoint stale either way).
+WEIGHT_REFS_FILE = "weights.json"
+LINKS_DIR = "weights"
+# safetensors' dtype names (wan_rt/cpp/src/safetensors.cpp reads the same ones).
+REF_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
 # The .so links against the torch that built it; the CPU code uses that machine's vector ISA.
 STRICT_VERSIONS = ("torch", "device")
 # The runtime replays DiT step graphs from CUDA graphs on a GPU (runtime/cuda_graphs.py): the
@@ -179,6 +190,26 @@ class AotiRunner:
         return dict(zip(self.gspec.output_names, out))
 
 
+def read_weight_refs(path: Path, device: torch.device) -> dict[str, Tensor]:
+    """The constants a weights.json points at. On the CPU they stay memory-mapped from the
+    checkpoint's files (file pages, not memory the process owns); elsewhere they are copied to
+    `device`. ValueError (one line) if a file it points at is gone or changed size."""
+    refs = json.loads(path.read_text())
+    storages = []
+    for f in refs["files"]:
+        where = path.parent / f["path"]  # an absolute path stays absolute
+        if not where.is_file() or where.stat().st_size != f["size"]:
+            raise ValueError(f"{path}: the checkpoint file its weights are read from, {where}, is missing or changed; "
+                             "rebuild the engines with `wan-rt build`")
+        storages.append(torch.UntypedStorage.from_file(str(where), shared=False, nbytes=f["size"]))
+    out = {}
+    for name, t in refs["tensors"].items():
+        dtype = REF_DTYPES[t["dtype"]]
+        mapped = torch.empty(0, dtype=dtype).set_(storages[t["file"]], t["offset"] // dtype.itemsize, t["shape"])
+        out[name] = mapped.to(device)
+    return out
+
+
 def load_graph(out_dir: str | os.PathLike, gspec: GraphSpec, files: Sequence[str], *,
                compute_dtype: torch.dtype, device: torch.device | str) -> AotiRunner:
     """A runner over the .pt2 among `files` (paths relative to out_dir) and the weights beside it."""
@@ -186,10 +217,13 @@ def load_graph(out_dir: str | os.PathLike, gspec: GraphSpec, files: Sequence[str
 
     device = torch.device(device)
     packages = [f for f in files if f.endswith(FILE_SUFFIX)]
-    weights = [f for f in files if f.endswith(WEIGHTS_FILE)]
+    weights = [f for f in files if Path(f).name == WEIGHTS_FILE]
     if len(packages) != 1 or len(weights) != 1:
         raise ValueError(f"expected one {FILE_SUFFIX} and one {WEIGHTS_FILE} among {list(files)}")
     model = load_package(Path(out_dir) / packages[0], device)
     constants = load_file(str(Path(out_dir) / weights[0]), device=str(device))
+    refs = Path(out_dir) / Path(weights[0]).with_name(WEIGHT_REFS_FILE)
+    if refs.is_file():
+        constants.update(read_weight_refs(refs, device))
     _load_constants(model, constants)
     return AotiRunner(model, constants, gspec, compute_dtype, device)

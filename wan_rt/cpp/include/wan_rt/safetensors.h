@@ -15,6 +15,12 @@ namespace wan_rt {
 std::unordered_map<std::string, at::Tensor> read_safetensors(const std::string& path,
                                                              const c10::Device& device = c10::Device("cpu"));
 
+// The tensors a wan_rt weights.json points at: {"files": [{"path", "size"}], "tensors": {name:
+// {"file", "offset", "dtype", "shape"}}}, bytes read from checkpoint files (paths relative to it,
+// or absolute) at those offsets; on `device`.
+std::unordered_map<std::string, at::Tensor> read_weight_refs(const std::string& path,
+                                                             const c10::Device& device = c10::Device("cpu"));
+
 // `tensors` (moved to the CPU, made contiguous) into `path`; the file appears only when complete.
 void write_safetensors(const std::string& path, const std::map<std::string, at::Tensor>& tensors);
 
