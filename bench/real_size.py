@@ -264,6 +264,12 @@ def commands(folder: Path, work: Path) -> dict[str, tuple[list[str], list[Path]]
                                "--trt-targets", "sm89", "--components", dit, "--engines-dir", str(work / f"engines-{p}"),
                                "--height", "64", "--width", "64", "--frames", "5", "--text-len", "64"],
                               [work / f"engines-{p}"]) for p in ("bf16", "fp8")},
+        # AOTInductor packages of the (first) DiT in the dtype its files hold, so its weights are
+        # the checkpoint's own bytes (hard-linked, not copied: export/aoti_export.py).
+        "build-aoti": ([*wan, "build", "--model", str(folder), "--backend", "aoti", "--precision",
+                        "fp32" if folder.name.endswith("fp32") else "bf16", "--components", dit,
+                        "--engines-dir", str(work / "engines-aoti"), "--height", "64", "--width", "64",
+                        "--frames", "5", "--text-len", "64"], [work / "engines-aoti"]),
     }
 
 
@@ -272,7 +278,7 @@ def main() -> None:
     ap.add_argument("--root", type=Path, required=True, help="where the checkpoints are written (~51 GB at bf16)")
     ap.add_argument("--models", default="ti2v-5B,t2v-A14B,i2v-A14B")
     ap.add_argument("--weights-dtype", default="bf16", choices=["bf16", "fp32"])
-    ap.add_argument("--commands", default="run-bf16,run-auto,run-fp32,build-trt-bf16,build-trt-fp8")
+    ap.add_argument("--commands", default="run-bf16,run-auto,run-fp32,build-trt-bf16,build-trt-fp8,build-aoti")
     ap.add_argument("--timeout", type=float, default=3600)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--echo", action="store_true", help="print each command's output as it comes, with its peak so far")

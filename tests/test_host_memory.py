@@ -162,3 +162,17 @@ def test_fp32_files_at_bf16_on_a_cpu_cast_block_linears_on_use(tmp_path):
     assert choose_host_dtype(r.spec, r.files, names, torch.bfloat16, budget=fits)[0] == torch.bfloat16
     with pytest.raises(HostMemoryError):
         choose_host_dtype(r.spec, r.files, names, torch.bfloat16, budget=fits, cast_on_use=False)
+
+
+def test_aoti_engines_on_the_checkpoints_disk_count_only_the_weights_they_convert(tiny_t2v_bf16, tmp_path):
+    """AOTInductor engines hard-link the weights they use as stored (export/aoti_export.py), so
+    on the checkpoint's disk a build writes only the converted ones; elsewhere, all of them."""
+    from wan_rt.host_memory import same_disk
+
+    r = resolve_checkpoint(str(tiny_t2v_bf16))
+    numel = sum(t.numel() for t in load_file(r.files.dits["dit_high_noise"] / "diffusion_pytorch_model.safetensors").values())
+    assert same_disk([r.files.dits["dit_high_noise"]], tmp_path / "engines" / "not-yet")
+    need = {(p, links): build_need(r.spec, r.files, {"dit_high_noise": d}, "aoti", links=links).disk
+            for p, d in (("bf16", torch.bfloat16), ("fp32", torch.float32)) for links in (False, True)}
+    assert need["bf16", True] == 0 and need["bf16", False] == 2 * numel
+    assert need["fp32", True] == need["fp32", False] == 4 * numel  # every weight converted: written

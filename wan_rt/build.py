@@ -20,7 +20,7 @@ import torch
 from wan_rt.config import ModelSpec, check_request
 from wan_rt.export.builders import get_builder
 from wan_rt.host_memory import (BuildNeed, HostMemoryError, available_bytes, build_need, free_disk_bytes,
-                                stored_tensors)
+                                same_disk, stored_tensors)
 from wan_rt.models import load_component
 from wan_rt.precision import PRECISIONS, QUALITY_TOLERANCE, QUANTIZED_PRECISIONS, component_dtype
 from wan_rt.resolve import ResolvedCheckpoint, resolve_checkpoint
@@ -197,11 +197,14 @@ def _fit_build(resolved: ResolvedCheckpoint, wanted: list[str], backend: str, pr
     the log); otherwise HostMemoryError naming what it needs, what there is and what would fit."""
     spec = resolved.spec
     stored = stored_tensors(spec, resolved.files, wanted)  # the headers, once for every precision weighed
+    files = resolved.files
+    links = same_disk([files.dits[c] if c in spec.dit_components else files.text_encoder if c == "text_encoder"
+                       else files.vae for c in wanted], engines_dir)
 
     def need(p: str) -> BuildNeed:
         quantized = [c for c in wanted if c in spec.dit_components and p in QUANTIZED_PRECISIONS]
-        return build_need(spec, resolved.files, {c: component_dtype(c, p, backend, device) for c in wanted},
-                          backend, quantized, stored)
+        return build_need(spec, files, {c: component_dtype(c, p, backend, device) for c in wanted},
+                          backend, quantized, stored, links)
 
     ram, disk = available_bytes(), free_disk_bytes(engines_dir)
 
