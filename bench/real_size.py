@@ -270,6 +270,12 @@ def commands(folder: Path, work: Path) -> dict[str, tuple[list[str], list[Path]]
                         "fp32" if folder.name.endswith("fp32") else "bf16", "--components", dit,
                         "--engines-dir", str(work / "engines-aoti"), "--height", "64", "--width", "64",
                         "--frames", "5", "--text-len", "64"], [work / "engines-aoti"]),
+        # Every component into the same engines dir (the DiT's packages stay if up to date), then
+        # the pipeline run on them.
+        "build-aoti-all": ([*wan, "build", "--model", str(folder), "--backend", "aoti", "--precision",
+                            "fp32" if folder.name.endswith("fp32") else "bf16", "--engines-dir", str(work / "engines-aoti"),
+                            "--height", "64", "--width", "64", "--frames", "5", "--text-len", "64"], []),
+        "run-aoti": ([*wan, "run", "--engines-dir", str(work / "engines-aoti"), *small, "--output", str(mp4)], [mp4]),
     }
 
 
