@@ -328,7 +328,8 @@ def write_weights(ep: torch.export.ExportedProgram, package: Path, path: Path, d
     if missing:  # e.g. a constant folded at compile time: its value would be the compile-time weights'
         raise AotiExportError(f"{where}: the compiled package needs constants the module does not have: {missing[:5]}")
     constants = {name: known[name].detach() for name in names}
-    regions = {n: r for n, r in file_regions(constants).items() if r[1] % constants[n].element_size() == 0}
+    regions = {n: r for n, r in file_regions(constants).items()  # (set_ needs an element-aligned offset)
+               if r[1] % constants[n].element_size() == 0 and constants[n].dtype in REF_DTYPES.values()}
     tensors, seen = {}, set()
     for name in names:
         if name in regions:

@@ -1,6 +1,7 @@
 """Export one component graph (runtime.graphs) to ONNX that ONNX Runtime and TensorRT both load.
 
     export_onnx(module, gspec, profile, path, compute_dtype=...) -> ["model.onnx"(, "model.onnx.data")]
+    export_graph(module, gspec, profile, path, compute_dtype=...) -> ModuleWeights  # weights written later
 
 What the file promises (the contract in runtime/graphs.py, checked here, not hoped for):
 * input and output names, order and dtypes are the GraphSpec's. Inputs the traced graph does not

@@ -44,7 +44,7 @@ LINKS_DIR = "weights"
 # safetensors' dtype names (wan_rt/cpp/src/safetensors.cpp reads the same ones).
 REF_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
+              "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 # The .so links against the torch that built it; the CPU code uses that machine's vector ISA.
 STRICT_VERSIONS = ("torch", "device")
 # The runtime replays DiT step graphs from CUDA graphs on a GPU (runtime/cuda_graphs.py): the
