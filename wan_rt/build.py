@@ -23,7 +23,7 @@ from wan_rt.host_memory import (BuildNeed, HostMemoryError, available_bytes, bui
                                 same_disk, stored_tensors)
 from wan_rt.models import load_component
 from wan_rt.precision import PRECISIONS, QUALITY_TOLERANCE, QUANTIZED_PRECISIONS, component_dtype
-from wan_rt.resolve import ResolvedCheckpoint, resolve_checkpoint
+from wan_rt.resolve import ResolvedCheckpoint, resolve_checkpoint, weight_paths
 from wan_rt.runtime.backends import get_backend
 from wan_rt.runtime.engines_dir import (EngineManifest, LoraPairs, StaleEngineError, check_index, commit_component,
                                         component_fingerprint, expected_manifest, first_difference, identity, lora_args,
@@ -198,8 +198,7 @@ def _fit_build(resolved: ResolvedCheckpoint, wanted: list[str], backend: str, pr
     spec = resolved.spec
     stored = stored_tensors(spec, resolved.files, wanted)  # the headers, once for every precision weighed
     files = resolved.files
-    links = same_disk([files.dits[c] if c in spec.dit_components else files.text_encoder if c == "text_encoder"
-                       else files.vae for c in wanted], engines_dir)
+    links = same_disk([p for c in wanted for p in weight_paths(resolved, c)], engines_dir)
 
     def need(p: str) -> BuildNeed:
         quantized = [c for c in wanted if c in spec.dit_components and p in QUANTIZED_PRECISIONS]

@@ -314,13 +314,19 @@ def return_free_heap() -> None:
         pass
 
 
-def same_disk(paths: Sequence[Path], folder: Path) -> bool:
-    """Whether every path is on the disk `folder` is (or would be created) on: hard links work."""
+def _existing(folder: Path) -> Path:
+    """`folder`, or the nearest folder above it that exists (where it would be created)."""
     folder = Path(folder).absolute()
     while not folder.exists():
         folder = folder.parent
+    return folder
+
+
+def same_disk(paths: Sequence[Path], folder: Path) -> bool:
+    """Whether every path is on the disk `folder` is (or would be created) on: hard links work."""
+    device = os.stat(_existing(folder)).st_dev
     try:
-        return all(os.stat(p).st_dev == os.stat(folder).st_dev for p in paths)
+        return all(os.stat(p).st_dev == device for p in paths)
     except OSError:
         return False
 
@@ -329,7 +335,4 @@ def free_disk_bytes(folder: Path) -> int:
     """Free space on the disk `folder` is (or would be created) on."""
     import shutil
 
-    folder = Path(folder).absolute()
-    while not folder.exists():
-        folder = folder.parent
-    return shutil.disk_usage(folder).free
+    return shutil.disk_usage(_existing(folder)).free

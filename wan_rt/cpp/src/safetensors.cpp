@@ -75,6 +75,7 @@ std::unordered_map<std::string, at::Tensor> read_weight_refs(const std::string& 
     throw std::runtime_error(path + ": unreadable (" + e.what() + ")");
   }
   std::vector<std::string> files;
+  std::vector<std::ifstream> streams;  // one per checkpoint file, opened once
   for (const auto& f : root.at("files")) {
     std::filesystem::path where(f.at("path").get<std::string>());
     if (where.is_relative()) where = std::filesystem::path(path).parent_path() / where;
@@ -84,15 +85,17 @@ std::unordered_map<std::string, at::Tensor> read_weight_refs(const std::string& 
       throw std::runtime_error(path + ": the checkpoint file its weights are read from, " + where.string() +
                                ", is missing or changed; rebuild the engines with `wan-rt build`");
     files.push_back(where.string());
+    streams.emplace_back(where, std::ios::binary);
   }
   std::unordered_map<std::string, at::Tensor> out;
   for (const auto& [name, info] : root.at("tensors").items()) {
     const std::string dtype = info.at("dtype").get<std::string>();
     auto it = dtypes().find(dtype);
     if (it == dtypes().end()) throw std::runtime_error(path + ": " + name + " has unsupported dtype " + dtype);
-    const std::string& file = files.at(info.at("file").get<size_t>());
+    const size_t index = info.at("file").get<size_t>();
+    const std::string& file = files.at(index);
     at::Tensor t = at::empty(info.at("shape").get<std::vector<int64_t>>(), at::TensorOptions().dtype(it->second));
-    std::ifstream f(file, std::ios::binary);
+    std::ifstream& f = streams.at(index);
     f.seekg(static_cast<std::streamoff>(info.at("offset").get<int64_t>()));
     f.read(static_cast<char*>(t.data_ptr()), static_cast<std::streamsize>(t.nbytes()));
     if (!f) throw std::runtime_error(path + ": truncated data for " + name + " in " + file);
