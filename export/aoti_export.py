@@ -77,8 +77,9 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
+from wan_rt.export.checkpoint_links import link_files
 from wan_rt.models.checkpoint import file_regions
-from wan_rt.runtime.backends.aoti import (LINKS_DIR, PACKAGE_FILE, REF_DTYPES, WEIGHT_REFS_FILE, WEIGHTS_FILE, device_key,
+from wan_rt.runtime.backends.aoti import (PACKAGE_FILE, REF_DTYPES, WEIGHT_REFS_FILE, WEIGHTS_FILE, device_key,
                                           load_package, unavailable_reason)
 from wan_rt.runtime.graphs import (GraphSpec, ShapeProfile, example_sizes, parse_dim, patch_multiples,
                                    sample_inputs, torch_dtype)
@@ -351,18 +352,13 @@ def write_weight_refs(regions: dict[str, tuple[torch.Tensor, Path, int]], folder
     file itself. Returns the files written (relative); none for no regions."""
     if not regions:
         return []
-    files: dict[Path, int] = {}
-    entries, tensors = [], {}
+    links = link_files((source for _, source, _ in regions.values()), folder)
+    files = {source: k for k, source in enumerate(links)}
+    entries = [{"path": link, "linked": True, "size": source.stat().st_size} if link is not None else
+               {"path": str(source.resolve()), "linked": False, "size": source.stat().st_size}
+               for source, link in links.items()]  # unlinked: point at the checkpoint's file itself
+    tensors = {}
     for name, (t, source, offset) in regions.items():
-        if source not in files:
-            files[source] = len(files)
-            link = Path(LINKS_DIR) / f"{files[source]}-{source.name}"
-            try:
-                (folder / LINKS_DIR).mkdir(exist_ok=True)
-                os.link(source, folder / link)
-                entries.append({"path": str(link), "linked": True, "size": source.stat().st_size})
-            except OSError:  # another disk (EXDEV), or links not allowed: point at the checkpoint's file
-                entries.append({"path": str(source.resolve()), "linked": False, "size": source.stat().st_size})
         dtype = next(k for k, v in REF_DTYPES.items() if v == t.dtype)
         tensors[name] = {"file": files[source], "offset": offset, "dtype": dtype, "shape": list(t.shape)}
     (folder / WEIGHT_REFS_FILE).write_text(json.dumps({"files": entries, "tensors": tensors}, indent=1) + "\n")

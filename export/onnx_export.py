@@ -44,6 +44,7 @@ import math
 import os
 import warnings
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 import torch
@@ -81,10 +82,17 @@ class OnnxExportError(RuntimeError):
 
 def export_onnx(module: nn.Module, gspec: GraphSpec, profile: ShapeProfile, path: str | os.PathLike, *,
                 compute_dtype: torch.dtype, opset: int = DEFAULT_OPSET, device: torch.device | str | None = None,
-                external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> list[str]:
+                external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+                refs: Mapping[str, tuple[str, int]] | None = None) -> list[str]:
     """Trace `module` (graphs.graph_module) at graphs.example_sizes (the smallest general sizes
     in the profile, batch 2: one cheap forward) and write `path`; every symbolic dim is dynamic,
     and the profile's min / opt / max are for the engine builders (TensorRT's profile).
+
+    `refs`: {weight name: (file relative to `path`'s folder, byte offset)} for weights whose
+    module tensor is that file's bytes (a checkpoint linked in, export/checkpoint_links.py):
+    their initializers point there as external data instead of being written, stored as the
+    module holds them, so a Transpose or Cast reading one stays in the graph for the runtime to
+    fold when it loads (ONNX Runtime's constant folding; the values are the same).
 
     Returns the files written, as names relative to `path`'s folder. `device` is where the
     example inputs go (default: the module's parameters' device)."""
@@ -92,15 +100,47 @@ def export_onnx(module: nn.Module, gspec: GraphSpec, profile: ShapeProfile, path
 
     path = Path(path)
     data_path = path.with_name(path.name + DATA_SUFFIX)
-    model, weights = _trace(module, gspec, profile, path, compute_dtype=compute_dtype, opset=opset, device=device)
-    external = weights.write(model, data_path, external_data_threshold)
+    refs = dict(refs or {})
+    model, weights = _trace(module, gspec, profile, path, compute_dtype=compute_dtype, opset=opset, device=device,
+                            unfolded=frozenset(refs))
+    external = weights.write(model, data_path, external_data_threshold, refs)
     onnx.save_model(model, str(path))
     del model
 
     onnx.shape_inference.infer_shapes_path(str(path), str(path), check_type=True, strict_mode=True)
-    onnx.checker.check_model(str(path))
+    if refs:
+        check_with_linked_data(path)
+    else:
+        onnx.checker.check_model(str(path))
     check_trt_compatible(onnx.load(str(path), load_external_data=False))
     return [path.name, data_path.name] if external else [path.name]
+
+
+def check_with_linked_data(path: Path) -> None:
+    """onnx.checker for a model whose external data includes hard links of checkpoint files,
+    which the checker refuses outright (a hard link could expose any file on the machine to
+    whoever hands out the model; here the build made them). The graph is checked with its
+    external initializers as inputs, and every external tensor's bytes against its file's size."""
+    import onnx
+    from onnx import helper
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    model = onnx.load(str(path), load_external_data=False)
+    external = [t for t in model.graph.initializer if uses_external_data(t)]
+    for t in external:
+        info = ExternalDataInfo(t)
+        where = path.parent / info.location
+        end = (info.offset or 0) + (info.length or 0)
+        if Path(info.location).is_absolute() or ".." in Path(info.location).parts or not where.is_file() \
+                or end > where.stat().st_size:
+            raise OnnxExportError(f"{path}: initializer {t.name}'s external data ({info.location}, bytes to {end}) "
+                                  "is not inside the model's folder")
+    names = {t.name for t in external}
+    kept = [t for t in model.graph.initializer if t.name not in names]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    model.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in external)
+    onnx.checker.check_model(model)
 
 
 def export_graph(module: nn.Module, gspec: GraphSpec, profile: ShapeProfile, path: str | os.PathLike, *,
@@ -124,7 +164,7 @@ def export_graph(module: nn.Module, gspec: GraphSpec, profile: ShapeProfile, pat
 
 
 def _trace(module: nn.Module, gspec: GraphSpec, profile: ShapeProfile, path: Path, *, compute_dtype: torch.dtype,
-           opset: int, device: torch.device | str | None):
+           opset: int, device: torch.device | str | None, unfolded: frozenset[str] = frozenset()):
     """(the traced graph as an onnx.ModelProto with its weights deferred, their ModuleWeights)."""
     import onnx
 
@@ -159,7 +199,7 @@ def _trace(module: nn.Module, gspec: GraphSpec, profile: ShapeProfile, path: Pat
         model = onnx.load(str(raw))
         for stale in (path, path.with_name(path.name + DATA_SUFFIX)):
             stale.unlink(missing_ok=True)
-        weights = _attach_weights(model, module, gspec)
+        weights = _attach_weights(model, module, gspec, unfolded)
         _fold_constants(model.graph)
         _conform_io(model, gspec, compute_dtype)
         return model, weights
@@ -249,12 +289,14 @@ _ONNX_TO_TORCH = {1: torch.float32, 10: torch.float16, 16: torch.bfloat16, 7: to
 _TORCH_TO_ONNX = {t: k for k, t in _ONNX_TO_TORCH.items()}
 
 
-def _attach_weights(model, module: nn.Module, gspec: GraphSpec) -> "ModuleWeights":
+def _attach_weights(model, module: nn.Module, gspec: GraphSpec,
+                    unfolded: frozenset[str] = frozenset()) -> "ModuleWeights":
     """Turn the weight inputs of a graph exported with export_params=False into initializers
     holding `module`'s tensors: those under INLINE_BYTES inline, the others deferred (external
     data at DEFERRED, written by ModuleWeights.write or a pass like the streamed Q/DQ). A weight
     read only by a Transpose or a Cast is stored transposed / cast and that node dropped, as
-    constant folding would have done."""
+    constant folding would have done; except the `unfolded` ones of INLINE_BYTES or more
+    (weights the file will point at in a checkpoint: stored as they are there)."""
     from onnx import TensorProto, helper
 
     graph = model.graph
@@ -272,6 +314,10 @@ def _attach_weights(model, module: nn.Module, gspec: GraphSpec) -> "ModuleWeight
 
     folded, plan = set(), {}  # plan: initializer name -> (module tensor, how to fold it)
     for w in weights:
+        t = tensors[w]
+        if w in unfolded and t.numel() * t.element_size() >= INLINE_BYTES:
+            plan[w] = (t, None)
+            continue
         users = consumers.get(w, [])
         node = graph.node[users[0]] if len(users) == 1 else None
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute} if node is not None else {}
@@ -318,6 +364,11 @@ class ModuleWeights:
     def __contains__(self, name: str) -> bool:
         return name in self._plan
 
+    def source(self, name: str) -> tuple[torch.Tensor, tuple | None]:
+        """The module tensor the initializer is made from, and how: None (as is),
+        ("transpose", perm) or ("cast", dtype)."""
+        return self._plan[name]
+
     def layout(self, name: str) -> tuple[tuple[int, ...], torch.dtype, int]:
         """(shape, dtype, bytes) of the initializer, without making it."""
         t, fold = self._plan[name]
@@ -338,13 +389,20 @@ class ModuleWeights:
         """The initializer's raw little-endian bytes (uint8, no copy of the made tensor)."""
         return self.tensor(name).reshape(-1).view(torch.uint8).numpy()
 
-    def write(self, model, data_path: Path, threshold: int) -> bool:
+    def write(self, model, data_path: Path, threshold: int,
+              refs: Mapping[str, tuple[str, int]] | None = None) -> bool:
         """Write the deferred initializers of `model`: into `data_path` (page-aligned, as
-        onnx.save_model would) when the weights total over `threshold` bytes, else inline.
-        Returns whether external data was written."""
+        onnx.save_model would) when the weights total over `threshold` bytes, else inline; those
+        in `refs` ({name: (file relative to the model's folder, offset)}) point there instead.
+        Returns whether `data_path` was written."""
         from onnx import TensorProto
 
-        total = sum(self.layout(name)[2] for name in self._plan)
+        refs = refs or {}
+        for proto in model.graph.initializer:
+            if is_deferred(proto) and proto.name in refs:
+                location, offset = refs[proto.name]
+                _mark_external(proto, location, offset, self.layout(proto.name)[2])
+        total = sum(self.layout(name)[2] for name in self._plan if name not in refs)
         external = total > threshold
         with open(data_path, "wb") if external else contextlib.nullcontext() as out:
             for proto in model.graph.initializer:
@@ -433,7 +491,7 @@ def _mark_external(t, location: str, offset: int, length: int) -> None:
     t.data_location = TensorProto.EXTERNAL
 
 
-def _tensor_bytes(t, folder: Path) -> bytes | None:
+def initializer_bytes(t, folder: Path) -> bytes | None:
     """Raw little-endian bytes of `t` (read from its external file if it has one), or None for
     tensors kept in typed fields (tiny attribute constants)."""
     from onnx.external_data_helper import ExternalDataInfo, uses_external_data

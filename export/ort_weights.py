@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import nn
+
+from wan_rt.export.checkpoint_links import LINKS_DIR
 
 MAP_FILE = "weights_map.json"
 
@@ -53,14 +56,14 @@ def _onnx_dtype_name(t) -> str:
 def _float_initializers(model, folder: Path):
     from onnx import TensorProto
 
-    from wan_rt.export.onnx_export import _tensor_bytes
+    from wan_rt.export.onnx_export import initializer_bytes
 
     from onnx import numpy_helper
 
     floats = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16}
     for init in model.graph.initializer:
         if init.data_type in floats and int(torch.tensor(list(init.dims)).prod()) > 1:
-            data = _tensor_bytes(init, folder)  # None: held in typed fields, not raw bytes
+            data = initializer_bytes(init, folder)  # None: held in typed fields, not raw bytes
             yield init, data if data is not None else numpy_helper.to_array(init).tobytes()
 
 
@@ -92,6 +95,11 @@ def write_weights_map(module: nn.Module, model_path: Path) -> str:
     return MAP_FILE
 
 
+def _read_at(f, offset: int, length: int) -> bytes:
+    f.seek(offset)
+    return f.read(length)
+
+
 def reweight(module: nn.Module, built_dir: Path, out_dir: Path, files: list[str]) -> Optional[list[str]]:
     """A copy of the graph in `built_dir` (its `files`) in `out_dir` with `module`'s weights, or
     None when the map cannot account for every weight of the graph."""
@@ -112,10 +120,8 @@ def reweight(module: nn.Module, built_dir: Path, out_dir: Path, files: list[str]
         if len(values) != 1:
             return None  # parameters that were equal at export time no longer are
         new[init_name] = values.pop()
-    for f in files:
-        shutil.copyfile(built_dir / f, out_dir / f)
     model_file = next(f for f in files if f.endswith(".onnx"))
-    model = onnx.load(str(out_dir / model_file), load_external_data=False)
+    model = onnx.load(str(built_dir / model_file), load_external_data=False)
     external: dict[str, list[tuple[int, bytes]]] = {}
     for init in model.graph.initializer:
         if init.name not in new:
@@ -127,6 +133,22 @@ def reweight(module: nn.Module, built_dir: Path, out_dir: Path, files: list[str]
             for typed in ("float_data", "int32_data"):  # fp16/bf16 may sit in int32_data
                 init.ClearField(typed)
             init.raw_data = new[init.name]
+    for location in [loc for loc in external if Path(loc).parts[:1] == (LINKS_DIR,)]:
+        # A hard link of the checkpoint (export/ort_build.py): only what the LoRA changed is
+        # written, into a copy; a file it leaves as it is is linked again, never written to.
+        with open(built_dir / location, "rb") as f:
+            external[location] = [(o, d) for o, d in external[location] if _read_at(f, o, len(d)) != d]
+        if not external[location]:
+            del external[location]
+    for f in files:
+        (out_dir / f).parent.mkdir(parents=True, exist_ok=True)
+        if Path(f).parts[:1] == (LINKS_DIR,) and f not in external:
+            try:
+                os.link(built_dir / f, out_dir / f)
+                continue
+            except OSError:
+                pass
+        shutil.copyfile(built_dir / f, out_dir / f)
     for location, writes in external.items():
         with open(out_dir / location, "r+b") as f:
             for offset, data in writes:

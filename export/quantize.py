@@ -7,8 +7,9 @@ builds strongly typed and that ONNX Runtime's CPU provider executes.
 
 Placement rules (what `quantize_model` does, and what tests/test_quantize.py checks):
 * candidates are MatMul/Gemm nodes whose weight is an initializer. Each is matched to its
-  nn.Linear by weight content (`match_linears`: node names are unreliable, the exporter scopes
-  them by forward calls), and `wan_rt.precision.keep_reason` decides on the module path:
+  nn.Linear by the Parameter it is made from, or else by content (`match_linears`: node names
+  are unreliable, the exporter scopes them by forward calls), and
+  `wan_rt.precision.keep_reason` decides on the module path:
   embeddings, modulation, norms, the head and the first/last blocks stay in the graph's
   precision, untouched; so does a MatMul that matches no linear layer;
 * activations: one per-tensor QuantizeLinear -> DequantizeLinear per distinct input tensor,
@@ -310,20 +311,38 @@ def _weight_key(w: np.ndarray) -> tuple:
 
 
 def match_linears(model, module: torch.nn.Module, tensors: "_TensorFiles | None" = None) -> dict[str, str]:
-    """{weight initializer: module path} by content: a linear's ONNX weight is its nn.Linear's
-    weight transposed (MatMul) or as is (Gemm transB=1), bit for bit. Node names cannot be
-    trusted: the TorchScript exporter scopes by forward calls, so `dit.encode_text`'s calls to
-    `block.attn2.to_k` come out as "/to_k_1/MatMul". Paths are relative to the WanDiT (the
-    graph module's `dit.` prefix is dropped). Weights are hashed one at a time (`tensors` reads
-    those stored as external data), so no second copy of the model is ever held."""
+    """{weight initializer: module path}. Paths are relative to the WanDiT (the graph module's
+    `dit.` prefix is dropped). Node names cannot be trusted: the TorchScript exporter scopes by
+    forward calls, so `dit.encode_text`'s calls to `block.attn2.to_k` come out as
+    "/to_k_1/MatMul". So a weight export_graph left deferred is matched by what it is made of
+    (the nn.Linear's own Parameter, as is or transposed: no bytes read), and any other by
+    content: a linear's ONNX weight is its nn.Linear's weight transposed (MatMul) or as is (Gemm
+    transB=1), bit for bit, hashed one at a time (`tensors` reads those stored as external data),
+    so no second copy of the model is ever held."""
     tensors = tensors or _TensorFiles(None)
-    index: dict[tuple, list[str]] = defaultdict(list)
-    for name, sub in module.named_modules():
-        if isinstance(sub, torch.nn.Linear):
-            path = name[4:] if name.startswith("dit.") else name
-            w = sub.weight.detach().float().cpu().numpy()
-            index[_weight_key(w.T)].append(path)
-            index[_weight_key(w)].append(path)
+    linears = [(name[4:] if name.startswith("dit.") else name, sub) for name, sub in module.named_modules()
+               if isinstance(sub, torch.nn.Linear)]
+    by_parameter: dict[int, list[str]] = defaultdict(list)
+    for path, sub in linears:
+        by_parameter[id(sub.weight)].append(path)
+    index: dict[tuple, list[str]] | None = None  # content hashes, made only if some weight needs them
+
+    def by_content(init) -> list[str]:
+        nonlocal index
+        if index is None:
+            index = defaultdict(list)
+            for path, sub in linears:
+                w = sub.weight.detach().float().cpu().numpy()
+                index[_weight_key(w.T)].append(path)
+                index[_weight_key(w)].append(path)
+        return index.get(_weight_key(tensors.as_float(init)), [])
+
+    def by_source(name: str) -> list[str]:
+        source, fold = tensors.deferred.source(name)
+        if fold is not None and fold != ("transpose", (1, 0)):
+            return []  # cast or another permutation: not a linear's weight bit for bit
+        return by_parameter.get(id(source), [])
+
     out = {}
     inits = {t.name: t for t in model.graph.initializer}
     for n in model.graph.node:
@@ -332,7 +351,8 @@ def match_linears(model, module: torch.nn.Module, tensors: "_TensorFiles | None"
         init = inits.get(n.input[1])
         if init is None or len(init.dims) != 2:
             continue
-        found = sorted(set(index.get(_weight_key(tensors.as_float(init)), [])))
+        deferred = is_deferred(init) and tensors.deferred is not None and init.name in tensors.deferred
+        found = sorted(set(by_source(init.name) if deferred else by_content(init)))
         if len(found) > 1:
             raise QuantizeError(f"weight {init.name} matches several linear layers {found}; cannot tell them apart")
         if found:

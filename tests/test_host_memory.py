@@ -164,15 +164,20 @@ def test_fp32_files_at_bf16_on_a_cpu_cast_block_linears_on_use(tmp_path):
         choose_host_dtype(r.spec, r.files, names, torch.bfloat16, budget=fits, cast_on_use=False)
 
 
-def test_aoti_engines_on_the_checkpoints_disk_count_only_the_weights_they_convert(tiny_t2v_bf16, tmp_path):
-    """AOTInductor engines hard-link the weights they use as stored (export/aoti_export.py), so
-    on the checkpoint's disk a build writes only the converted ones; elsewhere, all of them."""
+@pytest.mark.parametrize("backend,stored,same,converted", [("aoti", "bf16", torch.bfloat16, torch.float32),
+                                                           ("ort", "fp32", torch.float32, torch.float16)])
+def test_engines_on_the_checkpoints_disk_count_only_the_weights_they_convert(tiny_t2v_bf16, tmp_path, backend,
+                                                                           stored, same, converted):
+    """AOTInductor and ONNX Runtime engines hard-link the weights they use as stored
+    (export/checkpoint_links.py), so on the checkpoint's disk a build writes only the converted
+    ones; elsewhere, all of them. (ONNX Runtime has no bf16: its case is the fp32 preset.)"""
     from wan_rt.host_memory import same_disk
 
-    r = resolve_checkpoint(str(tiny_t2v_bf16))
+    r = resolve_checkpoint(str(tiny_t2v_bf16) if stored == "bf16" else "tiny-t2v-A14B")
     numel = sum(t.numel() for t in load_file(r.files.dits["dit_high_noise"] / "diffusion_pytorch_model.safetensors").values())
-    assert same_disk([r.files.dits["dit_high_noise"]], tmp_path / "engines" / "not-yet")
-    need = {(p, links): build_need(r.spec, r.files, {"dit_high_noise": d}, "aoti", links=links).disk
-            for p, d in (("bf16", torch.bfloat16), ("fp32", torch.float32)) for links in (False, True)}
-    assert need["bf16", True] == 0 and need["bf16", False] == 2 * numel
-    assert need["fp32", True] == need["fp32", False] == 4 * numel  # every weight converted: written
+    folder = tmp_path / "engines" / "not-yet" if stored == "bf16" else r.files.root / "engines-not-yet"
+    assert same_disk([r.files.dits["dit_high_noise"]], folder)
+    need = {(d, links): build_need(r.spec, r.files, {"dit_high_noise": d}, backend, links=links).disk
+            for d in (same, converted) for links in (False, True)}
+    assert need[same, True] == 0 and need[same, False] == same.itemsize * numel
+    assert need[converted, True] == need[converted, False] == converted.itemsize * numel  # written

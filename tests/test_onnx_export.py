@@ -18,7 +18,8 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
 from wan_rt.config import get_spec  # noqa: E402
-from wan_rt.export.onnx_export import OnnxExportError, check_trt_compatible, export_onnx  # noqa: E402
+from wan_rt.export.onnx_export import (OnnxExportError, check_trt_compatible, check_with_linked_data,  # noqa: E402
+                                      export_onnx)
 from wan_rt.metrics import relative_error  # noqa: E402
 from wan_rt.export import ort_build  # noqa: E402
 from wan_rt.runtime.backends import get_backend  # noqa: E402
@@ -87,10 +88,13 @@ def _unsupported(model) -> list[str]:
 def test_graph_exports_and_matches_eager(built, spec_name, comp, g, engine_checks):
     b = built(spec_name)
     gspec = graph_spec(b.spec, comp, g)
-    assert b.files[comp, g] == ["model.onnx", "weights_map.json"]
+    # fp32 files, fp32 engine: the weights are the checkpoint's bytes, read through hard links
+    # (onnx.checker refuses hard-linked data: export_onnx checks such a graph its own way).
+    links = [f for f in b.files[comp, g] if f.startswith("weights/")]
+    assert links and b.files[comp, g] == ["model.onnx", *links, "weights_map.json"]
     path = b.dirs[comp, g] / "model.onnx"
-    onnx.checker.check_model(str(path))
-    model = onnx.load(str(path))
+    check_with_linked_data(path)
+    model = onnx.load(str(path), load_external_data=False)
     assert [i.name for i in model.graph.input] == gspec.input_names
     assert [o.name for o in model.graph.output] == gspec.output_names
     assert model.opset_import[0].version in (17, 18, 19)
@@ -242,28 +246,47 @@ def test_weights_written_by_us_equal_the_exporters_folded_ones(built, tmp_path, 
         torch.onnx.export(module, tuple(inputs[n] for n in gspec.input_names), str(reference), dynamo=False,
                           opset_version=18, input_names=gspec.input_names, output_names=gspec.output_names,
                           dynamic_axes=_dynamic_axes(gspec), do_constant_folding=True)
-    ours, theirs = onnx.load(str(b.dirs[comp, g] / "model.onnx")), onnx.load(str(reference))
+    written = tmp_path / "written" / "model.onnx"  # no refs: every weight written, folded
+    export_onnx(module, gspec, b.profile, written, compute_dtype=torch.float32, opset=18)
+    ours, theirs = onnx.load(str(written)), onnx.load(str(reference))
 
     def contents(model) -> list:
         return sorted((tuple(t.dims), numpy_helper.to_array(t).tobytes()) for t in model.graph.initializer)
 
     assert contents(ours) == contents(theirs)
     assert len(ours.graph.node) <= len(theirs.graph.node)  # nothing left unfolded that torch folds
+    # The engine built from these fp32 files points at the checkpoint instead (its transposes
+    # left for ONNX Runtime to fold): the same outputs, bit for bit.
+    linked = b.dirs[comp, g] / "model.onnx"
+    assert any(f.startswith("weights/") for f in b.files[comp, g])
     feeds = {k: v.numpy() for k, v in inputs.items()}
-    outputs = [onnxruntime.InferenceSession(str(path)) for path in (b.dirs[comp, g] / "model.onnx", reference)]
-    got, want = (s.run(None, {i.name: feeds[i.name] for i in s.get_inputs()}) for s in outputs)
-    for a, c in zip(got, want):
+    sessions = [onnxruntime.InferenceSession(str(path)) for path in (written, reference, linked)]
+    got, want, from_checkpoint = (s.run(None, {i.name: feeds[i.name] for i in s.get_inputs()}) for s in sessions)
+    for a, c, d in zip(got, want, from_checkpoint):
         np.testing.assert_array_equal(a, c)
+        np.testing.assert_array_equal(d, c)
 
 
 # ------------------------------------------------------------------------------ external data
-def test_external_data_when_over_threshold(built, tmp_path, engine_checks):
+def test_external_data_when_over_threshold(built, tmp_path, engine_checks, monkeypatch):
+    """Where the checkpoint cannot be linked (another disk: os.link fails), the weights are
+    written into the graph's own data file, folded as torch would, and nothing is left of the
+    attempt."""
+    import os
+
+    def no_links(*args, **kwargs):
+        raise OSError(18, "Invalid cross-device link")
+
     b = built("tiny-ti2v-5B")
     gspec = graph_spec(b.spec, "dit", "main")
     module = graph_module("dit", "main", b.models["dit"])
+    monkeypatch.setattr(os, "link", no_links)
     files = ort_build.build_graph(module, gspec, b.profile, tmp_path, compute_dtype=torch.float32, device=CPU,
                                     external_data_threshold=0)
+    monkeypatch.undo()
     assert files == ["model.onnx", "model.onnx.data", "weights_map.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == files
+    assert ort_build.weights_source(tmp_path) is None
     # The main graph holds every weight but the text side's (text embedder, cross-attention K/V),
     # which lives in the DiT's "text" graph.
     text_side = ("text_embedder", "attn2.to_k", "attn2.to_v", "attn2.norm_k")
@@ -307,6 +330,42 @@ def test_new_weights_rewrite_the_external_data_without_an_export(built, tmp_path
     new = ort_build.reweight_graph(graph_module("dit", "main", model), gspec, b.profile, tmp_path / "a", tmp_path / "b",
                                    files, compute_dtype=torch.float32, device=CPU)
     assert new == files and (tmp_path / "b" / "model.onnx.data").read_bytes() != (tmp_path / "a" / "model.onnx.data").read_bytes()
+    runner = ort_backend.load_graph(tmp_path / "b", gspec, new, compute_dtype=torch.float32, device=CPU)
+    inputs = sample_inputs(gspec, b.profile.opt, torch.float32, seed=5)
+    want = module_runner(graph_module("dit", "main", model), gspec)(inputs)["noise_pred"]
+    old = module_runner(graph_module("dit", "main", b.models["dit"]), gspec)(inputs)["noise_pred"]
+    assert relative_error(runner(inputs)["noise_pred"], want) < TOL < relative_error(old, want)
+
+
+def test_new_weights_never_write_into_the_linked_checkpoint(built, tmp_path):
+    """An engine whose external data is a hard link of the checkpoint gets a LoRA's weights in a
+    copy of that file: the checkpoint keeps its bytes, and a file the new weights leave as it
+    was is linked again, not copied."""
+    import copy
+    import hashlib
+
+    from wan_rt.runtime.engine_component import module_runner
+
+    b = built("tiny-ti2v-5B")
+    gspec = graph_spec(b.spec, "dit", "main")
+    files = ort_build.build_graph(graph_module("dit", "main", b.models["dit"]), gspec, b.profile, tmp_path / "a",
+                                  compute_dtype=torch.float32, device=CPU)
+    (link,) = [f for f in files if f.startswith("weights/")]
+    checkpoint = tmp_path / "a" / link
+    assert checkpoint.stat().st_nlink >= 2  # the checkpoint's own file
+    before = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+
+    same = ort_build.reweight_graph(graph_module("dit", "main", b.models["dit"]), gspec, b.profile, tmp_path / "a",
+                                    tmp_path / "same", files, compute_dtype=torch.float32, device=CPU)
+    assert same == files and (tmp_path / "same" / link).stat().st_ino == checkpoint.stat().st_ino
+
+    model = copy.deepcopy(b.models["dit"])
+    with torch.no_grad():
+        model.blocks[0].attn1.to_q.weight.mul_(1.5)
+    new = ort_build.reweight_graph(graph_module("dit", "main", model), gspec, b.profile, tmp_path / "a",
+                                   tmp_path / "b", files, compute_dtype=torch.float32, device=CPU)
+    assert new == files and (tmp_path / "b" / link).stat().st_ino != checkpoint.stat().st_ino
+    assert hashlib.sha256(checkpoint.read_bytes()).hexdigest() == before
     runner = ort_backend.load_graph(tmp_path / "b", gspec, new, compute_dtype=torch.float32, device=CPU)
     inputs = sample_inputs(gspec, b.profile.opt, torch.float32, seed=5)
     want = module_runner(graph_module("dit", "main", model), gspec)(inputs)["noise_pred"]

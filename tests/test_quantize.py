@@ -431,6 +431,36 @@ def test_a_graph_with_external_data_is_quantized_tensor_by_tensor_to_the_same_mo
         assert (deferred.parent / name).read_bytes() == (streamed.parent / name).read_bytes(), name
 
 
+def test_deferred_weights_are_matched_to_their_linears_without_reading_them(tiny, tmp_path):
+    """A weight export_graph left in the module is matched by the Parameter it is made from (an
+    expert's weights are not read a second time just to be told apart): the same paths content
+    matching finds, and not one deferred weight's bytes read."""
+    from wan_rt.export import quantize
+    from wan_rt.export.onnx_export import export_graph, is_deferred
+    from wan_rt.runtime.graphs import graph_spec, shape_profile
+
+    gspec = graph_spec(tiny.spec, "dit_high_noise", "main")
+    profile = shape_profile(tiny.spec, height=32, width=32, frames=9)
+    path = tmp_path / "deferred" / "model.onnx"
+    weights = export_graph(tiny.modules["main"], gspec, profile, path, compute_dtype=torch.float32, opset=QDQ_OPSET)
+    model = onnx.load(str(path), load_external_data=False)
+    deferred = {t.name for t in model.graph.initializer if is_deferred(t)}
+
+    class Spy(quantize._TensorFiles):
+        read: list[str] = []
+
+        def as_float(self, t):
+            Spy.read.append(t.name)
+            return super().as_float(t)
+
+    by_source = quantize.match_linears(model, tiny.modules["main"], Spy(path.parent, deferred=weights))
+    assert not deferred & set(Spy.read)
+    assert len(by_source) >= 6 * tiny.spec.dit.num_layers  # every block's self/cross-attention q,k,v,o... found
+    assert set(by_source) <= deferred | set(Spy.read)
+    whole = onnx.load(str(tiny.paths["main"]))  # the same graph exported with its weights
+    assert by_source == quantize.match_linears(whole, tiny.modules["main"])
+
+
 # ------------------------------------------------------------------------------------ a build's calibration
 def test_bf16_calibration_costs_no_fp8_accuracy(tiny, tmp_path):
     """A bf16 checkpoint calibrates in bf16 (no fp32 copy of its weights). Its statistics differ

@@ -278,8 +278,8 @@ def build_need(spec: ModelSpec, files, dtypes: dict[str, torch.dtype], backend: 
     """What building the components in `dtypes` ({component: compute dtype}) with `backend` needs
     (see the figures above). `quantized`: components built as fp8/int8 Q/DQ graphs. stored:
     stored_tensors(...), when the caller weighs several precisions. links: the engines dir is on
-    the checkpoint's disk, where AOTInductor engines hard-link the weights they use as stored
-    (export/aoti_export.py) and write only the converted ones."""
+    the checkpoint's disk, where AOTInductor and (unquantized) ONNX Runtime engines hard-link the
+    weights they use as stored (export/checkpoint_links.py) and write only the converted ones."""
     stored = stored_tensors(spec, files, list(dtypes)) if stored is None else stored
     worst, disk, staging = ("", 0), 0, 0
     for name, dtype in dtypes.items():
@@ -293,7 +293,8 @@ def build_need(spec: ModelSpec, files, dtypes: dict[str, torch.dtype], backend: 
         # Kept: the engine (a plan, or the ONNX itself). Staged while one builds: its exported
         # ONNX beside the plan being written; a quantized graph's weights are written once, as
         # the Q/DQ pass makes them (export_graph), so only the quantized ONNX is staged.
-        disk += converted if backend == "aoti" and links else engine
+        linked = links and (backend == "aoti" or (backend == "ort" and name not in quantized))
+        disk += converted if linked else engine
         staged = engine if name in quantized else graph_bytes
         staging = max(staging, staged if backend == "trt" else 0)
     return BuildNeed(worst[0], worst[1], disk + staging)
