@@ -246,6 +246,22 @@ def _first_frame(path: Path) -> Path:
     return path
 
 
+# The checkpoint's VAE decoding random latents at one size (argv: folder, height, width): frame 0,
+# then one 4-frame chunk, the eager pipeline's own decode. What a VAE pass owns per pixel.
+_VAE_DECODE = """
+import sys, torch
+from wan_rt.models import load_component
+from wan_rt.resolve import resolve_checkpoint
+r = resolve_checkpoint(sys.argv[1])
+h, w = int(sys.argv[2]), int(sys.argv[3])
+vae = load_component(r.files, "vae_decoder", dtype=torch.float32, device="cpu")
+st, sh, sw = r.spec.vae.stride
+with torch.inference_mode():
+    video = vae.decode(torch.randn(1, r.spec.vae.z_dim, 2, h // sh, w // sw))
+print("decoded", tuple(video.shape))
+"""
+
+
 def commands(folder: Path, work: Path) -> dict[str, tuple[list[str], list[Path]]]:
     from wan_rt.child_process import python_command
 
@@ -276,6 +292,18 @@ def commands(folder: Path, work: Path) -> dict[str, tuple[list[str], list[Path]]
                             "fp32" if folder.name.endswith("fp32") else "bf16", "--engines-dir", str(work / "engines-aoti"),
                             "--height", "64", "--width", "64", "--frames", "5", "--text-len", "64"], []),
         "run-aoti": ([*wan, "run", "--engines-dir", str(work / "engines-aoti"), *small, "--output", str(mp4)], [mp4]),
+        # A larger video: the VAE decode is the peak (bench/RESULTS.md, about 25 KB per pixel).
+        "run-480p": ([*wan, "run", "--model", str(folder), "--height", "480", "--width", "832", "--frames", "21",
+                      "--steps", "2", "--dtype", "bf16", "--output", str(mp4)], [mp4]),
+        **{f"vae-decode-{n}": (python_command("-c", _VAE_DECODE, str(folder), str(n), str(n)), [])
+           for n in (128, 256)},
+        # ONNX Runtime engines of the VAE decoder in fp32 (Wan's VAE files are fp32: the engine
+        # points at them through hard links), then wan-rt parity on them.
+        "build-ort-vae": ([*wan, "build", "--model", str(folder), "--backend", "ort", "--precision", "fp32",
+                           "--components", "vae_decoder", "--engines-dir", str(work / "engines-ort-vae"),
+                           "--height", "64", "--width", "64", "--frames", "5"], [work / "engines-ort-vae"]),
+        "parity-ort-vae": ([*wan, "parity", "--engines-dir", str(work / "engines-ort-vae"), "--steps", "0",
+                            "--device", "cpu"], []),
     }
 
 

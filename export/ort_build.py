@@ -20,9 +20,9 @@ import torch
 
 from wan_rt.export.checkpoint_links import LINKS_DIR, link_files
 from wan_rt.export.onnx_export import export_onnx
-from wan_rt.models.checkpoint import file_regions
 from wan_rt.export.ort_weights import reweight, write_weights_map
 from wan_rt.export.quantize import QDQ_OPSET
+from wan_rt.models.checkpoint import file_regions
 from wan_rt.runtime.backends.ort import MODEL_FILE, check_precision
 from wan_rt.runtime.graphs import GraphSpec, ShapeProfile
 

@@ -130,9 +130,13 @@ def test_build_with_precision_left_open_picks_bf16_when_only_bf16_fits(tiny_t2v_
 
 
 def test_build_short_of_disk_only_says_so(tmp_path, capsys, monkeypatch):
+    """An engines dir on a disk with no room (and not the checkpoint's: on that one an fp32 ONNX
+    Runtime build of these fp32 files would write no weights at all) is refused before anything
+    is written."""
     import wan_rt.build
 
     monkeypatch.setattr(wan_rt.build, "free_disk_bytes", lambda _folder: 0)
+    monkeypatch.setattr(wan_rt.build, "same_disk", lambda _paths, _folder: False)
     engines = tmp_path / "engines"
     assert main(["build", "--backend", "ort", "--model", "tiny-t2v-A14B", "--engines-dir", str(engines)]) == 2
     err = capsys.readouterr().err.strip()

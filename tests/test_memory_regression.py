@@ -76,3 +76,36 @@ def test_trt_build_holds_the_engine_once(big_checkpoint, real_size_bench, tmp_pa
     assert big_build - baseline < 1.75 * weight_bytes, (
         f"the 1.2 GB-weight build owned {(big_build - baseline) / 2**30:.2f} GiB more than the tiny one "
         f"({(big_build - baseline) / weight_bytes:.2f}x the weights)")
+
+
+_VAE_DECODE = """
+import sys, torch
+from wan_rt.config import get_spec
+from wan_rt.models.vae import WanVAE
+spec = get_spec("t2v-A14B")
+h, w = int(sys.argv[1]), int(sys.argv[2])
+torch.manual_seed(0)
+vae = WanVAE(spec.vae).eval()  # the real VAE 2.1's layers, random weights (0.5 GB)
+st, sh, sw = spec.vae.stride
+with torch.inference_mode():
+    vae.decode(torch.randn(1, spec.vae.z_dim, 2, h // sh, w // sw))  # frame 0, then one 4-frame chunk
+"""
+
+
+@pytest.mark.slow
+def test_vae_decode_owns_per_pixel_what_run_estimates_reckon(real_size_bench, tmp_path):
+    """host_memory reckons a VAE pass at VAE_BYTES_PER_PIXEL of the video (measured on the real
+    VAEs: a 480x832 TI2V-5B run owned 9.9 GiB, 2.7x the old estimate). The real VAE 2.1 decoding
+    at two sizes must grow by no more than that per pixel (else runs the estimate admits can be
+    OOM-killed), and by at least half of it (else the estimate refuses runs that fit)."""
+    from wan_rt.host_memory import VAE_BYTES_PER_PIXEL
+
+    def owned(size: int) -> float:
+        row = real_size_bench.measure([sys.executable, "-c", _VAE_DECODE, str(size), str(size)], [], timeout=600,
+                                      cwd=tmp_path)
+        assert row["rc"] == 0, row["last_line"]
+        return row["peak_anon_gb"] * 2**30
+
+    small, big = 128, 192
+    per_pixel = (owned(big) - owned(small)) / (big * big - small * small)
+    assert 0.5 * VAE_BYTES_PER_PIXEL["2.1"] <= per_pixel <= VAE_BYTES_PER_PIXEL["2.1"], per_pixel

@@ -39,9 +39,13 @@ BUDGET_ENV = "WAN_RT_HOST_MEMORY_GB"  # the RAM wan_rt may plan for (default: wh
 # Process memory besides weights and activations: the interpreter, torch, tokenizer, allocator
 # slack. A real-size TI2V-5B bf16 run at 64x64x5 owned 1.3-2.4 GiB at its peak (bench/RESULTS.md).
 BASE_BYTES = int(2.0 * _GIB)
-# Live copies of a VAE decode chunk's full-resolution feature map (input, conv output, norm,
-# residual, causal cache), and of a DiT block's token activations.
-VAE_LIVE_COPIES = 4
+# What an eager fp32 VAE pass holds at its peak per pixel of the video: one chunk's (stride_t
+# frames) full-resolution features, conv workspaces and the causal cache. Measured on the real
+# VAEs' decoders (bench/RESULTS.md: 128x128 and 256x256 at 5 frames, slope 27.5 KB for 2.1 and
+# 24.3 KB for 2.2; a 480x832x21 TI2V-5B run then owned 9.9 GiB, within 4% of this), rounded up.
+# The encoder is reckoned the same (not measured apart).
+VAE_BYTES_PER_PIXEL = {"2.1": 29_000, "2.2": 26_000}
+# Live copies of a DiT block's token activations.
 DIT_LIVE_FACTOR = 1.5
 NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -192,11 +196,9 @@ def activation_bytes(spec: ModelSpec, names: Sequence[str], dtype: torch.dtype,
         peaks.append(2 * spec.dit.text_len * (t.d_ff + 6 * t.d_model) * act
                      + 2 * t.num_heads * spec.dit.text_len ** 2 * 4)
     if "vae_decoder" in names or "vae_encoder" in names:
-        v = spec.vae
-        full_h, full_w = height // v.patch_size, width // v.patch_size
-        chunk = v.stride[0] * max(v.decoder_base_dim, v.base_dim) * full_h * full_w * 4
+        chunk = VAE_BYTES_PER_PIXEL[spec.vae.version] * height * width
         video = num_frames * 3 * height * width * 4 * 2  # decoded frames and their uint8/float copies
-        peaks.append(VAE_LIVE_COPIES * chunk + video)
+        peaks.append(chunk + video)
     return max(peaks)
 
 
