@@ -25,7 +25,6 @@ import math
 import os
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -334,7 +333,7 @@ def main() -> None:
                    **measure(cmd, outputs, args.timeout, echo=args.echo)}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    print(f"\n| model | weights | command | rc | wall s | peak owned GiB (RssAnon) | peak mapped GiB (RssFile) | output GiB |")
+    print("\n| model | weights | command | rc | wall s | peak owned GiB (RssAnon) | peak mapped GiB (RssFile) | output GiB |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['weights']} | {r['command']} | {r['rc']} | {r['wall_s']} | {r['peak_anon_gb']} "

@@ -36,9 +36,10 @@ FILE_SUFFIX = ".pt2"
 PACKAGE_FILE = "model" + FILE_SUFFIX
 WEIGHTS_FILE = "weights.safetensors"
 # Constants that are a checkpoint file's own bytes are not copied into WEIGHTS_FILE: this file
-# points at them (export/aoti_export.py writes it), through hard links in weights/ (export/checkpoint_links.py) where the
-# engines dir shares the checkpoint's disk, else at the checkpoint's files themselves (the
-# manifest's weights fingerprint makes a changed checkpoint stale either way).
+# points at them (export/aoti_export.py writes it), through hard links in weights/
+# (export/checkpoint_links.py) where the engines dir shares the checkpoint's disk, else at the
+# checkpoint's files themselves (the manifest's weights fingerprint makes a changed checkpoint
+# stale either way).
 WEIGHT_REFS_FILE = "weights.json"
 # safetensors' dtype names (wan_rt/cpp/src/safetensors.cpp reads the same ones).
 REF_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
