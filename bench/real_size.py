@@ -279,6 +279,12 @@ def commands(folder: Path, work: Path) -> dict[str, tuple[list[str], list[Path]]
                                "--trt-targets", "sm89", "--components", dit, "--engines-dir", str(work / f"engines-{p}"),
                                "--height", "64", "--width", "64", "--frames", "5", "--text-len", "64"],
                               [work / f"engines-{p}"]) for p in ("bf16", "fp8")},
+        # The same with the DiT's blocks in N engines (`--dit-parts`): the builder holds one part's plan.
+        **{f"build-trt-{p}-parts{n}": ([*wan, "build", "--model", str(folder), "--backend", "trt", "--precision", p,
+                                        "--trt-targets", "sm89", "--components", dit, "--dit-parts", str(n),
+                                        "--engines-dir", str(work / f"engines-{p}-parts{n}"), "--height", "64",
+                                        "--width", "64", "--frames", "5", "--text-len", "64"],
+                                       [work / f"engines-{p}-parts{n}"]) for p in ("bf16", "fp8") for n in (2, 3, 4)},
         # AOTInductor packages of the (first) DiT in the dtype its files hold, so its weights are
         # the checkpoint's own bytes (hard-linked, not copied: export/aoti_export.py).
         "build-aoti": ([*wan, "build", "--model", str(folder), "--backend", "aoti", "--precision",

@@ -148,3 +148,16 @@ def check_pipeline(b, components: dict, label: str) -> None:
     assert float(want.frames.std()) > 1e-3, "degenerate video would make the comparison meaningless"
     err = max_abs_error(torch.from_numpy(got.frames), torch.from_numpy(want.frames))
     assert err < TOL, f"{spec.name}: max |{label} - eager| = {err:.2e}"
+
+
+def check_cached_runs_match(on_engines, eager, call: dict) -> None:
+    """Two pipelines (DiTs on step-graph engines; eager) make the same video uncached and under
+    First Block Cache, with the same skip decisions, and the cache skips some step."""
+    assert max_abs_error(torch.from_numpy(on_engines(**call).frames), torch.from_numpy(eager(**call).frames)) < TOL
+    for pipe in (on_engines, eager):
+        pipe.enable_step_cache("fbcache", 0.2)
+    got, want = on_engines(**call), eager(**call)
+    assert max_abs_error(torch.from_numpy(got.frames), torch.from_numpy(want.frames)) < TOL
+    assert {k: v for k, v in got.timings.items() if ".steps_" in k} == \
+           {k: v for k, v in want.timings.items() if ".steps_" in k}
+    assert got.timings["dit_high_noise.steps_reused"] > 0

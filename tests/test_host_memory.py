@@ -117,14 +117,14 @@ def test_build_with_precision_left_open_picks_bf16_when_only_bf16_fits(tiny_t2v_
     monkeypatch.setenv("WAN_RT_HOST_MEMORY_GB", repr((needs["fp32"].owned + needs["bf16"].owned) / 2 / GIB))
     said = []
     cpu = torch.device("cpu")
-    assert _fit_build(r, ["dit_high_noise"], "aoti", "fp32", cpu, tmp_path, False, said.append) == "bf16"
+    assert _fit_build(r, ["dit_high_noise"], "aoti", "fp32", cpu, tmp_path, False, None, said.append) == ("bf16", 1)
     assert "building bf16" in said[0]
     with pytest.raises(HostMemoryError, match="--precision bf16 needs"):  # asked for: refused, not changed
-        _fit_build(r, ["dit_high_noise"], "aoti", "fp32", cpu, tmp_path, True, said.append)
+        _fit_build(r, ["dit_high_noise"], "aoti", "fp32", cpu, tmp_path, True, None, said.append)
     ort = _build_needs(r, "ort", "dit_high_noise")["fp32"]
     monkeypatch.setenv("WAN_RT_HOST_MEMORY_GB", repr((ort.owned - 1) / GIB))
     with pytest.raises(HostMemoryError) as refused:
-        _fit_build(r, ["dit_high_noise"], "ort", "fp32", cpu, tmp_path, False, said.append)
+        _fit_build(r, ["dit_high_noise"], "ort", "fp32", cpu, tmp_path, False, None, said.append)
     assert "--precision bf16" not in str(refused.value)
     assert "fewer --components" not in str(refused.value)  # one component asked for already
 

@@ -206,7 +206,7 @@ def split_engines(tmp_path_factory):
     return out
 
 
-def test_ort_engines_with_step_graphs_drive_the_caches(split_engines):
+def test_ort_engines_with_step_graphs_drive_the_caches(split_engines, engine_checks):
     """Built with --step-cache, each expert's step is four ONNX graphs; the DiTs run on them (the
     rest eager), uncached and with First Block Cache, against the eager pipeline."""
     import json
@@ -216,16 +216,7 @@ def test_ort_engines_with_step_graphs_drive_the_caches(split_engines):
     engines = _pipe(engines_dir=str(split_engines), backend_for={"text_encoder": "eager", "vae_encoder": "eager",
                                                                  "vae_decoder": "eager"})
     eager = _pipe()
-    spec = eager.spec
-    assert max_abs_error(torch.from_numpy(engines(**_call(spec)).frames),
-                         torch.from_numpy(eager(**_call(spec)).frames)) < 1e-4
-    for pipe in (engines, eager):
-        pipe.enable_step_cache("fbcache", 0.2)
-    got, want = engines(**_call(spec)), eager(**_call(spec))
-    assert max_abs_error(torch.from_numpy(got.frames), torch.from_numpy(want.frames)) < 1e-4
-    assert {k: v for k, v in got.timings.items() if ".steps_" in k} == \
-           {k: v for k, v in want.timings.items() if ".steps_" in k}
-    assert got.timings["dit_high_noise.steps_reused"] > 0
+    engine_checks.check_cached_runs_match(engines, eager, _call(eager.spec))
 
 
 def test_cache_on_one_graph_engines_says_how_to_rebuild(tmp_path, capsys):

@@ -28,7 +28,8 @@ from wan_rt.runtime.backends import get_backend
 from wan_rt.runtime.engines_dir import (EngineManifest, LoraPairs, StaleEngineError, check_index, commit_component,
                                         component_fingerprint, expected_manifest, first_difference, identity, lora_args,
                                         new_component_dir, remove_leftovers, version_mismatch, write_index)
-from wan_rt.runtime.graphs import ShapeProfile, components_of, graph_module, graph_spec, shape_profile
+from wan_rt.runtime.graphs import (ShapeProfile, components_of, dit_layout_name, graph_module, graph_spec,
+                                   shape_profile)
 from wan_rt.runtime.pipeline_config import write_pipeline_config
 
 if TYPE_CHECKING:
@@ -60,7 +61,8 @@ def build_engines(model: str, backend: str, engines_dir: Path, *, precision: Opt
                   quant_config: Optional["QuantConfig"] = None,
                   trt_config: Optional["BuildConfig"] = None, quick_compile: bool = False,
                   kernels: str = "auto", attention: str = "exact",
-                  loras: Optional[Mapping[str, LoraPairs]] = None, step_cache: bool = False) -> list[EngineManifest]:
+                  loras: Optional[Mapping[str, LoraPairs]] = None, step_cache: bool = False,
+                  dit_parts: Optional[int] = None) -> list[EngineManifest]:
     """`quant_config` tunes fp8/int8 builds (calibration prompts and steps, FP8 attention,
     SmoothQuant alpha); `trt_config` the TensorRT builder (optimization level, refit, weight
     streaming); `quick_compile` (aoti) compiles scalar C++ kernels with an -O0 wrapper: about
@@ -71,7 +73,10 @@ def build_engines(model: str, backend: str, engines_dir: Path, *, precision: Opt
     the manifests' build_args, so changing one rebuilds. `loras` ({DiT component: [(file, scale)]})
     are fused into those experts' weights before export; the weights fingerprint covers them.
     `step_cache` builds each DiT step as the four graphs a step cache drives (graphs.DIT_LAYOUTS
-    "split") instead of one `main` graph."""
+    "split") instead of one `main` graph. `dit_parts` builds each DiT's blocks after the first as
+    that many graphs ("split:N", also step-cache ready), one engine each, so a builder holds one
+    part of an expert at a time (TensorRT's builder holds the plan it serializes); None: one, or,
+    where the build would not fit this machine's RAM, the fewest parts that fit (said in the log)."""
     backend_mod, builder = get_backend(backend), get_builder(backend)
     # Building may need less than running (TensorRT for RTX builds with no GPU): ask for building.
     if not getattr(backend_mod, "can_build", backend_mod.is_available)():
@@ -113,11 +118,13 @@ def build_engines(model: str, backend: str, engines_dir: Path, *, precision: Opt
     if loras and precision in QUANTIZED_PRECISIONS and backend != "aoti":
         raise ValueError(f"LoRAs with {precision} Q/DQ engines are not supported (their calibration runs without "
                          "the LoRAs); fuse them into an fp32/bf16 build, or use --backend aoti --precision fp8")
-    if step_cache and precision in QUANTIZED_PRECISIONS and backend != "aoti":
-        raise ValueError(f"--step-cache with {precision} Q/DQ engines is not supported (the Q/DQ plan is made for the "
-                         "one-graph step); use fp32/bf16, or --backend aoti --precision fp8")
+    most_parts = spec.dit.num_layers - 1  # every part holds at least one block
+    if dit_parts is not None and not 1 <= dit_parts <= most_parts:
+        raise ValueError(f"--dit-parts must be 1 to {most_parts} ({spec.name}'s DiT has {spec.dit.num_layers} blocks, "
+                         f"the first its own graph); got {dit_parts}")
     # Before anything is written: the build must fit this machine's RAM and disk.
-    precision = _fit_build(resolved, wanted, backend, precision, dev, Path(engines_dir), chosen_by_user, log)
+    precision, dit_parts = _fit_build(resolved, wanted, backend, precision, dev, Path(engines_dir), chosen_by_user,
+                                      dit_parts, log)
     if backend == "trt":  # targets resolved and checked against the precision before anything is written
         from wan_rt.export.trt_build import BuildConfig
 
@@ -144,7 +151,7 @@ def build_engines(model: str, backend: str, engines_dir: Path, *, precision: Opt
         # Backends that cannot serve the whole profile narrow it (aoti: DiTs need 2+ patches per axis).
         served = getattr(builder, "build_profile", lambda _s, _n, p: p)(spec, name, profile)
         fingerprint = component_fingerprint(resolved, name, loras.get(name, ()))
-        layout = "split" if step_cache and name in spec.dit_components else "whole"
+        layout = dit_layout_name(step_cache, dit_parts) if name in spec.dit_components else "whole"
         want = expected_manifest(resolved, model_id, name, backend, precision, served, dev, fingerprint, layout)
         want.tool_versions = backend_mod.versions()
         want.build_args = {"height": height, "width": width, "frames": frames}
@@ -191,19 +198,21 @@ def build_engines(model: str, backend: str, engines_dir: Path, *, precision: Opt
 
 
 def _fit_build(resolved: ResolvedCheckpoint, wanted: list[str], backend: str, precision: str, device: torch.device,
-               engines_dir: Path, chosen_by_user: bool, log: Callable[[str], None]) -> str:
-    """The precision to build at: `precision` if its build fits this machine's RAM and disk
-    (wan_rt.host_memory.build_need), else, when the user left it open, bf16 if that fits (said in
-    the log); otherwise HostMemoryError naming what it needs, what there is and what would fit."""
+               engines_dir: Path, chosen_by_user: bool, dit_parts: Optional[int],
+               log: Callable[[str], None]) -> tuple[str, int]:
+    """The precision and DiT parts to build with: `precision` whole (or in `dit_parts`) if its
+    build fits this machine's RAM and disk (wan_rt.host_memory.build_need); else what the user
+    left open: the fewest DiT parts that fit at `precision`, or bf16 if that fits (said in the
+    log); otherwise HostMemoryError naming what it needs, what there is and what would fit."""
     spec = resolved.spec
     stored = stored_tensors(spec, resolved.files, wanted)  # the headers, once for every precision weighed
     files = resolved.files
     links = same_disk([p for c in wanted for p in weight_paths(resolved, c)], engines_dir)
 
-    def need(p: str) -> BuildNeed:
+    def need(p: str, parts: int = dit_parts or 1) -> BuildNeed:
         quantized = [c for c in wanted if c in spec.dit_components and p in QUANTIZED_PRECISIONS]
         return build_need(spec, files, {c: component_dtype(c, p, backend, device) for c in wanted},
-                          backend, quantized, stored, links)
+                          backend, quantized, stored, links, parts)
 
     ram, disk = available_bytes(), free_disk_bytes(engines_dir)
 
@@ -212,7 +221,16 @@ def _fit_build(resolved: ResolvedCheckpoint, wanted: list[str], backend: str, pr
 
     asked = need(precision)
     if fits(asked):
-        return precision
+        return precision, dit_parts or 1
+    # Parts only shrink what TensorRT's builder holds (build_need); up to 8: a part per 5 blocks of 40.
+    splits_dits = backend == "trt" and any(c in spec.dit_components for c in wanted)
+    tries = range(2, min(8, spec.dit.num_layers - 1) + 1) if splits_dits else range(0)
+    if dit_parts is None:
+        for parts in tries:
+            if fits(split := need(precision, parts)):
+                log(f"  a {precision} build in one piece needs {asked.describe()}; building each DiT in {parts} parts "
+                    f"({split.describe()}): pass --dit-parts to choose")
+                return precision, parts
     def supported(p: str) -> bool:  # by the backend, on this device (ort has no bf16, say)
         if p in QUANTIZED_PRECISIONS and backend not in ("ort", "trt"):
             return False
@@ -228,8 +246,10 @@ def _fit_build(resolved: ResolvedCheckpoint, wanted: list[str], backend: str, pr
     if not chosen_by_user and "bf16" in others and fits(bf16 := need("bf16")):
         log(f"  a {precision} build needs {asked.describe()}; building bf16 ({bf16.describe()}): "
             "pass --precision to choose")
-        return "bf16"
+        return "bf16", dit_parts or 1
     hint = [f"--precision {p} needs {n.describe()}" for p in others if fits(n := need(p))]
+    hint += [f"--dit-parts {n} needs {split.describe()}" for n in tries if n != dit_parts
+             and fits(split := need(precision, n))][:1]
     if asked.owned <= ram:  # only the disk is short
         hint.append(f"an --engines-dir on a disk with {asked.disk / 2**30:.1f} GiB free")
     if len(wanted) > 1:

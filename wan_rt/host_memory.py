@@ -33,6 +33,7 @@ from wan_rt.models.gguf_file import QuantizedWeight
 from wan_rt.models.single_file import read_file
 from wan_rt.precision import keep_blocks
 from wan_rt.runtime.cast_on_use import LOW_PRECISION, cast_on_use_key
+from wan_rt.runtime.graphs import block_range, rest_block_graphs
 
 _GIB = 2**30
 BUDGET_ENV = "WAN_RT_HOST_MEMORY_GB"  # the RAM wan_rt may plan for (default: what the machine has free)
@@ -248,6 +249,10 @@ def choose_host_dtype(spec: ModelSpec, files, names: Sequence[str], dtype: Optio
 #   per byte: 18.9 GiB owned for a real-size A14B expert whose main graph's plan is 13.3 GiB
 #   (1.41x), but it builds its two graphs (text, main) one at a time, so the factor over the
 #   whole engine (15.6 GiB of plans) with BASE_BYTES still covers it: 21.1 GiB estimated.
+# * built in parts (`--dit-parts N`, graphs.rest_block_graphs) it holds one part's plan: the
+#   real-size TI2V-5B bf16 DiT in 2 parts owned 5.9 GiB (its largest plan 4.1 GB; estimated
+#   7.8 GiB), a 16-layer 1.25 GB DiT in 4 parts 0.49 GiB over the tiny model's (0.42x its weights,
+#   against 1.58x whole).
 # ONNX Runtime builds only export; AOTInductor's compile is not measured at real size.
 TRT_BUILD_FACTOR = 1.25
 
@@ -275,22 +280,43 @@ def _engine_weight_bytes(tensors: list[_Stored], dtype: torch.dtype, quantized: 
     return int(numel * (1 - kept) + numel * kept * dtype.itemsize)
 
 
+def _largest_graph_bytes(tensors: list[_Stored], dtype: torch.dtype, quantized: bool, num_layers: int,
+                         parts: int) -> int:
+    """The weights of a DiT's largest graph: nearly all of them in one step graph, or, built in
+    `parts` (graphs.rest_block_graphs), the heaviest part's blocks (the blocks hold nearly every
+    weight, equally; in a Q/DQ graph, kept blocks weigh `dtype`'s size per element)."""
+    engine = _engine_weight_bytes(tensors, dtype, quantized, num_layers)
+    if parts <= 1:
+        return engine
+    per_block = sum(t[1] for t in tensors) / num_layers
+    kept = keep_blocks(num_layers) if quantized else frozenset(range(num_layers))
+
+    def graph_bytes(graph: str) -> float:
+        return sum(per_block * (dtype.itemsize if i in kept else 1) for i in range(*block_range(graph, num_layers)))
+
+    return int(max(graph_bytes(g) for g in rest_block_graphs(parts)))
+
+
 def build_need(spec: ModelSpec, files, dtypes: dict[str, torch.dtype], backend: str,
                quantized: Sequence[str] = (), stored: Optional[dict[str, list[_Stored]]] = None,
-               links: bool = False) -> BuildNeed:
+               links: bool = False, dit_parts: int = 1) -> BuildNeed:
     """What building the components in `dtypes` ({component: compute dtype}) with `backend` needs
     (see the figures above). `quantized`: components built as fp8/int8 Q/DQ graphs. stored:
     stored_tensors(...), when the caller weighs several precisions. links: the engines dir is on
     the checkpoint's disk, where AOTInductor and (unquantized) ONNX Runtime engines hard-link the
-    weights they use as stored (export/checkpoint_links.py) and write only the converted ones."""
+    weights they use as stored (export/checkpoint_links.py) and write only the converted ones.
+    dit_parts: DiTs built with their blocks in that many graphs (`--dit-parts`): TensorRT's
+    builder holds the largest graph's plan, not the whole expert's."""
     stored = stored_tensors(spec, files, list(dtypes)) if stored is None else stored
     worst, disk, staging = ("", 0), 0, 0
     for name, dtype in dtypes.items():
         tensors = stored["vae" if name.startswith("vae") else name]
         converted, _ = _weights(tensors, dtype)
-        graph_bytes = _engine_weight_bytes(tensors, dtype, False, spec.dit.num_layers)
+        parts = dit_parts if name in spec.dit_components else 1
+        graph_bytes = _largest_graph_bytes(tensors, dtype, False, spec.dit.num_layers, parts)
         engine = _engine_weight_bytes(tensors, dtype, name in quantized, spec.dit.num_layers)
-        build = TRT_BUILD_FACTOR * engine if backend == "trt" else 0
+        largest = _largest_graph_bytes(tensors, dtype, name in quantized, spec.dit.num_layers, parts)
+        build = TRT_BUILD_FACTOR * largest if backend == "trt" else 0
         owned = int(BASE_BYTES + converted + build)
         worst = max(worst, (name, owned), key=lambda w: w[1])
         # Kept: the engine (a plan, or the ONNX itself). Staged while one builds: its exported
@@ -298,7 +324,7 @@ def build_need(spec: ModelSpec, files, dtypes: dict[str, torch.dtype], backend: 
         # the Q/DQ pass makes them (export_graph), so only the quantized ONNX is staged.
         linked = links and (backend == "aoti" or (backend == "ort" and name not in quantized))
         disk += converted if linked else engine
-        staged = engine if name in quantized else graph_bytes
+        staged = largest if name in quantized else graph_bytes
         staging = max(staging, staged if backend == "trt" else 0)
     return BuildNeed(worst[0], worst[1], disk + staging)
 

@@ -30,7 +30,7 @@ from wan_rt.runtime.backends import get_backend
 from wan_rt.runtime.engines import check_engines_model, load_engine_components
 from wan_rt.runtime.engines_dir import LoraPairs, build_size, dit_layout, is_stale, read_index
 from wan_rt.runtime.gguf_weights import GGUFLinear
-from wan_rt.runtime.graphs import components_of
+from wan_rt.runtime.graphs import components_of, layout_parts
 
 BACKEND_CHOICES = ("eager", "ort", "aoti", "trt")
 LoraArg = Union[str, Path, tuple[Union[str, Path], float], LoraRef]
@@ -132,7 +132,8 @@ def load_components(model: Optional[str], *, backend: Optional[str] = None, engi
         if stale:
             build_engines(model, index["backend"], engines, precision=index["precision"], components=stale,
                           loras={c: p for c, p in (loras or {}).items() if c in stale},
-                          step_cache=dit_layout(engines) == "split", **build_size(engines / engine_names[0]))
+                          step_cache=(layout := dit_layout(engines)) != "whole", dit_parts=layout_parts(layout),
+                          **build_size(engines / engine_names[0]))
     components = load_engine_components(engines, resolved, dev, engine_names, loras)
     eager = [c for c in components_of(resolved.spec) if c not in components]
     if eager:

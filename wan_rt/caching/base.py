@@ -102,11 +102,11 @@ class StepCache:
         embedded = dit.run_graph("embed", latents=latents, timestep=timestep)
         x0, temb, tproj = embedded["hidden"], embedded["temb"], embedded["tproj"]
         streams = [self._stream(context, row) for row in range(x0.shape[0])]
-        skipped = ("first_block", "rest_blocks")
+        skipped = ("first_block", *dit.rest_graphs)
         base, signal = x0, embedded.get(self.policy.signal or "")
         if self.policy.signal == "first_block":
             base = dit.run_graph("first_block", hidden=x0, temb=temb, text_kv=kv)["hidden_out"]
-            signal, skipped = base - x0, ("rest_blocks",)
+            signal, skipped = base - x0, dit.rest_graphs
         infos = [self._info(s) for s in streams]
         compute = [self.policy.decide(s, info, None if signal is None else signal[row:row + 1])
                    for row, (s, info) in enumerate(zip(streams, infos))]

@@ -63,6 +63,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--step-cache", action="store_true",
                    help="build each DiT step as the graphs a step cache drives (embed, first block, other blocks, "
                         "head), so `wan-rt run --cache` works on these engines")
+    p.add_argument("--dit-parts", type=int, default=None, metavar="N",
+                   help="build each DiT's blocks after the first as N engines run in order (step-cache ready; "
+                        "Python runtime only), so the builder holds 1/N of an expert at a time; default: 1, or the "
+                        "fewest parts whose TensorRT build fits this machine's RAM")
     add_lora_arguments(p)
     add_component_file_arguments(p)
 
@@ -136,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
                               components=components, force=args.force, device=args.device,
                               quant_config=quant_config, trt_config=trt_config, quick_compile=args.quick_compile,
                               kernels=args.kernels, attention=args.attention, loras=lora_pairs(loras),
-                              step_cache=args.step_cache)
+                              step_cache=args.step_cache, dit_parts=args.dit_parts)
     ready = f"{len(manifests)} components ready in {time.perf_counter() - start:.1f}s"
     # Built for another machine (TensorRT plans for GPUs this one lacks): say so, not "run them".
     refusal = next((r for m in manifests if (r := run_refusal(m, get_backend(m.backend)))), None)

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from wan_rt.config import ModelSpec
 from wan_rt.runtime.component import OUTPUT_NAMES, HostSwappable
-from wan_rt.runtime.graphs import DIT_STEP_GRAPHS, GraphSpec, resolve_dim, torch_dtype
+from wan_rt.runtime.graphs import DIT_STEP_GRAPHS, GraphSpec, resolve_dim, rest_block_graphs, torch_dtype
 
 GraphRunner = Callable[[Mapping[str, Tensor]], dict[str, Tensor]]
 
@@ -114,7 +114,8 @@ class TextKVCache:
 class DiTComponent:
     """An expert as graphs: `text` once per prompt (cached), then each step either the `main`
     graph or, in the split layout (graphs.DIT_STEP_GRAPHS), embed -> first_block -> rest_blocks
-    -> head. A step cache (wan_rt.caching) runs those one by one through `run_graph`.
+    -> head, rest_blocks being one graph or several run in order (`rest_graphs`, "split:N"). A
+    step cache (wan_rt.caching) runs those one by one through `run_graph`.
 
     Built from runners, or from a `factory` making them ({graph: runner}): then `load()` /
     `unload()` create and drop the engines, which is how the residency manager swaps experts."""
@@ -137,9 +138,18 @@ class DiTComponent:
         return self._nbytes
 
     @property
+    def rest_graphs(self) -> tuple[str, ...]:
+        """The graphs that run the blocks after the first, in order: rest_blocks, or its parts."""
+        if "rest_blocks" in self.specs:
+            return ("rest_blocks",)
+        parts = [g for g in self.specs if g.startswith("rest_blocks_")]
+        return rest_block_graphs(len(parts)) if parts else ()
+
+    @property
     def has_step_graphs(self) -> bool:
         """Whether the step can be run graph by graph (what a step cache needs)."""
-        return all(g in self.specs for g in DIT_STEP_GRAPHS)
+        return all(g in self.specs for g in ("embed", "first_block", "head")) and bool(self.rest_graphs) \
+            and all(g in self.specs for g in self.rest_graphs)
 
     def run_graph(self, graph: str, **inputs: Tensor) -> dict[str, Tensor]:
         """One graph on named tensors (cast to the graph's dtypes); outputs as the graph gives them."""
@@ -190,7 +200,8 @@ class DiTComponent:
             return {"noise_pred": self.run_graph("main", latents=latents, timestep=timestep, text_kv=kv)["noise_pred"].float()}
         embedded = self.run_graph("embed", latents=latents, timestep=timestep)
         hidden = self.run_graph("first_block", hidden=embedded["hidden"], temb=embedded["temb"], text_kv=kv)["hidden_out"]
-        hidden = self.run_graph("rest_blocks", hidden=hidden, temb=embedded["temb"], text_kv=kv)["hidden_out"]
+        for graph in self.rest_graphs:
+            hidden = self.run_graph(graph, hidden=hidden, temb=embedded["temb"], text_kv=kv)["hidden_out"]
         return {"noise_pred": self.run_graph("head", hidden=hidden, tproj=embedded["tproj"])["noise_pred"].float()}
 
 

@@ -223,7 +223,7 @@ def expected_manifest(resolved: ResolvedCheckpoint, model: str, component: str, 
                       profile: ShapeProfile, device, fingerprint: Optional[str] = None,
                       layout: str = "whole") -> EngineManifest:
     """The manifest a fresh build would write (files and timings aside); `layout` is a DiT's
-    graph layout (graphs.DIT_LAYOUTS: "split" for engines a step cache can drive)."""
+    graph layout (graphs.graph_names: "split" / "split:N" for engines a step cache can drive)."""
     spec = resolved.spec
     graphs = {}
     for g in graph_names(component, layout):
@@ -332,13 +332,15 @@ def built_loras(engines_dir: Path) -> dict[str, list[tuple[Path, float]]]:
 
 
 def dit_layout(engines_dir: Path) -> str:
-    """The DiT graph layout the engines dir was built with ("split": `wan-rt build --step-cache`)."""
+    """The DiT graph layout the engines dir was built with (graphs.dit_layout_name: "split" from
+    `wan-rt build --step-cache`, "split:N" from `--dit-parts N`)."""
     for name in read_index(engines_dir).get("components", []):
         try:
-            if EngineManifest.read(Path(engines_dir) / name).build_args.get("dit_graphs") == "split":
-                return "split"
+            layout = EngineManifest.read(Path(engines_dir) / name).build_args.get("dit_graphs", "whole")
         except StaleEngineError:
             continue
+        if layout != "whole":
+            return layout
     return "whole"
 
 

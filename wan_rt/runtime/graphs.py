@@ -5,7 +5,10 @@ A component is one graph ("main": text_encoder) or two: a DiT has "text" (contex
 block's cross-attention K/V, run once per prompt) and "main" (one denoising step from those K/V),
 or, built with `--step-cache` (the "split" layout), "text" and the step in four graphs a step
 cache can run one by one: "embed" (patch + time embedding), "first_block", "rest_blocks" and
-"head" (output norm, projection, unpatchify), tokens passed between them as [B, T, h/2, w/2, D];
+"head" (output norm, projection, unpatchify), tokens passed between them as [B, T, h/2, w/2, D].
+Built with `--dit-parts N` (layout "split:N"), "rest_blocks" is N graphs, "rest_blocks_1of2" ...,
+each an equal share of the blocks after the first, run in order: a builder holds one share of
+the expert at a time (TensorRT's holds the plan it serializes), and a step cache still drives it;
 the VAE streams chunk by chunk: "first" for frame 0, "step" for every later chunk, with the
 causal-conv cache as explicit inputs `cache_in_<i>` and outputs `cache_out_<i>`. Tensor dims are ints or symbols: `B` batch
 (1 or 2 for CFG), `S` text tokens, `T`/`h`/`w` latent frames/height/width, `L` DiT tokens,
@@ -130,13 +133,62 @@ def components_of(spec: ModelSpec) -> tuple[str, ...]:
 
 DIT_STEP_GRAPHS = ("embed", "first_block", "rest_blocks", "head")
 DIT_LAYOUTS = {"whole": ("text", "main"), "split": ("text", *DIT_STEP_GRAPHS)}
+_REST_PART = re.compile(r"^rest_blocks_(\d+)of(\d+)$")
+
+
+def dit_layout_name(step_cache: bool = False, parts: int = 1) -> str:
+    """"whole" (one step graph), "split" (a step cache's four) or "split:N" (rest_blocks in N parts)."""
+    if parts < 1:
+        raise ValueError(f"a DiT is built in 1 or more parts, not {parts}")
+    return "whole" if not step_cache and parts == 1 else "split" if parts == 1 else f"split:{parts}"
+
+
+def layout_parts(layout: str) -> int:
+    """How many graphs a layout's rest_blocks is (1 for "whole" and "split")."""
+    if layout in DIT_LAYOUTS:
+        return 1
+    kind, _, n = layout.partition(":")
+    if kind != "split" or not n.isdigit() or int(n) < 2:
+        raise ValueError(f"unknown DiT graph layout {layout!r}: 'whole', 'split' or 'split:N' (N >= 2)")
+    return int(n)
+
+
+def rest_block_graphs(parts: int) -> tuple[str, ...]:
+    return ("rest_blocks",) if parts == 1 else tuple(f"rest_blocks_{i}of{parts}" for i in range(1, parts + 1))
+
+
+def block_range(graph: str, num_layers: int) -> tuple[int, int]:
+    """The blocks [start, stop) a blocks graph runs: first_block is block 0, rest_blocks the
+    others, part i of N of them an equal share (the first parts one more where they do not divide)."""
+    if graph == "first_block":
+        return 0, 1
+    if graph == "rest_blocks":
+        return 1, num_layers
+    m = _REST_PART.match(graph)
+    if m is None or not 1 <= int(m.group(1)) <= int(m.group(2)):
+        raise KeyError(f"not a DiT blocks graph: {graph!r}")
+    i, n = int(m.group(1)), int(m.group(2))
+    rest = num_layers - 1
+    if n > rest:
+        raise ValueError(f"{rest} blocks after the first cannot be {n} parts")
+    start = 1 + (i - 1) * (rest // n) + min(i - 1, rest % n)
+    return start, start + rest // n + (i <= rest % n)
+
+
+def is_blocks_graph(graph: str) -> bool:
+    return graph in ("first_block", "rest_blocks") or _REST_PART.match(graph) is not None
 
 
 def graph_names(component: str, layout: str = "whole") -> tuple[str, ...]:
-    """A component's graphs; `layout` ("whole" | "split", see the module docstring) is a DiT's."""
+    """A component's graphs; `layout` ("whole" | "split" | "split:N", see the module docstring)
+    is a DiT's."""
     if component.startswith("vae_"):
         return ("first", "step")
-    return DIT_LAYOUTS[layout] if component.startswith("dit") else ("main",)
+    if not component.startswith("dit"):
+        return ("main",)
+    if layout in DIT_LAYOUTS:
+        return DIT_LAYOUTS[layout]
+    return ("text", "embed", "first_block", *rest_block_graphs(layout_parts(layout)), "head")
 
 
 def graph_spec(spec: ModelSpec, component: str, graph: str = "main") -> GraphSpec:
@@ -155,7 +207,7 @@ def graph_spec(spec: ModelSpec, component: str, graph: str = "main") -> GraphSpe
         noise_pred = TensorSpec("noise_pred", "compute", ("B", d.out_channels, "T", "h", "w"))
         if graph == "main":
             return GraphSpec(component, graph, (latents, timestep, text_kv), (noise_pred,))
-        if graph not in DIT_STEP_GRAPHS:
+        if graph not in DIT_STEP_GRAPHS and not is_blocks_graph(graph):
             raise KeyError(f"{component} graphs are {', '.join(DIT_LAYOUTS['whole'] + DIT_STEP_GRAPHS)}, not {graph!r}")
         pt, ph, pw = d.patch_size
         assert pt == 1, "token frames are latent frames (Wan's temporal patch is 1)"
@@ -396,7 +448,7 @@ def _dit_graph(graph: str, dit: nn.Module) -> nn.Module:
         return _DiTEmbed(dit)
     if graph == "head":
         return _DiTHead(dit)
-    return _DiTBlocks(dit, 0, 1) if graph == "first_block" else _DiTBlocks(dit, 1, None)
+    return _DiTBlocks(dit, *block_range(graph, len(dit.blocks)))
 
 
 def graph_module(component: str, graph: str, model: nn.Module) -> nn.Module:

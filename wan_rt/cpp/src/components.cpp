@@ -10,8 +10,8 @@ namespace {
 const GraphFiles& files(const EngineManifest& m, const std::string& graph) {
   auto it = m.graphs.find(graph);
   if (it == m.graphs.end() && graph == "main" && m.graphs.count("embed"))
-    throw StaleEngineError(m.component + " was built with --step-cache (the step as four graphs), which the C++ "
-                             "runtime does not run; rebuild without --step-cache");
+    throw StaleEngineError(m.component + " was built with --step-cache or --dit-parts (the step as several graphs), "
+                             "which the C++ runtime does not run; rebuild without --step-cache / --dit-parts");
   if (it == m.graphs.end()) throw std::runtime_error(m.component + ": the manifest has no graph " + graph);
   return it->second;
 }
