@@ -136,6 +136,27 @@ def test_ort_parts_run_the_pipeline_and_a_step_cache_like_eager(deep_checkpoint,
     engine_checks.check_cached_runs_match(on_engines, eager, _call(eager.spec))
 
 
+def test_stale_parts_are_rebuilt_as_parts(deep_checkpoint, tmp_path):
+    """`rebuild=True` on engines built in parts whose weights changed rebuilds them in as many parts."""
+    from safetensors.torch import load_file, save_file
+
+    from wan_rt.runtime.engines_dir import EngineManifest
+
+    checkpoint = tmp_path / "ckpt"
+    shutil.copytree(deep_checkpoint, checkpoint)
+    engines = _build(str(checkpoint), tmp_path / "engines", dit_parts=2, components=["dit_high_noise", "dit_low_noise"])
+    old = EngineManifest.read(engines / "dit_low_noise").weights_fingerprint
+    weights = checkpoint / "transformer_2" / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    state["proj_out.bias"] = state["proj_out.bias"] + 1.0
+    save_file(state, weights)
+    _pipe(str(checkpoint), engines_dir=str(engines), rebuild=True,
+          backend_for={c: "eager" for c in ("text_encoder", "vae_encoder", "vae_decoder")})
+    rebuilt = EngineManifest.read(engines / "dit_low_noise")
+    assert rebuilt.weights_fingerprint != old and rebuilt.build_args["dit_graphs"] == "split:2"
+    assert set(rebuilt.graphs) >= set(rest_block_graphs(2))
+
+
 def test_int8_parts_quantize_what_the_whole_graph_does(deep_checkpoint, tmp_path):
     """The Q/DQ pass on each part: together the same linears quantized and kept as in the
     one-graph build, with the same scales (identical outputs)."""

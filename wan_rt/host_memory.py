@@ -251,8 +251,9 @@ def choose_host_dtype(spec: ModelSpec, files, names: Sequence[str], dtype: Optio
 #   whole engine (15.6 GiB of plans) with BASE_BYTES still covers it: 21.1 GiB estimated.
 # * built in parts (`--dit-parts N`, graphs.rest_block_graphs) it holds one part's plan: the
 #   real-size TI2V-5B bf16 DiT in 2 parts owned 5.9 GiB (its largest plan 4.1 GB; estimated
-#   7.8 GiB), a 16-layer 1.25 GB DiT in 4 parts 0.49 GiB over the tiny model's (0.42x its weights,
-#   against 1.58x whole).
+#   7.8 GiB), an A14B expert's fp8 plan in 2 parts 9.3 GiB (estimated 11.1; whole 18.9), its bf16
+#   plan in 4 parts 8.5 GiB (estimated 10.3), a 16-layer 1.25 GB DiT in 4 parts 0.49 GiB over the
+#   tiny model's (0.42x its weights, against 1.58x whole).
 # ONNX Runtime builds only export; AOTInductor's compile is not measured at real size.
 TRT_BUILD_FACTOR = 1.25
 
