@@ -76,7 +76,8 @@ def build_engines(model: str, backend: str, engines_dir: Path, *, precision: Opt
     "split") instead of one `main` graph. `dit_parts` builds each DiT's blocks after the first as
     that many graphs ("split:N", also step-cache ready), one engine each, so a builder holds one
     part of an expert at a time (TensorRT's builder holds the plan it serializes); None: one, or,
-    where the build would not fit this machine's RAM, the fewest parts that fit (said in the log)."""
+    where a TensorRT build would not fit this machine's RAM and disk, the fewest parts that fit
+    (said in the log)."""
     backend_mod, builder = get_backend(backend), get_builder(backend)
     # Building may need less than running (TensorRT for RTX builds with no GPU): ask for building.
     if not getattr(backend_mod, "can_build", backend_mod.is_available)():

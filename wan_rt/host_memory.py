@@ -286,9 +286,8 @@ def _largest_graph_bytes(tensors: list[_Stored], dtype: torch.dtype, quantized: 
     """The weights of a DiT's largest graph: nearly all of them in one step graph, or, built in
     `parts` (graphs.rest_block_graphs), the heaviest part's blocks (the blocks hold nearly every
     weight, equally; in a Q/DQ graph, kept blocks weigh `dtype`'s size per element)."""
-    engine = _engine_weight_bytes(tensors, dtype, quantized, num_layers)
     if parts <= 1:
-        return engine
+        return _engine_weight_bytes(tensors, dtype, quantized, num_layers)
     per_block = sum(t[1] for t in tensors) / num_layers
     kept = keep_blocks(num_layers) if quantized else frozenset(range(num_layers))
 

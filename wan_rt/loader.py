@@ -130,9 +130,10 @@ def load_components(model: Optional[str], *, backend: Optional[str] = None, engi
         stale = [c for c in engine_names
                  if is_stale(engines / c, resolved, index["model"], backend_mod, (loras or {}).get(c, ()))]
         if stale:
+            layout = dit_layout(engines)  # rebuilt as built: step graphs, in as many parts
             build_engines(model, index["backend"], engines, precision=index["precision"], components=stale,
                           loras={c: p for c, p in (loras or {}).items() if c in stale},
-                          step_cache=(layout := dit_layout(engines)) != "whole", dit_parts=layout_parts(layout),
+                          step_cache=layout != "whole", dit_parts=layout_parts(layout),
                           **build_size(engines / engine_names[0]))
     components = load_engine_components(engines, resolved, dev, engine_names, loras)
     eager = [c for c in components_of(resolved.spec) if c not in components]

@@ -127,6 +127,10 @@ class DiTComponent:
         if runners is None and factory is None:
             raise ValueError("DiTComponent needs runners or a factory")
         self.name, self.specs = name, dict(specs)
+        # The graphs that run the blocks after the first, in order: rest_blocks, or its parts.
+        parts = [g for g in self.specs if g.startswith("rest_blocks_")]
+        self.rest_graphs = ("rest_blocks",) if "rest_blocks" in self.specs else rest_block_graphs(len(parts)) \
+            if parts else ()
         self.runners: dict[str, GraphRunner] | None = None if runners is None else dict(runners)
         self.compute_dtype, self.device = compute_dtype, torch.device(device)
         self.factory, self._nbytes, self.files = factory, nbytes, list(files)
@@ -138,18 +142,10 @@ class DiTComponent:
         return self._nbytes
 
     @property
-    def rest_graphs(self) -> tuple[str, ...]:
-        """The graphs that run the blocks after the first, in order: rest_blocks, or its parts."""
-        if "rest_blocks" in self.specs:
-            return ("rest_blocks",)
-        parts = [g for g in self.specs if g.startswith("rest_blocks_")]
-        return rest_block_graphs(len(parts)) if parts else ()
-
-    @property
     def has_step_graphs(self) -> bool:
         """Whether the step can be run graph by graph (what a step cache needs)."""
-        return all(g in self.specs for g in ("embed", "first_block", "head")) and bool(self.rest_graphs) \
-            and all(g in self.specs for g in self.rest_graphs)
+        return bool(self.rest_graphs) and all(g in self.specs for g in ("embed", "first_block", "head",
+                                                                         *self.rest_graphs))
 
     def run_graph(self, graph: str, **inputs: Tensor) -> dict[str, Tensor]:
         """One graph on named tensors (cast to the graph's dtypes); outputs as the graph gives them."""
